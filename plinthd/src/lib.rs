@@ -1,0 +1,199 @@
+//! Wiring of one `plinthd` process: chooses the backends the configuration
+//! names, opens each enabled component's storage and outbox relay, registers
+//! health, binds the listeners, and shuts down in order. No component logic
+//! lives here; each component's behaviour belongs to its own crate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::FutureExt;
+use plinth_runtime::config::Config;
+use plinth_runtime::events::outbox::Relay;
+use plinth_runtime::events::{InProcessBus, NatsBus, SharedBus};
+use plinth_runtime::health::Probe;
+use plinth_runtime::server::{BoundServer, ServerBuilder};
+use plinth_runtime::state::{InProcessState, RedisState, SharedStateRef};
+use plinth_runtime::storage::{Db, DbTarget, Migrations};
+use plinth_runtime::{Component, Tasks};
+use tokio_util::sync::CancellationToken;
+
+/// How often backends are probed for health.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// One component's share of the process.
+struct Running {
+    component: Component,
+    db: Option<Db>,
+}
+
+/// A built `plinthd`: listeners bound, backends connected, not yet serving.
+pub struct Plinth {
+    server: BoundServer,
+    tasks: Tasks,
+    running: Vec<Running>,
+    grace: Duration,
+}
+
+impl Plinth {
+    /// Connects the backends `cfg` names and binds the listeners.
+    pub async fn build(cfg: Config) -> anyhow::Result<Plinth> {
+        let tasks = Tasks::new();
+        let bus: SharedBus = match &cfg.nats_url {
+            Some(url) => Arc::new(
+                NatsBus::connect(
+                    url,
+                    &cfg.events.stream,
+                    Duration::from_secs(cfg.events.dedup_window_secs),
+                )
+                .await?,
+            ),
+            None => Arc::new(InProcessBus::new(Duration::from_secs(cfg.events.dedup_window_secs))),
+        };
+        let state: SharedStateRef = match &cfg.redis_url {
+            Some(url) => Arc::new(
+                RedisState::connect(url, "plinth:", Duration::from_secs(cfg.storage.connect_retry_secs))
+                    .await
+                    .context("while connecting to PLINTH_REDIS_URL")?,
+            ),
+            None => Arc::new(InProcessState::new()),
+        };
+
+        let (builder, health) = ServerBuilder::new();
+        let mut running = Vec::new();
+        let mut required = vec!["database"];
+        if cfg.redis_url.is_some() {
+            required.push("redis");
+        }
+        for component in cfg.only.enabled() {
+            let db = if component == Component::Gateway {
+                None
+            } else {
+                let target = DbTarget::for_component(cfg.database_url.as_ref(), &cfg.data_dir, component.name());
+                let db = Db::connect(&target, &cfg.storage)
+                    .await
+                    .with_context(|| format!("while opening the {component} database"))?;
+                db.migrate(component.name(), &Migrations::RUNTIME_ONLY).await?;
+                let relay = Relay::new(
+                    component.name(),
+                    db.clone(),
+                    bus.clone(),
+                    Duration::from_millis(cfg.events.relay_poll_ms),
+                    cfg.events.relay_batch,
+                );
+                tasks.spawn("outbox-relay", relay.run(tasks.token()));
+                tracing::info!(component = %component, storage = db.kind(), events = bus.kind(), state = state.kind(), "component ready");
+                Some(db)
+            };
+            let requires: &[&str] = if db.is_some() { &required } else { &[] };
+            health.register(component.name(), requires).await;
+            running.push(Running { component, db });
+        }
+
+        let dbs: Vec<Db> = running.iter().filter_map(|r| r.db.clone()).collect();
+        let mut probes: Vec<(String, Probe)> = Vec::new();
+        if !dbs.is_empty() {
+            let dbs = dbs.clone();
+            probes.push((
+                "database".into(),
+                Arc::new(move || {
+                    let dbs = dbs.clone();
+                    async move {
+                        for db in &dbs {
+                            db.ping().await.map_err(|e| e.to_string())?;
+                        }
+                        Ok(())
+                    }
+                    .boxed()
+                }),
+            ));
+        }
+        if cfg.nats_url.is_some() {
+            let bus = bus.clone();
+            probes.push((
+                "nats".into(),
+                Arc::new(move || {
+                    let bus = bus.clone();
+                    async move { bus.ping().await.map_err(|e| e.to_string()) }.boxed()
+                }),
+            ));
+        }
+        if cfg.redis_url.is_some() {
+            let state = state.clone();
+            probes.push((
+                "redis".into(),
+                Arc::new(move || {
+                    let state = state.clone();
+                    async move { state.ping().await.map_err(|e| e.to_string()) }.boxed()
+                }),
+            ));
+        }
+        tasks.spawn(
+            "health-monitor",
+            health.clone().monitor(probes, PROBE_INTERVAL, tasks.token()),
+        );
+        tasks.spawn(
+            "pool-metrics",
+            pool_metrics(
+                running
+                    .iter()
+                    .filter_map(|r| r.db.clone().map(|d| (r.component, d)))
+                    .collect(),
+                tasks.token(),
+            ),
+        );
+
+        let server = builder.bind(cfg.grpc_listen, cfg.http_listen, cfg.tls.as_ref()).await?;
+        tracing::info!(
+            grpc_addr = %server.grpc_addr,
+            http_addr = %server.http_addr,
+            components = %cfg.only,
+            tls = cfg.tls.is_some(),
+            "plinthd listening"
+        );
+        Ok(Plinth {
+            server,
+            tasks,
+            running,
+            grace: Duration::from_secs(cfg.shutdown_grace_secs),
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.server.grpc_addr
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.server.http_addr
+    }
+
+    /// Serves until `shutdown` is cancelled, then: health NOT_SERVING →
+    /// servers drain → relays flush and background tasks stop → pools close.
+    pub async fn run_until(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let served = self.server.serve(shutdown, self.grace).await;
+        let clean = self.tasks.shutdown(self.grace).await;
+        for r in &self.running {
+            if let Some(db) = &r.db {
+                db.close().await;
+            }
+        }
+        served?;
+        tracing::info!(clean, "plinthd stopped");
+        Ok(())
+    }
+}
+
+async fn pool_metrics(dbs: Vec<(Component, Db)>, token: CancellationToken) -> Result<(), std::convert::Infallible> {
+    loop {
+        for (c, db) in &dbs {
+            db.record_pool_metrics(c.name());
+        }
+        tokio::select! {
+            () = token.cancelled() => return Ok(()),
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}

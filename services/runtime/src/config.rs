@@ -1,0 +1,457 @@
+//! Process configuration: defaults → `plinth.toml` → `PLINTH_*` environment
+//! (`__` nests) → flags, validated once at start-up. The loader takes the
+//! environment as an argument so tests never touch the process environment.
+//! Per-service settings are sections of [`Config`]; nothing reads env vars
+//! anywhere else.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::component::ComponentSet;
+
+/// The prefix of every environment variable Plinth reads.
+pub const ENV_PREFIX: &str = "PLINTH_";
+
+/// Variables outside the `PLINTH_` prefix that Plinth honours by their
+/// standard names, mapped to their configuration keys.
+const STANDARD_ENV: &[(&str, &str)] = &[("OTEL_EXPORTER_OTLP_ENDPOINT", "otlp_endpoint")];
+
+/// The configuration of one `plinthd` process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Components to run; empty means all (`--only`, `PLINTH_ONLY`).
+    pub only: ComponentSet,
+    /// Address of the gRPC listener (`PLINTH_GRPC_LISTEN`).
+    pub grpc_listen: SocketAddr,
+    /// Address of the HTTP listener: gateway, `/metrics`, `/healthz` (`PLINTH_HTTP_LISTEN`).
+    pub http_listen: SocketAddr,
+    /// Directory of the embedded SQLite files (`PLINTH_DATA_DIR`).
+    pub data_dir: PathBuf,
+    /// PostgreSQL URL; SQLite under `data_dir` when unset (`PLINTH_DATABASE_URL`).
+    #[serde(serialize_with = "redact_opt")]
+    pub database_url: Option<SecretString>,
+    /// NATS URL; the in-process bus when unset (`PLINTH_NATS_URL`).
+    #[serde(serialize_with = "redact_opt")]
+    pub nats_url: Option<SecretString>,
+    /// Redis URL; in-process state when unset (`PLINTH_REDIS_URL`).
+    #[serde(serialize_with = "redact_opt")]
+    pub redis_url: Option<SecretString>,
+    /// OTLP/gRPC endpoint for traces (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub otlp_endpoint: Option<String>,
+    /// Logging (`PLINTH_LOG__*`).
+    pub log: LogConfig,
+    /// Database pools (`PLINTH_STORAGE__*`).
+    pub storage: StorageConfig,
+    /// Event bus and outbox (`PLINTH_EVENTS__*`).
+    pub events: EventsConfig,
+    /// gRPC TLS (`PLINTH_TLS__*`); plaintext when unset.
+    pub tls: Option<TlsConfig>,
+    /// Seconds in-flight calls get to finish after SIGTERM (`PLINTH_SHUTDOWN_GRACE_SECS`).
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            only: ComponentSet::default(),
+            grpc_listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            nats_url: None,
+            redis_url: None,
+            otlp_endpoint: None,
+            log: LogConfig::default(),
+            storage: StorageConfig::default(),
+            events: EventsConfig::default(),
+            tls: None,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter directives, e.g. `info,plinth_queue=debug` (`PLINTH_LOG__LEVEL`).
+    pub level: String,
+    /// `json` (one object per line) or `text` (`PLINTH_LOG__FORMAT`).
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Json,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines for a terminal.
+    Text,
+}
+
+/// Database pool settings, shared by SQLite and PostgreSQL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Pool size per component (`PLINTH_STORAGE__MAX_CONNECTIONS`).
+    pub max_connections: u32,
+    /// How long to wait for a connection from the pool (`PLINTH_STORAGE__ACQUIRE_TIMEOUT_MS`).
+    pub acquire_timeout_ms: u64,
+    /// PostgreSQL `statement_timeout` (`PLINTH_STORAGE__STATEMENT_TIMEOUT_MS`).
+    pub statement_timeout_ms: u64,
+    /// Give up connecting at start-up after this long (`PLINTH_STORAGE__CONNECT_RETRY_SECS`).
+    pub connect_retry_secs: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            acquire_timeout_ms: 5_000,
+            statement_timeout_ms: 30_000,
+            connect_retry_secs: 30,
+        }
+    }
+}
+
+/// Event bus and outbox relay settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// JetStream stream that holds every `plinth.>` subject (`PLINTH_EVENTS__STREAM`).
+    pub stream: String,
+    /// How long JetStream remembers message ids to drop duplicates (`PLINTH_EVENTS__DEDUP_WINDOW_SECS`).
+    pub dedup_window_secs: u64,
+    /// How often the outbox relay polls when nothing wakes it (`PLINTH_EVENTS__RELAY_POLL_MS`).
+    pub relay_poll_ms: u64,
+    /// Outbox rows published per relay round (`PLINTH_EVENTS__RELAY_BATCH`).
+    pub relay_batch: u32,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            stream: "PLINTH".into(),
+            dedup_window_secs: 120,
+            relay_poll_ms: 500,
+            relay_batch: 256,
+        }
+    }
+}
+
+/// PEM files for TLS on the gRPC listener; `client_ca` turns on mutual TLS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (`PLINTH_TLS__CERT`).
+    pub cert: PathBuf,
+    /// Server private key (`PLINTH_TLS__KEY`).
+    pub key: PathBuf,
+    /// CA that client certificates must chain to (`PLINTH_TLS__CLIENT_CA`).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// A configuration that cannot be used; the message names the variable or key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value failed to parse or a key is unknown.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// Values parsed but do not make sense together.
+    #[error("invalid configuration: {key}: {reason}")]
+    Rejected {
+        /// The environment variable (or key) at fault.
+        key: &'static str,
+        /// Why it was rejected.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Loads defaults, then `file` (when it exists), then `PLINTH_*` entries of
+    /// `env`, then `overrides` (flags), and validates the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: &[(String, String)],
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment
+            .merge(EnvProvider::new(env))
+            .merge(FlagProvider(overrides.clone()));
+        let config: Config = figment.extract().map_err(|e| ConfigError::Invalid(one_line(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that values make sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, url, schemes) in [
+            (
+                "PLINTH_DATABASE_URL",
+                &self.database_url,
+                &["postgres", "postgresql"][..],
+            ),
+            ("PLINTH_NATS_URL", &self.nats_url, &["nats", "tls"][..]),
+            ("PLINTH_REDIS_URL", &self.redis_url, &["redis", "rediss"][..]),
+        ] {
+            if let Some(url) = url {
+                let scheme = url.expose_secret().split("://").next().unwrap_or_default();
+                if !url.expose_secret().contains("://") || !schemes.contains(&scheme) {
+                    return Err(ConfigError::Rejected {
+                        key,
+                        reason: format!("expected a URL starting with {}://", schemes.join(":// or ")),
+                    });
+                }
+            }
+        }
+        if self.storage.max_connections == 0 {
+            return Err(ConfigError::Rejected {
+                key: "PLINTH_STORAGE__MAX_CONNECTIONS",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.events.relay_batch == 0 {
+            return Err(ConfigError::Rejected {
+                key: "PLINTH_EVENTS__RELAY_BATCH",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::Rejected {
+                key: "PLINTH_LOG__LEVEL",
+                reason: format!(
+                    "`{}` is not a valid filter (try `info` or `info,plinth_queue=debug`)",
+                    self.log.level
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as `PLINTH_*=value` lines, secrets redacted
+    /// (what `plinthd --dump-config` prints).
+    pub fn dump(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let Ok(value) = serde_json::to_value(self) {
+            flatten_env(&mut lines, ENV_PREFIX.trim_end_matches('_'), &value);
+        }
+        lines
+    }
+}
+
+fn flatten_env(out: &mut Vec<String>, prefix: &str, value: &serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let sep = if prefix == "PLINTH" { "_" } else { "__" };
+            for (k, v) in map {
+                flatten_env(out, &format!("{prefix}{sep}{}", k.to_uppercase()), v);
+            }
+        }
+        serde_json::Value::Null => out.push(format!("{prefix}=")),
+        serde_json::Value::String(s) => out.push(format!("{prefix}={s}")),
+        other => out.push(format!("{prefix}={other}")),
+    }
+}
+
+fn redact_opt<S: serde::Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_some("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+/// figment errors can span lines (one per nested cause); operators want one.
+fn one_line(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|e| e.to_string().replace('\n', " "))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `PLINTH_A__B=v` entries of a given environment, as figment data whose
+/// errors name the variable.
+struct EnvProvider {
+    vars: Vec<(String, String)>,
+}
+
+impl EnvProvider {
+    fn new(env: &[(String, String)]) -> Self {
+        let mut vars = Vec::new();
+        for (k, v) in env {
+            if let Some(rest) = k.strip_prefix(ENV_PREFIX) {
+                if !rest.is_empty() && !rest.starts_with("TEST_") {
+                    vars.push((rest.to_lowercase().replace("__", "."), v.clone()));
+                }
+            } else if let Some((_, key)) = STANDARD_ENV.iter().find(|(name, _)| name == k) {
+                vars.push(((*key).to_owned(), v.clone()));
+            }
+        }
+        Self { vars }
+    }
+}
+
+impl Provider for EnvProvider {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("environment variable").interpolater(|_: &Profile, keys: &[&str]| {
+            let key = keys.join(".");
+            STANDARD_ENV
+                .iter()
+                .find(|(_, k)| *k == key)
+                .map(|(name, _)| (*name).to_owned())
+                .unwrap_or_else(|| format!("{ENV_PREFIX}{}", keys.join("__").to_uppercase()))
+        })
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (key, raw) in &self.vars {
+            let value = if is_string_key(key) {
+                Value::from(raw.clone())
+            } else {
+                raw.parse().unwrap_or(Value::from(raw.clone()))
+            };
+            if let Value::Dict(_, nested) = figment::util::nest(key, value) {
+                dict = merge_dicts(dict, nested);
+            }
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+/// Keys whose values are strings even when they look like numbers or lists.
+fn is_string_key(key: &str) -> bool {
+    matches!(
+        key,
+        "only" | "database_url" | "nats_url" | "redis_url" | "otlp_endpoint" | "log.level"
+    )
+}
+
+fn merge_dicts(mut a: Dict, b: Dict) -> Dict {
+    for (k, v) in b {
+        let merged = match (a.remove(&k), v) {
+            (Some(Value::Dict(_, x)), Value::Dict(tag, y)) => Value::Dict(tag, merge_dicts(x, y)),
+            (_, v) => v,
+        };
+        a.insert(k, merged);
+    }
+    a
+}
+
+/// Command-line flags, already as `key.path = value`.
+struct FlagProvider(BTreeMap<String, String>);
+
+impl Provider for FlagProvider {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("command-line flag")
+            .interpolater(|_: &Profile, keys: &[&str]| format!("--{}", keys.join("-").replace('_', "-")))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (key, raw) in &self.0 {
+            let value = if is_string_key(key) {
+                Value::from(raw.clone())
+            } else {
+                raw.parse().unwrap_or(Value::from(raw.clone()))
+            };
+            if let Value::Dict(_, nested) = figment::util::nest(key, value) {
+                dict = merge_dicts(dict, nested);
+            }
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn defaults_need_no_setup() {
+        let c = Config::load(None, &[], &BTreeMap::new()).unwrap();
+        assert_eq!(c.grpc_listen.port(), 50051);
+        assert!(c.database_url.is_none());
+        assert!(c.only.contains(crate::Component::Queue));
+    }
+
+    #[test]
+    fn env_nests_with_double_underscore_and_flags_win() {
+        let e = env(&[
+            ("PLINTH_STORAGE__MAX_CONNECTIONS", "3"),
+            ("PLINTH_GRPC_LISTEN", "127.0.0.1:1"),
+            ("PLINTH_ONLY", "queue,auth"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+            ("HOME", "/root"),
+        ]);
+        let flags = BTreeMap::from([("grpc_listen".to_owned(), "127.0.0.1:2".to_owned())]);
+        let c = Config::load(None, &e, &flags).unwrap();
+        assert_eq!(c.storage.max_connections, 3);
+        assert_eq!(c.grpc_listen.port(), 2);
+        assert!(!c.only.contains(crate::Component::Gateway));
+        assert_eq!(c.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+    }
+
+    #[test]
+    fn malformed_value_names_the_variable() {
+        let e = env(&[("PLINTH_STORAGE__MAX_CONNECTIONS", "lots")]);
+        let msg = Config::load(None, &e, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(msg.contains("PLINTH_STORAGE__MAX_CONNECTIONS"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn unknown_variable_is_rejected_by_name() {
+        let e = env(&[("PLINTH_GRPC_LISTN", "127.0.0.1:1")]);
+        let msg = Config::load(None, &e, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(msg.contains("grpc_listn"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_url_scheme_is_rejected_by_name() {
+        let e = env(&[("PLINTH_DATABASE_URL", "mysql://localhost/x")]);
+        let msg = Config::load(None, &e, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(msg.contains("PLINTH_DATABASE_URL"), "{msg}");
+    }
+
+    #[test]
+    fn dump_redacts_secrets() {
+        let e = env(&[("PLINTH_DATABASE_URL", "postgres://u:hunter2@db/x")]);
+        let c = Config::load(None, &e, &BTreeMap::new()).unwrap();
+        let dump = c.dump().join("\n");
+        assert!(dump.contains("PLINTH_DATABASE_URL=<redacted>"), "{dump}");
+        assert!(!dump.contains("hunter2"));
+        assert!(dump.contains("PLINTH_STORAGE__MAX_CONNECTIONS=10"), "{dump}");
+    }
+}

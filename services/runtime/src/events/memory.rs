@@ -1,0 +1,236 @@
+//! The in-process bus: the embedded default. It keeps a bounded log of
+//! events (like a JetStream stream with a message limit) and per-consumer
+//! cursors with ack deadlines, so durable consumers, redelivery and dedup
+//! behave as they do on NATS within one process.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{
+    Acker, BusError, ConsumerSpec, Delivery, Event, EventBus, Subscription, subject_matches, validate_subject,
+};
+
+/// How many events the in-process bus retains for consumers created later.
+const DEFAULT_RETAINED: usize = 100_000;
+
+struct Consumer {
+    filter: String,
+    ack_wait: Duration,
+    /// Next log sequence to look at.
+    cursor: u64,
+    /// Delivered but unsettled: seq → (redeliver at, attempts so far).
+    pending: BTreeMap<u64, (Instant, u64)>,
+}
+
+struct Inner {
+    /// `log[i]` has sequence `first_seq + i`.
+    log: VecDeque<Event>,
+    first_seq: u64,
+    retained: usize,
+    /// Event id → time first seen, for the dedup window.
+    seen: HashMap<String, Instant>,
+    dedup_window: Duration,
+    consumers: HashMap<String, Consumer>,
+}
+
+/// An event bus inside this process.
+#[derive(Clone)]
+pub struct InProcessBus {
+    inner: Arc<Mutex<Inner>>,
+    notify: Arc<Notify>,
+}
+
+impl InProcessBus {
+    /// A bus that drops duplicate ids seen within `dedup_window`.
+    pub fn new(dedup_window: Duration) -> Self {
+        Self::with_retention(dedup_window, DEFAULT_RETAINED)
+    }
+
+    /// A bus that keeps at most `retained` events for late consumers.
+    pub fn with_retention(dedup_window: Duration, retained: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                log: VecDeque::new(),
+                first_seq: 1,
+                retained: retained.max(1),
+                seen: HashMap::new(),
+                dedup_window,
+                consumers: HashMap::new(),
+            })),
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next delivery for `durable`, or the instant to look again.
+    fn next_delivery(&self, durable: &str) -> Result<Option<(u64, Event, u64)>, Option<Instant>> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let now = Instant::now();
+        let first_seq = inner.first_seq;
+        let Some(c) = inner.consumers.get_mut(durable) else {
+            return Err(None);
+        };
+        // Redeliveries first, oldest sequence first.
+        if let Some((&seq, &(_, attempts))) = c.pending.iter().find(|(_, (at, _))| *at <= now) {
+            let idx = seq.checked_sub(first_seq).and_then(|i| usize::try_from(i).ok());
+            match idx.and_then(|i| inner.log.get(i)) {
+                Some(event) => {
+                    c.pending.insert(seq, (now + c.ack_wait, attempts + 1));
+                    return Ok(Some((seq, event.clone(), attempts + 1)));
+                }
+                None => {
+                    // Aged out of the retained log: nothing left to redeliver.
+                    c.pending.remove(&seq);
+                    return Ok(None);
+                }
+            }
+        }
+        c.cursor = c.cursor.max(first_seq);
+        while let Some(event) = usize::try_from(c.cursor - first_seq)
+            .ok()
+            .and_then(|i| inner.log.get(i))
+        {
+            let seq = c.cursor;
+            c.cursor += 1;
+            if subject_matches(&c.filter, &event.subject) {
+                c.pending.insert(seq, (now + c.ack_wait, 1));
+                return Ok(Some((seq, event.clone(), 1)));
+            }
+        }
+        Err(c.pending.values().map(|(at, _)| *at).min())
+    }
+
+    fn settle(&self, durable: &str, seq: u64, redeliver_at: Option<Instant>) {
+        let mut inner = self.lock();
+        if let Some(c) = inner.consumers.get_mut(durable) {
+            match redeliver_at {
+                None => {
+                    c.pending.remove(&seq);
+                }
+                Some(at) => {
+                    if let Some(p) = c.pending.get_mut(&seq) {
+                        p.0 = at;
+                    }
+                }
+            }
+        }
+        drop(inner);
+        self.notify.notify_waiters();
+    }
+}
+
+struct InProcessAck {
+    bus: InProcessBus,
+    durable: String,
+    seq: u64,
+}
+
+#[async_trait::async_trait]
+impl Acker for InProcessAck {
+    async fn ack(&self) -> Result<(), BusError> {
+        self.bus.settle(&self.durable, self.seq, None);
+        Ok(())
+    }
+
+    async fn nack(&self, delay: Duration) -> Result<(), BusError> {
+        self.bus.settle(&self.durable, self.seq, Some(Instant::now() + delay));
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl EventBus for InProcessBus {
+    async fn publish(&self, event: &Event) -> Result<(), BusError> {
+        validate_subject(&event.subject)?;
+        {
+            let mut inner = self.lock();
+            let now = Instant::now();
+            let window = inner.dedup_window;
+            inner.seen.retain(|_, at| now.duration_since(*at) < window);
+            if inner.seen.contains_key(&event.id) {
+                return Ok(());
+            }
+            inner.seen.insert(event.id.clone(), now);
+            inner.log.push_back(event.clone());
+            while inner.log.len() > inner.retained {
+                inner.log.pop_front();
+                inner.first_seq += 1;
+            }
+        }
+        self.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Subscription, BusError> {
+        if spec.durable.is_empty() {
+            return Err(BusError::Rejected("durable name must not be empty".into()));
+        }
+        {
+            let mut inner = self.lock();
+            let first_seq = inner.first_seq;
+            let consumer = inner.consumers.entry(spec.durable.clone()).or_insert_with(|| Consumer {
+                filter: spec.filter.clone(),
+                ack_wait: spec.ack_wait,
+                cursor: first_seq,
+                pending: BTreeMap::new(),
+            });
+            if consumer.filter != spec.filter {
+                return Err(BusError::Rejected(format!(
+                    "durable `{}` already filters `{}`, not `{}`",
+                    spec.durable, consumer.filter, spec.filter
+                )));
+            }
+            // A new subscriber takes over unsettled deliveries of the last one at once.
+            let now = Instant::now();
+            for p in consumer.pending.values_mut() {
+                p.0 = now;
+            }
+        }
+        let bus = self.clone();
+        let durable = spec.durable.clone();
+        let stream = futures::stream::unfold((bus, durable), |(bus, durable)| async move {
+            loop {
+                let notify = Arc::clone(&bus.notify);
+                let notified = notify.notified();
+                match bus.next_delivery(&durable) {
+                    Ok(Some((seq, event, attempt))) => {
+                        let acker = InProcessAck {
+                            bus: bus.clone(),
+                            durable: durable.clone(),
+                            seq,
+                        };
+                        let delivery = Delivery::new(event, attempt, Box::new(acker));
+                        return Some((Ok(delivery), (bus, durable)));
+                    }
+                    Ok(None) => continue,
+                    Err(wake_at) => match wake_at {
+                        Some(at) => {
+                            tokio::select! {
+                                () = notified => {}
+                                () = tokio::time::sleep_until(at) => {}
+                            }
+                        }
+                        None => notified.await,
+                    },
+                }
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "in-process"
+    }
+}

@@ -1,0 +1,395 @@
+//! The one server builder: every service is registered here with its
+//! descriptor set, so health, reflection, telemetry and metrics are never
+//! forgotten. It binds the gRPC and HTTP listeners first (port 0 allowed),
+//! reports the real addresses, then serves until shutdown and drains within
+//! a bound. Routing of HTTP/JSON to gRPC is the gateway's, not this module's.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Query, State};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use http::{HeaderValue, Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic_health::ServingStatus;
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::config::TlsConfig;
+use crate::health::Health;
+use crate::{metrics, telemetry};
+
+/// The header carrying a request's id, generated when the caller sends none.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Starting the server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The setting that chose it.
+        key: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A TLS file could not be read or used.
+    #[error("TLS: {key} ({path}): {reason}")]
+    Tls {
+        /// The setting naming the file.
+        key: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Reflection could not read a descriptor set.
+    #[error("reflection: {0}")]
+    Reflection(String),
+    /// The gRPC server failed while serving.
+    #[error("gRPC server: {0}")]
+    Serve(String),
+}
+
+/// Collects services, then binds.
+pub struct ServerBuilder {
+    routes: RoutesBuilder,
+    descriptor_sets: Vec<&'static [u8]>,
+    health: Health,
+    http: axum::Router,
+}
+
+impl ServerBuilder {
+    /// A builder with the health service and the admin HTTP routes
+    /// (`/metrics`, `/healthz`, `/readyz`).
+    pub fn new() -> (Self, Health) {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        let health = Health::new(reporter);
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(service);
+        let builder = Self {
+            routes,
+            descriptor_sets: vec![tonic_health::pb::FILE_DESCRIPTOR_SET],
+            health: health.clone(),
+            http: admin_router(health.clone()),
+        };
+        (builder, health)
+    }
+
+    /// Registers a gRPC service and the descriptor set that describes it.
+    pub fn add_service<S>(mut self, service: S, descriptor_set: &'static [u8]) -> Self
+    where
+        S: Service<Request<tonic::body::Body>, Error = Infallible> + NamedService + Clone + Send + Sync + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(service);
+        if !self.descriptor_sets.contains(&descriptor_set) {
+            self.descriptor_sets.push(descriptor_set);
+        }
+        self
+    }
+
+    /// Merges HTTP routes (the gateway) into the HTTP listener.
+    pub fn add_http(mut self, router: axum::Router) -> Self {
+        self.http = self.http.merge(router);
+        self
+    }
+
+    /// Binds both listeners and builds the services. Nothing is served yet.
+    pub async fn bind(
+        mut self,
+        grpc: SocketAddr,
+        http: SocketAddr,
+        tls: Option<&TlsConfig>,
+    ) -> Result<BoundServer, ServerError> {
+        let mut reflection_v1 = tonic_reflection::server::Builder::configure();
+        let mut reflection_v1alpha = tonic_reflection::server::Builder::configure();
+        for set in &self.descriptor_sets {
+            reflection_v1 = reflection_v1.register_encoded_file_descriptor_set(set);
+            reflection_v1alpha = reflection_v1alpha.register_encoded_file_descriptor_set(set);
+        }
+        let v1 = reflection_v1
+            .build_v1()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        let v1alpha = reflection_v1alpha
+            .build_v1alpha()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        self.routes.add_service(v1).add_service(v1alpha);
+
+        let tls = tls.map(load_tls).transpose()?;
+        let grpc_listener = TcpListener::bind(grpc).await.map_err(|source| ServerError::Bind {
+            addr: grpc,
+            key: "PLINTH_GRPC_LISTEN",
+            source,
+        })?;
+        let http_listener = TcpListener::bind(http).await.map_err(|source| ServerError::Bind {
+            addr: http,
+            key: "PLINTH_HTTP_LISTEN",
+            source,
+        })?;
+        let grpc_addr = grpc_listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: grpc,
+            key: "PLINTH_GRPC_LISTEN",
+            source,
+        })?;
+        let http_addr = http_listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: http,
+            key: "PLINTH_HTTP_LISTEN",
+            source,
+        })?;
+        Ok(BoundServer {
+            grpc_listener,
+            http_listener,
+            grpc_addr,
+            http_addr,
+            routes: self.routes.routes(),
+            http: self.http,
+            tls,
+            health: self.health,
+        })
+    }
+}
+
+/// Listeners bound, ready to serve.
+pub struct BoundServer {
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    /// The real gRPC address (after port 0 is resolved).
+    pub grpc_addr: SocketAddr,
+    /// The real HTTP address.
+    pub http_addr: SocketAddr,
+    routes: Routes,
+    http: axum::Router,
+    tls: Option<ServerTlsConfig>,
+    health: Health,
+}
+
+impl BoundServer {
+    /// Serves until `shutdown` is cancelled, then marks health NOT_SERVING,
+    /// stops accepting, and gives in-flight calls `grace` to finish.
+    pub async fn serve(self, shutdown: CancellationToken, grace: Duration) -> Result<(), ServerError> {
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls).map_err(|e| ServerError::Tls {
+                key: "PLINTH_TLS__CERT",
+                path: String::new(),
+                reason: e.to_string(),
+            })?;
+        }
+        let health = self.health.clone();
+        let draining = {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                health.shutting_down().await;
+            }
+        };
+        let grpc = builder
+            .layer(ObserveLayer)
+            .add_routes(self.routes)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc_listener), draining);
+        let http =
+            axum::serve(self.http_listener, self.http).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+
+        let both = async {
+            let (g, h) = tokio::join!(grpc, http);
+            if let Err(e) = h {
+                tracing::error!(error = %e, "http server failed");
+            }
+            g.map_err(|e| ServerError::Serve(e.to_string()))
+        };
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            result = both => result,
+            () = deadline => {
+                tracing::warn!(grace_secs = grace.as_secs(), "in-flight calls did not finish before the deadline, closing them");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn load_tls(cfg: &TlsConfig) -> Result<ServerTlsConfig, ServerError> {
+    let read = |key: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| ServerError::Tls {
+            key,
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    };
+    let cert = read("PLINTH_TLS__CERT", &cfg.cert)?;
+    let key = read("PLINTH_TLS__KEY", &cfg.key)?;
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if let Some(ca) = &cfg.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read("PLINTH_TLS__CLIENT_CA", ca)?));
+    }
+    Ok(tls)
+}
+
+fn admin_router(health: Health) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    metrics::render(),
+                )
+            }),
+        )
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(health)
+}
+
+#[derive(serde::Deserialize)]
+struct HealthQuery {
+    #[serde(default)]
+    service: String,
+}
+
+/// `GET /healthz?service=X`: 200 SERVING, 503 NOT_SERVING, 404 unknown service.
+async fn healthz(State(health): State<Health>, Query(q): Query<HealthQuery>) -> impl IntoResponse {
+    match health.status(&q.service) {
+        Some(ServingStatus::Serving) => (StatusCode::OK, axum::Json(serde_json::json!({"status": "SERVING"}))),
+        Some(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "NOT_SERVING"})),
+        ),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({"status": "SERVICE_UNKNOWN"})),
+        ),
+    }
+}
+
+/// `GET /readyz`: every entry's status; 503 if any is not serving.
+async fn readyz(State(health): State<Health>) -> impl IntoResponse {
+    let statuses = health.statuses();
+    let ready = statuses.values().all(|s| *s == ServingStatus::Serving);
+    let body: serde_json::Map<String, serde_json::Value> = statuses
+        .into_iter()
+        .map(|(k, v)| {
+            let name = if k.is_empty() { "plinthd".to_owned() } else { k };
+            let status = if v == ServingStatus::Serving {
+                "SERVING"
+            } else {
+                "NOT_SERVING"
+            };
+            (name, serde_json::Value::from(status))
+        })
+        .collect();
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(serde_json::Value::Object(body)))
+}
+
+/// The id of the request being served, in request extensions.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Per-call span (rpc, request id, trace id continued from `traceparent`),
+/// request metrics, and the request id echoed back.
+#[derive(Debug, Clone, Copy)]
+pub struct ObserveLayer;
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe { inner }
+    }
+}
+
+/// See [`ObserveLayer`].
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+}
+
+impl<S, B, RB> Service<Request<B>> for Observe<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let rpc = req.uri().path().to_owned();
+        let request_id = req
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let span = tracing::info_span!("rpc", rpc = %rpc, request_id = %request_id, trace_id = tracing::field::Empty);
+        telemetry::set_parent(&span, &telemetry::HttpHeaderReader(req.headers()));
+        if let Some(trace_id) = span.in_scope(telemetry::current_trace_id) {
+            span.record("trace_id", trace_id);
+        }
+        req.extensions_mut().insert(RequestId(request_id.clone()));
+
+        // Call the clone that was driven to readiness; keep a fresh one.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let started = Instant::now();
+        Box::pin(
+            async move {
+                let mut result = inner.call(req).await;
+                let code = match &result {
+                    Ok(resp) => resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .unwrap_or(0),
+                    Err(_) => tonic::Code::Unknown as i32,
+                };
+                let code_name = format!("{:?}", tonic::Code::from_i32(code));
+                let m = metrics::runtime();
+                m.grpc_requests
+                    .with_label_values(&[rpc.as_str(), code_name.as_str()])
+                    .inc();
+                m.grpc_duration
+                    .with_label_values(&[rpc.as_str()])
+                    .observe(started.elapsed().as_secs_f64());
+                if code != 0 {
+                    tracing::info!(code = %code_name, elapsed_ms = started.elapsed().as_millis() as u64, "rpc failed");
+                }
+                if let Ok(resp) = &mut result
+                    && let Ok(v) = HeaderValue::from_str(&request_id)
+                {
+                    resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}

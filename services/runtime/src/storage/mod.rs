@@ -1,0 +1,234 @@
+//! Database pools: SQLite files under the data directory (embedded default)
+//! or PostgreSQL, one schema (or file) per component, with versioned
+//! migrations run at start-up. Queries belong to the services; this module
+//! only connects, migrates, probes and reports pool metrics.
+
+mod migrate;
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+
+pub use migrate::{Migrations, RUNTIME_MIGRATIONS_BELOW};
+
+use crate::config::StorageConfig;
+use crate::resilience::Backoff;
+
+/// A storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The database could not be reached within the retry budget.
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        /// Which database (URL without credentials, or file).
+        target: String,
+        /// The last error.
+        source: sqlx::Error,
+    },
+    /// The URL or schema name is unusable.
+    #[error("PLINTH_DATABASE_URL: {0}")]
+    InvalidUrl(String),
+    /// Migrations failed or conflict.
+    #[error("migrations for {component}: {reason}")]
+    Migrate {
+        /// Whose migrations.
+        component: String,
+        /// Why.
+        reason: String,
+    },
+    /// A query failed.
+    #[error(transparent)]
+    Query(#[from] sqlx::Error),
+}
+
+impl StorageError {
+    /// Whether the failure is the database being unreachable (retry later)
+    /// rather than a bad query.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StorageError::Connect { .. } => true,
+            StorageError::Query(e) => matches!(
+                e,
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+            ),
+            StorageError::InvalidUrl(_) | StorageError::Migrate { .. } => false,
+        }
+    }
+}
+
+/// Where a component's data lives.
+#[derive(Debug, Clone)]
+pub enum DbTarget {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database and the schema the component owns in it.
+    Postgres {
+        /// The server URL.
+        url: SecretString,
+        /// The schema (`plinth_<component>`, or a test's private schema).
+        schema: String,
+    },
+}
+
+impl DbTarget {
+    /// The embedded default (`<data_dir>/<component>.db`) or PostgreSQL schema
+    /// `plinth_<component>` when a URL is configured.
+    pub fn for_component(url: Option<&SecretString>, data_dir: &std::path::Path, component: &str) -> Self {
+        match url {
+            Some(url) => DbTarget::Postgres {
+                url: url.clone(),
+                schema: format!("plinth_{component}"),
+            },
+            None => DbTarget::Sqlite(data_dir.join(format!("{component}.db"))),
+        }
+    }
+}
+
+/// A connection pool to one component's database.
+#[derive(Debug, Clone)]
+pub enum Db {
+    /// Embedded SQLite (WAL, `synchronous=FULL`).
+    Sqlite(SqlitePool),
+    /// PostgreSQL with `search_path` set to the component's schema.
+    Postgres(PgPool),
+}
+
+impl Db {
+    /// Connects (retrying with backoff for up to `connect_retry_secs`), creating
+    /// the SQLite file or PostgreSQL schema when missing.
+    pub async fn connect(target: &DbTarget, cfg: &StorageConfig) -> Result<Db, StorageError> {
+        let budget = Duration::from_secs(cfg.connect_retry_secs);
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let started = std::time::Instant::now();
+        let mut attempt = 0;
+        loop {
+            match Self::try_connect(target, cfg).await {
+                Ok(db) => return Ok(db),
+                Err(StorageError::Connect { target, source }) if started.elapsed() < budget => {
+                    let wait = backoff.delay(attempt);
+                    tracing::warn!(%target, attempt, error = %source, retry_in_ms = wait.as_millis() as u64, "database not reachable, retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn try_connect(target: &DbTarget, cfg: &StorageConfig) -> Result<Db, StorageError> {
+        let acquire = Duration::from_millis(cfg.acquire_timeout_ms);
+        match target {
+            DbTarget::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| StorageError::Connect {
+                        target: path.display().to_string(),
+                        source: sqlx::Error::Io(e),
+                    })?;
+                }
+                let opts = SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(acquire)
+                    .foreign_keys(true);
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(cfg.max_connections)
+                    .acquire_timeout(acquire)
+                    .connect_with(opts)
+                    .await
+                    .map_err(|source| StorageError::Connect {
+                        target: path.display().to_string(),
+                        source,
+                    })?;
+                Ok(Db::Sqlite(pool))
+            }
+            DbTarget::Postgres { url, schema } => {
+                if !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || schema.is_empty() {
+                    return Err(StorageError::InvalidUrl(format!(
+                        "schema name `{schema}` is not a plain identifier"
+                    )));
+                }
+                let base = PgConnectOptions::from_str(url.expose_secret())
+                    .map_err(|e| StorageError::InvalidUrl(e.to_string()))?;
+                let shown = format!(
+                    "postgres {}:{}/{}",
+                    base.get_host(),
+                    base.get_port(),
+                    base.get_database().unwrap_or("")
+                );
+                let setup = PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(acquire)
+                    .connect_with(base.clone())
+                    .await
+                    .map_err(|source| StorageError::Connect {
+                        target: shown.clone(),
+                        source,
+                    })?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
+                    .execute(&setup)
+                    .await?;
+                setup.close().await;
+                let opts = base.options([
+                    ("search_path", schema.as_str()),
+                    ("statement_timeout", &cfg.statement_timeout_ms.to_string()),
+                ]);
+                let pool = PgPoolOptions::new()
+                    .max_connections(cfg.max_connections)
+                    .acquire_timeout(acquire)
+                    .connect_with(opts)
+                    .await
+                    .map_err(|source| StorageError::Connect { target: shown, source })?;
+                Ok(Db::Postgres(pool))
+            }
+        }
+    }
+
+    /// Runs the runtime's migrations (outbox) and the component's, in version order.
+    pub async fn migrate(&self, component: &str, migrations: &Migrations) -> Result<(), StorageError> {
+        migrations.run(self, component).await
+    }
+
+    /// A trivial query, for health probes.
+    pub async fn ping(&self) -> Result<(), StorageError> {
+        match self {
+            Db::Sqlite(p) => sqlx::query("SELECT 1").execute(p).await.map(drop)?,
+            Db::Postgres(p) => sqlx::query("SELECT 1").execute(p).await.map(drop)?,
+        }
+        Ok(())
+    }
+
+    /// Updates `plinth_db_pool_connections{component}`.
+    pub fn record_pool_metrics(&self, component: &str) {
+        let (size, idle) = match self {
+            Db::Sqlite(p) => (p.size(), p.num_idle()),
+            Db::Postgres(p) => (p.size(), p.num_idle()),
+        };
+        let g = &crate::metrics::runtime().db_pool;
+        let idle = i64::try_from(idle).unwrap_or(i64::MAX);
+        g.with_label_values(&[component, "idle"]).set(idle);
+        g.with_label_values(&[component, "busy"])
+            .set(i64::from(size).saturating_sub(idle));
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        match self {
+            Db::Sqlite(p) => p.close().await,
+            Db::Postgres(p) => p.close().await,
+        }
+    }
+
+    /// `"sqlite"` or `"postgres"`, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Db::Sqlite(_) => "sqlite",
+            Db::Postgres(_) => "postgres",
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! The Plinth contracts: Rust types and gRPC clients generated from `proto/`,
+//! and the encoded descriptor set that reflection, the gateway and OpenAPI read.
+//!
+//! This crate stays light (tonic and prost only) so that an application that
+//! only wants typed clients depends on it alone. Server logic never lives here.
+
+/// Every file under `proto/` plus its imports, encoded as a
+/// `google.protobuf.FileDescriptorSet` with source info (comments).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/plinth_descriptor.bin"));
+
+/// Shared contract pieces: the `permission` method option.
+pub mod common {
+    /// Version 1 of the shared contract pieces.
+    pub mod v1 {
+        /// The full name of the method option that declares an RPC's permission.
+        pub const PERMISSION_OPTION: &str = "plinth.common.v1.permission";
+    }
+}
+
+/// Vendored Google types the contracts use.
+pub mod google {
+    /// `google.api`: HTTP annotations and field behaviour.
+    pub mod api {
+        include!(concat!(env!("OUT_DIR"), "/google.api.rs"));
+    }
+    /// `google.rpc`: the error model (`Status`, `ErrorInfo`, `BadRequest`).
+    pub mod rpc {
+        include!(concat!(env!("OUT_DIR"), "/google.rpc.rs"));
+    }
+}
