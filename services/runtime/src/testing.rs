@@ -127,3 +127,76 @@ fn test_storage() -> StorageConfig {
         ..StorageConfig::default()
     }
 }
+
+/// A TCP forwarder to a real server that a test can take down and bring back,
+/// to simulate the server's outage without stopping the machine's server.
+pub struct ToggleProxy {
+    addr: std::net::SocketAddr,
+    upstream: String,
+    running: Option<crate::Tasks>,
+}
+
+impl ToggleProxy {
+    /// Reserves a local port for `upstream` (`host:port`); the proxy starts down.
+    pub async fn reserve(upstream: impl Into<String>) -> std::io::Result<Self> {
+        let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = probe.local_addr()?;
+        drop(probe);
+        Ok(Self {
+            addr,
+            upstream: upstream.into(),
+            running: None,
+        })
+    }
+
+    /// The address clients should dial.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Starts accepting and forwarding.
+    pub async fn up(&mut self) -> std::io::Result<()> {
+        if self.running.is_some() {
+            return Ok(());
+        }
+        let listener = tokio::net::TcpListener::bind(self.addr).await?;
+        let tasks = crate::Tasks::new();
+        let token = tasks.token();
+        let upstream = self.upstream.clone();
+        let conns = tasks.clone();
+        tasks.spawn("toggle-proxy-accept", async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    () = token.cancelled() => return Ok::<(), std::io::Error>(()),
+                    accepted = listener.accept() => accepted?,
+                };
+                let upstream = upstream.clone();
+                let token = token.clone();
+                conns.spawn("toggle-proxy-conn", async move {
+                    let mut outbound = tokio::net::TcpStream::connect(upstream).await?;
+                    tokio::select! {
+                        () = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                    Ok::<(), std::io::Error>(())
+                });
+            }
+        });
+        self.running = Some(tasks);
+        Ok(())
+    }
+
+    /// Stops accepting and cuts every open connection.
+    pub async fn down(&mut self) {
+        if let Some(tasks) = self.running.take() {
+            tasks.shutdown(std::time::Duration::from_secs(5)).await;
+        }
+    }
+}
+
+/// `host:port` of a URL such as `nats://127.0.0.1:4222` or `redis://127.0.0.1:6379/0`.
+pub fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest).to_owned()
+}

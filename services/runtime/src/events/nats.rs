@@ -46,6 +46,14 @@ impl NatsBus {
         let client = async_nats::connect_with_options(url.expose_secret(), options)
             .await
             .map_err(|e| BusError::Rejected(format!("PLINTH_NATS_URL: {e}")))?;
+        // Give a reachable server a moment, so the first publish does not
+        // fail fast merely because the handshake is still running.
+        for _ in 0..40 {
+            if client.connection_state() == async_nats::connection::State::Connected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let js = jetstream::new(client.clone());
         Ok(Self {
             client,

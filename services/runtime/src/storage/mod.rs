@@ -170,9 +170,17 @@ impl Db {
                         target: shown.clone(),
                         source,
                     })?;
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
-                    .execute(&setup)
+                // Replicas starting together race on CREATE SCHEMA IF NOT EXISTS
+                // (it is not atomic in PostgreSQL); serialise them.
+                let mut tx = setup.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext('plinth.schema.' || $1))")
+                    .bind(schema)
+                    .execute(&mut *tx)
                     .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
                 setup.close().await;
                 let opts = base.options([
                     ("search_path", schema.as_str()),

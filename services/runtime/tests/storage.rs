@@ -1,0 +1,241 @@
+//! Storage on SQLite and PostgreSQL: migrations merge and run once, replicas
+//! can migrate concurrently, isolation between test schemas, statement
+//! timeouts, and an unreachable database failing clearly.
+
+use std::borrow::Cow;
+use std::time::{Duration, Instant};
+
+use plinth_runtime::config::StorageConfig;
+use plinth_runtime::storage::{Db, DbTarget, Migrations, StorageError};
+use plinth_runtime::testing::{Backend, TestDatabase, backend_url};
+use secrecy::SecretString;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+
+fn leak(migrations: Vec<Migration>) -> &'static Migrator {
+    Box::leak(Box::new(Migrator::with_migrations(migrations)))
+}
+
+fn migration(version: i64, sql: &'static str) -> Migration {
+    Migration::new(
+        version,
+        Cow::Borrowed("test"),
+        MigrationType::Simple,
+        sqlx::SqlSafeStr::into_sql_str(sql),
+        false,
+    )
+}
+
+fn service_migrations() -> Migrations {
+    let m = leak(vec![migration(
+        1000,
+        "CREATE TABLE widgets (id BIGINT PRIMARY KEY, name TEXT NOT NULL)",
+    )]);
+    Migrations {
+        sqlite: Some(m),
+        postgres: Some(m),
+    }
+}
+
+async fn count_widgets(db: &Db) -> i64 {
+    let q = "SELECT count(*) FROM widgets";
+    let (n,): (i64,) = match db {
+        Db::Sqlite(p) => sqlx::query_as(q).fetch_one(p).await.unwrap(),
+        Db::Postgres(p) => sqlx::query_as(q).fetch_one(p).await.unwrap(),
+    };
+    n
+}
+
+async fn migrations_contract(tdb: TestDatabase) {
+    let m = service_migrations();
+    // The runtime's outbox and the service's own table both exist.
+    assert_eq!(count_widgets(&tdb.db).await, 0);
+    // Running again is a no-op, also from a second pool (another replica).
+    tdb.db.migrate("test", &m).await.unwrap();
+    let replica = tdb.connect_again().await.unwrap();
+    replica.migrate("test", &m).await.unwrap();
+    // A service migration in the runtime's reserved range is refused by name.
+    let bad = leak(vec![migration(7, "SELECT 1")]);
+    let err = tdb
+        .db
+        .migrate(
+            "test",
+            &Migrations {
+                sqlite: Some(bad),
+                postgres: Some(bad),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("reserves"), "{err}");
+    tdb.db.ping().await.unwrap();
+    replica.close().await;
+    tdb.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_migrations_merge_and_repeat_safely() {
+    migrations_contract(TestDatabase::sqlite("test", &service_migrations()).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_migrations_merge_and_repeat_safely() {
+    let Some(url) = backend_url(Backend::Postgres, "postgres_migrations_merge_and_repeat_safely").unwrap() else {
+        return;
+    };
+    migrations_contract(
+        TestDatabase::postgres(&url, "test", &service_migrations())
+            .await
+            .unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_replicas_migrate_one_postgres_schema_once() {
+    let Some(url) = backend_url(
+        Backend::Postgres,
+        "concurrent_replicas_migrate_one_postgres_schema_once",
+    )
+    .unwrap() else {
+        return;
+    };
+    let schema = format!("plinth_test_{}", uuid::Uuid::now_v7().simple());
+    let target = DbTarget::Postgres {
+        url: SecretString::from(url.clone()),
+        schema: schema.clone(),
+    };
+    let cfg = StorageConfig::default();
+    let starts = (0..4).map(|_| {
+        let target = target.clone();
+        let cfg = cfg.clone();
+        async move {
+            let db = Db::connect(&target, &cfg).await?;
+            db.migrate("test", &service_migrations()).await?;
+            Ok::<Db, StorageError>(db)
+        }
+    });
+    let dbs: Vec<Db> = futures::future::join_all(starts)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    if let Db::Postgres(p) = &dbs[0] {
+        let (applied,): (i64,) = sqlx::query_as("SELECT count(*) FROM _sqlx_migrations")
+            .fetch_one(p)
+            .await
+            .unwrap();
+        assert_eq!(applied, 2, "runtime + service migration, each applied once");
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
+            .execute(p)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn postgres_test_schemas_are_isolated_and_removed() {
+    let Some(url) = backend_url(Backend::Postgres, "postgres_test_schemas_are_isolated_and_removed").unwrap() else {
+        return;
+    };
+    let a = TestDatabase::postgres(&url, "test", &service_migrations())
+        .await
+        .unwrap();
+    let b = TestDatabase::postgres(&url, "test", &service_migrations())
+        .await
+        .unwrap();
+    if let Db::Postgres(p) = &a.db {
+        sqlx::query("INSERT INTO widgets (id, name) VALUES (1, 'a')")
+            .execute(p)
+            .await
+            .unwrap();
+    }
+    assert_eq!(count_widgets(&a.db).await, 1);
+    assert_eq!(
+        count_widgets(&b.db).await,
+        0,
+        "a write in one test schema must not be visible in another"
+    );
+    let schema: String = match &a.db {
+        Db::Postgres(p) => sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(p)
+            .await
+            .unwrap(),
+        Db::Sqlite(_) => unreachable!(),
+    };
+    a.cleanup().await.unwrap();
+    b.cleanup().await.unwrap();
+    let admin = Db::connect(
+        &DbTarget::Postgres {
+            url: SecretString::from(url),
+            schema: "public".into(),
+        },
+        &StorageConfig::default(),
+    )
+    .await
+    .unwrap();
+    if let Db::Postgres(p) = &admin {
+        let left: Option<String> = sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname = $1")
+            .bind(&schema)
+            .fetch_optional(p)
+            .await
+            .unwrap();
+        assert!(left.is_none(), "cleanup must drop the schema");
+    }
+}
+
+#[tokio::test]
+async fn postgres_statement_timeout_is_enforced() {
+    let Some(url) = backend_url(Backend::Postgres, "postgres_statement_timeout_is_enforced").unwrap() else {
+        return;
+    };
+    let cfg = StorageConfig {
+        statement_timeout_ms: 200,
+        ..StorageConfig::default()
+    };
+    let db = Db::connect(
+        &DbTarget::Postgres {
+            url: SecretString::from(url),
+            schema: "public".into(),
+        },
+        &cfg,
+    )
+    .await
+    .unwrap();
+    let Db::Postgres(p) = &db else { unreachable!() };
+    let started = Instant::now();
+    let err = sqlx::query("SELECT pg_sleep(3)").execute(p).await.unwrap_err();
+    assert!(err.to_string().contains("statement timeout"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn unreachable_postgres_fails_after_the_retry_budget() {
+    let cfg = StorageConfig {
+        connect_retry_secs: 1,
+        acquire_timeout_ms: 300,
+        ..StorageConfig::default()
+    };
+    let target = DbTarget::Postgres {
+        url: SecretString::from("postgres://u@127.0.0.1:1/x".to_owned()),
+        schema: "s".into(),
+    };
+    let started = Instant::now();
+    let err = Db::connect(&target, &cfg).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert!(
+        err.to_string().contains("127.0.0.1:1"),
+        "the error must say which database: {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn sqlite_files_are_created_in_wal_mode() {
+    let tdb = TestDatabase::sqlite("test", &Migrations::RUNTIME_ONLY).await.unwrap();
+    let Db::Sqlite(p) = &tdb.db else { unreachable!() };
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(p).await.unwrap();
+    assert_eq!(mode, "wal");
+    let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(p).await.unwrap();
+    assert_eq!(sync, 2, "FULL: an acknowledged write survives power loss");
+    tdb.cleanup().await.unwrap();
+}
