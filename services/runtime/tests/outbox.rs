@@ -26,8 +26,12 @@ struct ItemChanged {
 async fn create_items_table(db: &Db) -> anyhow::Result<()> {
     let ddl = "CREATE TABLE items (id TEXT PRIMARY KEY, version BIGINT NOT NULL)";
     match db {
-        Db::Sqlite(p) => drop(sqlx::query(ddl).execute(p).await?),
-        Db::Postgres(p) => drop(sqlx::query(ddl).execute(p).await?),
+        Db::Sqlite(p) => {
+            sqlx::query(ddl).execute(p).await?;
+        }
+        Db::Postgres(p) => {
+            sqlx::query(ddl).execute(p).await?;
+        }
     }
     Ok(())
 }
@@ -206,12 +210,10 @@ fn memory_bus() -> SharedBus {
     Arc::new(InProcessBus::new(Duration::from_secs(120)))
 }
 
-async fn nats_bus(url: &str) -> SharedBus {
-    Arc::new(
-        NatsBus::connect(&SecretString::from(url.to_owned()), "PLINTH", Duration::from_secs(120))
-            .await
-            .unwrap(),
-    )
+async fn nats_bus(url: &str) -> anyhow::Result<SharedBus> {
+    Ok(Arc::new(
+        NatsBus::connect(&SecretString::from(url.to_owned()), "PLINTH", Duration::from_secs(120)).await?,
+    ))
 }
 
 #[tokio::test]
@@ -241,7 +243,7 @@ async fn sqlite_outbox_to_nats() {
         return;
     };
     let db = TestDatabase::sqlite("test", &Migrations::RUNTIME_ONLY).await.unwrap();
-    let bus = nats_bus(&url).await;
+    let bus = nats_bus(&url).await.unwrap();
     outbox_contract(&db, bus.clone(), bus).await.unwrap();
     db.cleanup().await.unwrap();
 }
@@ -257,7 +259,7 @@ async fn postgres_outbox_to_nats() {
     let db = TestDatabase::postgres(&pg, "test", &Migrations::RUNTIME_ONLY)
         .await
         .unwrap();
-    let bus = nats_bus(&url).await;
+    let bus = nats_bus(&url).await.unwrap();
     outbox_contract(&db, bus.clone(), bus).await.unwrap();
     db.cleanup().await.unwrap();
 }
@@ -281,7 +283,7 @@ async fn nats_outage_loses_nothing(tdb: TestDatabase, nats_url: &str) -> anyhow:
         relay_bus.ping().await.is_err(),
         "the relay's NATS must start out unreachable"
     );
-    let consumer_bus = nats_bus(nats_url).await;
+    let consumer_bus = nats_bus(nats_url).await?;
     let mut sub = consumer_bus
         .subscribe(&ConsumerSpec::new(
             format!("{topic}-audit"),

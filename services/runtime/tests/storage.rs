@@ -2,6 +2,8 @@
 //! can migrate concurrently, isolation between test schemas, statement
 //! timeouts, and an unreachable database failing clearly.
 
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
+
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
