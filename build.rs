@@ -17,6 +17,7 @@ const ALWAYS_INCLUDED: &[&str] = &[
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=build.rs");
     let root = Path::new("proto");
     let mut files = Vec::new();
     collect_protos(&root.join("plinth"), &mut files)?;
@@ -41,9 +42,17 @@ fn main() -> anyhow::Result<()> {
     )
     .context("while writing the descriptor set")?;
 
+    // Google's comments are not valid rustdoc (bare `<placeholders>`): generate
+    // their Rust types without them. The descriptor set above keeps them.
+    let mut fds = compiler.file_descriptor_set();
+    for file in &mut fds.file {
+        if file.package().starts_with("google.") {
+            file.source_code_info = None;
+        }
+    }
     tonic_prost_build::configure()
         .bytes(".")
-        .compile_fds(compiler.file_descriptor_set())
+        .compile_fds(fds)
         .context("while generating Rust code")?;
     Ok(())
 }
