@@ -331,19 +331,25 @@ impl Provider for EnvProvider {
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
-        let mut dict = Dict::new();
-        for (key, raw) in &self.vars {
-            let value = if is_string_key(key) {
-                Value::from(raw.clone())
-            } else {
-                raw.parse().unwrap_or(Value::from(raw.clone()))
-            };
-            if let Value::Dict(_, nested) = figment::util::nest(key, value) {
-                dict = merge_dicts(dict, nested);
-            }
-        }
-        Ok(Profile::Default.collect(dict))
+        Ok(Profile::Default.collect(nested_dict(self.vars.iter().map(|(k, v)| (k, v)))))
     }
+}
+
+/// `a.b = raw` pairs as one nested dictionary; values parse as TOML-like
+/// scalars except for [`is_string_key`] keys.
+fn nested_dict<'a>(pairs: impl Iterator<Item = (&'a String, &'a String)>) -> Dict {
+    let mut dict = Dict::new();
+    for (key, raw) in pairs {
+        let value = if is_string_key(key) {
+            Value::from(raw.clone())
+        } else {
+            raw.parse().unwrap_or(Value::from(raw.clone()))
+        };
+        if let Value::Dict(_, nested) = figment::util::nest(key, value) {
+            dict = merge_dicts(dict, nested);
+        }
+    }
+    dict
 }
 
 /// Keys whose values are strings even when they look like numbers or lists.
@@ -375,18 +381,7 @@ impl Provider for FlagProvider {
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
-        let mut dict = Dict::new();
-        for (key, raw) in &self.0 {
-            let value = if is_string_key(key) {
-                Value::from(raw.clone())
-            } else {
-                raw.parse().unwrap_or(Value::from(raw.clone()))
-            };
-            if let Value::Dict(_, nested) = figment::util::nest(key, value) {
-                dict = merge_dicts(dict, nested);
-            }
-        }
-        Ok(Profile::Default.collect(dict))
+        Ok(Profile::Default.collect(nested_dict(self.0.iter())))
     }
 }
 

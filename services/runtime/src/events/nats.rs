@@ -55,13 +55,20 @@ impl NatsBus {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let js = jetstream::new(client.clone());
-        Ok(Self {
+        let bus = Self {
             client,
             js,
             stream_name: stream_name.to_owned(),
             dedup_window,
             stream: OnceCell::new(),
-        })
+        };
+        // Create the stream now when NATS is up; otherwise on first use.
+        if bus.connected().is_ok()
+            && let Err(e) = bus.stream().await
+        {
+            tracing::warn!(error = %e, "jetstream stream not ready yet, will retry on first use");
+        }
+        Ok(bus)
     }
 
     async fn stream(&self) -> Result<&stream::Stream, BusError> {
