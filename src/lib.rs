@@ -17,6 +17,18 @@ pub mod common {
     }
 }
 
+/// Identities, sessions and tokens.
+pub mod auth {
+    /// Version 1 of the auth contract.
+    #[expect(
+        clippy::allow_attributes,
+        reason = "tonic's generated servers carry #[allow(non_camel_case_types)]"
+    )]
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/plinth.auth.v1.rs"));
+    }
+}
+
 /// Vendored Google types the contracts use.
 pub mod google {
     /// `google.api`: HTTP annotations and field behaviour.

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::FutureExt;
+use plinth::auth::v1::auth_service_server::AuthServiceServer;
+use plinth_runtime::auth::{AuthLayer, Authenticator, GrpcJwksSource, JwksSource, PermissionMap, RolePolicy};
 use plinth_runtime::config::Config;
 use plinth_runtime::events::outbox::Relay;
 use plinth_runtime::events::{InProcessBus, NatsBus, SharedBus};
@@ -60,8 +62,9 @@ impl Plinth {
             None => Arc::new(InProcessState::new()),
         };
 
-        let (builder, health) = ServerBuilder::new();
+        let (mut builder, health) = ServerBuilder::new();
         let mut running = Vec::new();
+        let mut jwks: Option<Arc<dyn JwksSource>> = None;
         let mut required = vec!["database"];
         if cfg.redis_url.is_some() {
             required.push("redis");
@@ -70,11 +73,16 @@ impl Plinth {
             let db = if component == Component::Gateway {
                 None
             } else {
-                let target = DbTarget::for_component(cfg.database_url.as_ref(), &cfg.data_dir, component.name());
+                let target = DbTarget::for_component(
+                    cfg.database_url.as_ref(),
+                    &cfg.data_dir,
+                    &cfg.storage.schema_prefix,
+                    component.name(),
+                );
                 let db = Db::connect(&target, &cfg.storage)
                     .await
                     .with_context(|| format!("while opening the {component} database"))?;
-                db.migrate(component.name(), &Migrations::RUNTIME_ONLY).await?;
+                db.migrate(component.name(), &migrations(component)).await?;
                 let relay = Relay::new(
                     component.name(),
                     db.clone(),
@@ -82,7 +90,16 @@ impl Plinth {
                     Duration::from_millis(cfg.events.relay_poll_ms),
                     cfg.events.relay_batch,
                 );
-                tasks.spawn("outbox-relay", relay.run(tasks.token()));
+                tasks.spawn("outbox-relay", relay.clone().run(tasks.token()));
+                if component == Component::Auth {
+                    let auth = plinth_auth::Auth::new(db.clone(), cfg.auth.clone(), Some(relay)).await?;
+                    builder = builder.add_service(
+                        AuthServiceServer::new(plinth_auth::AuthGrpc::new(auth.clone())),
+                        plinth::FILE_DESCRIPTOR_SET,
+                    );
+                    health.register("plinth.auth.v1.AuthService", &required).await;
+                    jwks = Some(auth);
+                }
                 tracing::info!(component = %component, storage = db.kind(), events = bus.kind(), state = state.kind(), "component ready");
                 Some(db)
             };
@@ -144,6 +161,22 @@ impl Plinth {
             ),
         );
 
+        if jwks.is_none()
+            && let Some(url) = &cfg.auth.url
+        {
+            jwks = Some(Arc::new(GrpcJwksSource::new(url).map_err(anyhow::Error::msg)?));
+        }
+        let authenticator = jwks.map(|source| {
+            Arc::new(Authenticator::new(
+                source,
+                &cfg.auth.issuer,
+                &cfg.auth.audience,
+                Duration::from_secs(30),
+            ))
+        });
+        let permissions = PermissionMap::from_descriptor_set(plinth::FILE_DESCRIPTOR_SET)?;
+        builder = builder.with_auth(AuthLayer::new(authenticator, permissions, RolePolicy::default()));
+
         let server = builder.bind(cfg.grpc_listen, cfg.http_listen, cfg.tls.as_ref()).await?;
         tracing::info!(
             grpc_addr = %server.grpc_addr,
@@ -183,6 +216,16 @@ impl Plinth {
         served?;
         tracing::info!(clean, "plinthd stopped");
         Ok(())
+    }
+}
+
+/// Each component's own tables (beside the runtime's outbox).
+fn migrations(component: Component) -> Migrations {
+    match component {
+        Component::Auth => plinth_auth::MIGRATIONS,
+        Component::Gateway | Component::Config | Component::Queue | Component::Audit | Component::Ai => {
+            Migrations::RUNTIME_ONLY
+        }
     }
 }
 

@@ -200,6 +200,7 @@ async fn starts_with_no_setup_serves_health_reflection_metrics_and_stops_on_sigt
         "audit",
         "ai",
         "auth",
+        "plinth.auth.v1.AuthService",
         "plinth.backend.database",
     ] {
         assert_eq!(
@@ -227,7 +228,11 @@ async fn starts_with_no_setup_serves_health_reflection_metrics_and_stops_on_sigt
         panic!("{response:?}")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
+    for want in [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "plinth.auth.v1.AuthService",
+    ] {
         assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
     // Older grpcurl versions speak v1alpha.

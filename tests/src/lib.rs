@@ -1,15 +1,19 @@
 //! The harness for end-to-end tests: [`TestApp::spawn`] starts a whole
 //! `plinthd` in this process on random ports, with its data in a temporary
-//! directory, and offers typed helpers. Set `TEST_LOG=1` to see its logs.
+//! directory (or private PostgreSQL schemas), and offers typed helpers. Set
+//! `TEST_LOG=1` to see its logs.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+use plinth::auth::v1::auth_service_client::AuthServiceClient;
 use plinth_runtime::Tasks;
 use plinth_runtime::config::{Config, LogConfig};
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -25,15 +29,17 @@ pub struct TestApp {
     shutdown: CancellationToken,
     tasks: Tasks,
     dir: PathBuf,
+    /// PostgreSQL URL and schema prefix to drop afterwards.
+    postgres: Option<(String, String)>,
 }
 
 impl TestApp {
     /// A config with random local ports and a private data directory.
     pub fn config() -> Config {
-        let dir = std::env::temp_dir().join(format!("plinth-e2e-{}", uuid_like()));
+        let dir = std::env::temp_dir().join(format!("plinth-e2e-{}", unique()));
         Config {
-            grpc_listen: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable_addr()),
-            http_listen: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable_addr()),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: dir,
             log: LogConfig {
                 level: "info".into(),
@@ -44,6 +50,16 @@ impl TestApp {
         }
     }
 
+    /// [`TestApp::config`], on PostgreSQL at `postgres_url` (private schemas) when given.
+    pub fn config_on(postgres_url: Option<&str>) -> Config {
+        let mut config = Self::config();
+        if let Some(url) = postgres_url {
+            config.database_url = Some(secrecy::SecretString::from(url.to_owned()));
+            config.storage.schema_prefix = format!("plinth_t{}_", unique());
+        }
+        config
+    }
+
     /// Builds and serves `config` until [`TestApp::stop`].
     pub async fn spawn(config: Config) -> anyhow::Result<TestApp> {
         if std::env::var("TEST_LOG").is_ok() {
@@ -52,6 +68,10 @@ impl TestApp {
             });
         }
         let dir = config.data_dir.clone();
+        let postgres = config
+            .database_url
+            .as_ref()
+            .map(|u| (u.expose_secret().to_owned(), config.storage.schema_prefix.clone()));
         let app = plinthd::Plinth::build(config).await?;
         let (grpc, http) = (app.grpc_addr(), app.http_addr());
         let shutdown = CancellationToken::new();
@@ -63,14 +83,26 @@ impl TestApp {
             shutdown,
             tasks,
             dir,
+            postgres,
         })
+    }
+
+    /// A gRPC channel to the app.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Endpoint::from_shared(format!("http://{}", self.grpc))?
+            .connect()
+            .await?)
+    }
+
+    /// A client of the auth service.
+    pub async fn auth(&self) -> anyhow::Result<AuthServiceClient<Channel>> {
+        Ok(AuthServiceClient::new(self.channel().await?))
     }
 
     /// The health status of `service` ("" for the whole process).
     pub async fn health(&self, service: &str) -> Result<ServingStatus, tonic::Status> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))
-            .map_err(|e| tonic::Status::internal(e.to_string()))?
-            .connect()
+        let channel = self
+            .channel()
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let resp = HealthClient::new(channel)
@@ -101,17 +133,36 @@ impl TestApp {
         self.shutdown.cancel();
         self.tasks.shutdown(Duration::from_secs(10)).await;
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some((url, prefix)) = self.postgres {
+            drop_schemas(&url, &prefix).await;
+        }
     }
 }
 
-fn uuid_like() -> String {
+/// Removes the schemas a PostgreSQL-backed app created.
+async fn drop_schemas(url: &str, prefix: &str) {
+    let Ok(pool) = sqlx::PgPool::connect(url).await else {
+        return;
+    };
+    let schemas: Vec<String> =
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE starts_with(nspname, $1)")
+            .bind(prefix)
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default();
+    for schema in schemas {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
+            .execute(&pool)
+            .await;
+    }
+    pool.close().await;
+}
+
+/// A process-unique lowercase token for names.
+pub fn unique() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{}-{nanos}", std::process::id())
-}
-
-fn unreachable_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 0))
+    format!("{}_{nanos}", std::process::id())
 }

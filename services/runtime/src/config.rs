@@ -52,6 +52,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Event bus and outbox (`PLINTH_EVENTS__*`).
     pub events: EventsConfig,
+    /// Identities and tokens (`PLINTH_AUTH__*`).
+    pub auth: AuthSettings,
     /// gRPC TLS (`PLINTH_TLS__*`); plaintext when unset.
     pub tls: Option<TlsConfig>,
     /// Seconds in-flight calls get to finish after SIGTERM (`PLINTH_SHUTDOWN_GRACE_SECS`).
@@ -72,6 +74,7 @@ impl Default for Config {
             log: LogConfig::default(),
             storage: StorageConfig::default(),
             events: EventsConfig::default(),
+            auth: AuthSettings::default(),
             tls: None,
             shutdown_grace_secs: 10,
         }
@@ -119,6 +122,8 @@ pub struct StorageConfig {
     pub statement_timeout_ms: u64,
     /// Give up connecting at start-up after this long (`PLINTH_STORAGE__CONNECT_RETRY_SECS`).
     pub connect_retry_secs: u64,
+    /// PostgreSQL schema of each component is this plus its name (`PLINTH_STORAGE__SCHEMA_PREFIX`).
+    pub schema_prefix: String,
 }
 
 impl Default for StorageConfig {
@@ -128,6 +133,7 @@ impl Default for StorageConfig {
             acquire_timeout_ms: 5_000,
             statement_timeout_ms: 30_000,
             connect_retry_secs: 30,
+            schema_prefix: "plinth_".into(),
         }
     }
 }
@@ -153,6 +159,42 @@ impl Default for EventsConfig {
             dedup_window_secs: 120,
             relay_poll_ms: 500,
             relay_batch: 256,
+        }
+    }
+}
+
+/// Token issuance and verification.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// `iss` of access tokens (`PLINTH_AUTH__ISSUER`).
+    pub issuer: String,
+    /// `aud` of access tokens (`PLINTH_AUTH__AUDIENCE`).
+    pub audience: String,
+    /// Access token lifetime (`PLINTH_AUTH__ACCESS_TTL_SECS`).
+    pub access_ttl_secs: u64,
+    /// Refresh token lifetime (`PLINTH_AUTH__REFRESH_TTL_SECS`).
+    pub refresh_ttl_secs: u64,
+    /// How long a used refresh token may be presented again without revoking
+    /// its session, for concurrent tabs (`PLINTH_AUTH__REFRESH_GRACE_SECS`).
+    pub refresh_grace_secs: u64,
+    /// Password hashes computed at once; more wait (`PLINTH_AUTH__HASH_CONCURRENCY`).
+    pub hash_concurrency: u32,
+    /// gRPC URL of the auth component for processes that do not run it, to
+    /// fetch token keys (`PLINTH_AUTH__URL`, e.g. `http://auth:50051`).
+    pub url: Option<String>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            issuer: "plinth".into(),
+            audience: "plinth".into(),
+            access_ttl_secs: 900,
+            refresh_ttl_secs: 30 * 24 * 3600,
+            refresh_grace_secs: 10,
+            hash_concurrency: 2,
+            url: None,
         }
     }
 }
@@ -236,6 +278,29 @@ impl Config {
             return Err(ConfigError::Rejected {
                 key: "PLINTH_STORAGE__MAX_CONNECTIONS",
                 reason: "must be at least 1".into(),
+            });
+        }
+        if self.auth.hash_concurrency == 0 {
+            return Err(ConfigError::Rejected {
+                key: "PLINTH_AUTH__HASH_CONCURRENCY",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.auth.access_ttl_secs == 0 || self.auth.access_ttl_secs > 24 * 3600 {
+            return Err(ConfigError::Rejected {
+                key: "PLINTH_AUTH__ACCESS_TTL_SECS",
+                reason: "must be between 1 second and 1 day".into(),
+            });
+        }
+        let prefix = &self.storage.schema_prefix;
+        if prefix.is_empty()
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(ConfigError::Rejected {
+                key: "PLINTH_STORAGE__SCHEMA_PREFIX",
+                reason: "must be lowercase letters, digits and underscores".into(),
             });
         }
         if self.events.relay_batch == 0 {
@@ -356,7 +421,16 @@ fn nested_dict<'a>(pairs: impl Iterator<Item = (&'a String, &'a String)>) -> Dic
 fn is_string_key(key: &str) -> bool {
     matches!(
         key,
-        "only" | "database_url" | "nats_url" | "redis_url" | "otlp_endpoint" | "log.level"
+        "only"
+            | "auth.url"
+            | "auth.issuer"
+            | "auth.audience"
+            | "storage.schema_prefix"
+            | "database_url"
+            | "nats_url"
+            | "redis_url"
+            | "otlp_endpoint"
+            | "log.level"
     )
 }
 

@@ -5,6 +5,7 @@
 //! Everything here is written once and used by every service crate. Domain
 //! logic of a particular service never lives here.
 
+pub mod auth;
 pub mod component;
 pub mod config;
 pub mod error;

@@ -25,6 +25,7 @@ use tonic_health::ServingStatus;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use crate::auth::AuthLayer;
 use crate::config::TlsConfig;
 use crate::health::Health;
 use crate::{metrics, telemetry};
@@ -69,6 +70,7 @@ pub struct ServerBuilder {
     descriptor_sets: Vec<&'static [u8]>,
     health: Health,
     http: axum::Router,
+    auth: AuthLayer,
 }
 
 impl ServerBuilder {
@@ -84,6 +86,7 @@ impl ServerBuilder {
             descriptor_sets: vec![tonic_health::pb::FILE_DESCRIPTOR_SET],
             health: health.clone(),
             http: admin_router(health.clone()),
+            auth: AuthLayer::deny_all(),
         };
         (builder, health)
     }
@@ -99,6 +102,13 @@ impl ServerBuilder {
         if !self.descriptor_sets.contains(&descriptor_set) {
             self.descriptor_sets.push(descriptor_set);
         }
+        self
+    }
+
+    /// Authenticates and authorises every call with `auth`. Without it only
+    /// health and reflection answer.
+    pub fn with_auth(mut self, auth: AuthLayer) -> Self {
+        self.auth = auth;
         self
     }
 
@@ -159,6 +169,7 @@ impl ServerBuilder {
             http: self.http,
             tls,
             health: self.health,
+            auth: self.auth,
         })
     }
 }
@@ -175,6 +186,7 @@ pub struct BoundServer {
     http: axum::Router,
     tls: Option<ServerTlsConfig>,
     health: Health,
+    auth: AuthLayer,
 }
 
 impl BoundServer {
@@ -199,6 +211,7 @@ impl BoundServer {
         };
         let grpc = builder
             .layer(ObserveLayer)
+            .layer(self.auth)
             .add_routes(self.routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc_listener), draining);
         let http =

@@ -92,6 +92,41 @@ impl OutboxEvent {
     }
 }
 
+/// A connection an outbox row can be written on, so code written once over
+/// both backends (see [`crate::on_db`]) can call [`OutboxEvent::write`].
+pub trait OutboxWriter: Send {
+    /// Inserts `event` on this connection (inside the caller's transaction).
+    fn write_event<'a>(
+        &'a mut self,
+        event: &'a OutboxEvent,
+    ) -> futures::future::BoxFuture<'a, Result<(), StorageError>>;
+}
+
+impl OutboxWriter for SqliteConnection {
+    fn write_event<'a>(
+        &'a mut self,
+        event: &'a OutboxEvent,
+    ) -> futures::future::BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(event.write_sqlite(self))
+    }
+}
+
+impl OutboxWriter for PgConnection {
+    fn write_event<'a>(
+        &'a mut self,
+        event: &'a OutboxEvent,
+    ) -> futures::future::BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(event.write_postgres(self))
+    }
+}
+
+impl OutboxEvent {
+    /// Inserts the event using the caller's transaction, on either backend.
+    pub async fn write(&self, conn: &mut impl OutboxWriter) -> Result<(), StorageError> {
+        conn.write_event(self).await
+    }
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

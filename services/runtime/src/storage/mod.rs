@@ -18,6 +18,19 @@ pub use migrate::{Migrations, RUNTIME_MIGRATIONS_BELOW};
 use crate::config::StorageConfig;
 use crate::resilience::Backoff;
 
+/// Runs `$body` with `$pool` bound to whichever pool `$db` holds. The body
+/// is compiled once per backend, so one SQL text (with `$1` placeholders,
+/// which both SQLite and PostgreSQL accept) serves both.
+#[macro_export]
+macro_rules! on_db {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match $db {
+            $crate::storage::Db::Sqlite($pool) => $body,
+            $crate::storage::Db::Postgres($pool) => $body,
+        }
+    };
+}
+
 /// A storage operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -76,12 +89,17 @@ pub enum DbTarget {
 
 impl DbTarget {
     /// The embedded default (`<data_dir>/<component>.db`) or PostgreSQL schema
-    /// `plinth_<component>` when a URL is configured.
-    pub fn for_component(url: Option<&SecretString>, data_dir: &std::path::Path, component: &str) -> Self {
+    /// `<schema_prefix><component>` when a URL is configured.
+    pub fn for_component(
+        url: Option<&SecretString>,
+        data_dir: &std::path::Path,
+        schema_prefix: &str,
+        component: &str,
+    ) -> Self {
         match url {
             Some(url) => DbTarget::Postgres {
                 url: url.clone(),
-                schema: format!("plinth_{component}"),
+                schema: format!("{schema_prefix}{component}"),
             },
             None => DbTarget::Sqlite(data_dir.join(format!("{component}.db"))),
         }

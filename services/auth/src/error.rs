@@ -1,0 +1,87 @@
+//! Everything that can go wrong in the auth service, and how each maps to
+//! the caller's error (one exhaustive table, no wildcard).
+
+use plinth_runtime::error::{ErrorCode, FieldViolation, ServiceError};
+use plinth_runtime::storage::StorageError;
+
+/// An auth operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The request is malformed; names the fields.
+    #[error("invalid request: {}", .0.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldViolation>),
+    /// Wrong email or password (deliberately not saying which).
+    #[error("invalid email or password")]
+    BadCredentials,
+    /// A refresh token that is unknown, expired, or of an ended session.
+    #[error("invalid or expired refresh token")]
+    BadRefreshToken,
+    /// A used refresh token was presented again: the session is revoked.
+    #[error("refresh token reused; the session has been revoked, sign in again")]
+    RefreshReused,
+    /// The email is taken.
+    #[error("a user with this email already exists")]
+    EmailTaken,
+    /// The caller's user no longer exists or is not active.
+    #[error("user not found")]
+    UserNotFound,
+    /// No authenticated caller where one is needed.
+    #[error("authentication required")]
+    Unauthenticated,
+    /// Storage failed.
+    #[error("storage failed")]
+    Storage(#[from] StorageError),
+    /// Password hashing failed (a bug or exhausted resources).
+    #[error("password hashing failed: {0}")]
+    Hashing(String),
+}
+
+impl From<sqlx::Error> for AuthError {
+    fn from(e: sqlx::Error) -> Self {
+        AuthError::Storage(StorageError::Query(e))
+    }
+}
+
+impl AuthError {
+    /// One invalid field.
+    pub fn field(field: &str, description: impl Into<String>) -> Self {
+        AuthError::Invalid(vec![FieldViolation::new(field, description)])
+    }
+}
+
+impl ServiceError for AuthError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            AuthError::Invalid(_) => ErrorCode::InvalidArgument,
+            AuthError::BadCredentials | AuthError::BadRefreshToken | AuthError::RefreshReused => {
+                ErrorCode::Unauthenticated
+            }
+            AuthError::Unauthenticated => ErrorCode::Unauthenticated,
+            AuthError::EmailTaken => ErrorCode::AlreadyExists,
+            AuthError::UserNotFound => ErrorCode::NotFound,
+            AuthError::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
+            AuthError::Storage(_) | AuthError::Hashing(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Invalid(_) => "INVALID_ARGUMENT",
+            AuthError::BadCredentials => "BAD_CREDENTIALS",
+            AuthError::BadRefreshToken => "BAD_REFRESH_TOKEN",
+            AuthError::RefreshReused => "REFRESH_TOKEN_REUSED",
+            AuthError::EmailTaken => "EMAIL_TAKEN",
+            AuthError::UserNotFound => "USER_NOT_FOUND",
+            AuthError::Unauthenticated => "CREDENTIALS_MISSING",
+            AuthError::Storage(_) => "STORAGE_FAILED",
+            AuthError::Hashing(_) => "HASHING_FAILED",
+        }
+    }
+
+    fn field_violations(&self) -> Vec<FieldViolation> {
+        match self {
+            AuthError::Invalid(v) => v.clone(),
+            _ => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! The auth domain: registration, password login, refresh rotation, logout
+//! and the signing keys. Input arrives validated as plain values; this
+//! module decides, `store` persists.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use plinth::auth::v1::{Jwk, LoginFailedEvent, LoginSucceededEvent, SessionRevokedEvent, UserRegisteredEvent};
+use plinth_runtime::auth::jwt::{Claims, TokenSigner};
+use plinth_runtime::auth::unix_now;
+use plinth_runtime::config::AuthSettings;
+use plinth_runtime::events::outbox::{OutboxEvent, Relay};
+use plinth_runtime::storage::Db;
+use sha2::{Digest, Sha256};
+
+use crate::AuthError;
+use crate::password::{PasswordHasher, check_policy};
+use crate::store::{self, NewSession, Rotation, UserRow};
+
+/// Refresh tokens start with this, so leaked ones are recognisable in scanners and logs.
+const REFRESH_PREFIX: &str = "plr_";
+/// The role a self-registered user gets.
+const DEFAULT_ROLE: &str = "viewer";
+
+/// An access token and the refresh token that renews it.
+#[derive(Debug, Clone)]
+pub struct TokenPair {
+    /// The signed JWT.
+    pub access_token: String,
+    /// Seconds until it expires.
+    pub expires_in: i64,
+    /// The opaque refresh token.
+    pub refresh_token: String,
+    /// Seconds until the refresh token expires.
+    pub refresh_expires_in: i64,
+}
+
+/// A successful login.
+#[derive(Debug, Clone)]
+pub struct LoginOutcome {
+    /// The tokens of the new session.
+    pub tokens: TokenPair,
+    /// Who signed in.
+    pub user: UserRow,
+}
+
+/// The auth service's domain.
+pub struct Auth {
+    db: Db,
+    settings: AuthSettings,
+    hasher: PasswordHasher,
+    signer: TokenSigner,
+    jwks: Vec<Jwk>,
+    relay: Option<Relay>,
+}
+
+fn email_of(raw: &str) -> Result<String, AuthError> {
+    let email = raw.trim().to_lowercase();
+    let valid = email.len() <= 254
+        && !email.chars().any(char::is_whitespace)
+        && email
+            .split_once('@')
+            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !domain.contains('@'));
+    if valid {
+        Ok(email)
+    } else {
+        Err(AuthError::field(
+            "email",
+            "must be an email address like name@example.com",
+        ))
+    }
+}
+
+fn digest(token: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()))
+}
+
+fn new_refresh_token() -> String {
+    let random: [u8; 32] = rand::random();
+    format!("{REFRESH_PREFIX}{}", URL_SAFE_NO_PAD.encode(random))
+}
+
+fn timestamp(secs: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp {
+        seconds: secs,
+        nanos: 0,
+    })
+}
+
+fn secs(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Auth {
+    /// Loads (or creates, on first start) the signing key and returns the service.
+    pub async fn new(db: Db, settings: AuthSettings, relay: Option<Relay>) -> Result<Arc<Self>, AuthError> {
+        let hasher = PasswordHasher::new(settings.hash_concurrency as usize)?;
+        let mut keys = store::active_keys(&db).await?;
+        if keys.is_empty() {
+            let signer = TokenSigner::generate();
+            store::insert_key(&db, signer.kid(), &signer.seed(), unix_now()).await?;
+            tracing::info!(kid = signer.kid(), "created the first token signing key");
+            keys = store::active_keys(&db).await?;
+        }
+        let signers: Vec<TokenSigner> = keys
+            .into_iter()
+            .filter_map(|(kid, seed, _)| Some(TokenSigner::from_seed(kid, seed.try_into().ok()?)))
+            .collect();
+        let signer = signers
+            .first()
+            .cloned()
+            .ok_or_else(|| AuthError::Hashing("no usable signing key".into()))?;
+        let jwks = signers.iter().map(TokenSigner::jwk).collect();
+        Ok(Arc::new(Self {
+            db,
+            settings,
+            hasher,
+            signer,
+            jwks,
+            relay,
+        }))
+    }
+
+    fn committed(&self) {
+        if let Some(relay) = &self.relay {
+            relay.wake();
+        }
+    }
+
+    /// The public keys of every token that may still be valid.
+    pub fn jwks(&self) -> Vec<Jwk> {
+        self.jwks.clone()
+    }
+
+    /// Creates a user.
+    pub async fn register(&self, email: &str, password: String, display_name: &str) -> Result<UserRow, AuthError> {
+        let email = email_of(email);
+        let policy = check_policy(&password, email.as_deref().unwrap_or_default());
+        let display_name = display_name.trim();
+        let mut violations = Vec::new();
+        if let Err(AuthError::Invalid(v)) = &email {
+            violations.extend(v.iter().cloned());
+        }
+        if let Err(AuthError::Invalid(v)) = policy {
+            violations.extend(v);
+        }
+        if display_name.chars().count() > 200 {
+            violations.push(plinth_runtime::error::FieldViolation::new(
+                "display_name",
+                "must be at most 200 characters",
+            ));
+        }
+        if !violations.is_empty() {
+            return Err(AuthError::Invalid(violations));
+        }
+        let email = email?;
+        let now = unix_now();
+        let user = UserRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            email,
+            password_hash: self.hasher.hash(password).await?,
+            display_name: display_name.to_owned(),
+            status: "active".into(),
+            roles: DEFAULT_ROLE.into(),
+            created_at: now,
+        };
+        let event = OutboxEvent::new(
+            "plinth.auth.user_registered",
+            &user.id,
+            &UserRegisteredEvent {
+                user_id: user.id.clone(),
+                email: user.email.clone(),
+                time: timestamp(now),
+            },
+        );
+        store::insert_user(&self.db, &user, &event).await?;
+        self.committed();
+        tracing::info!(user_id = %user.id, "user registered");
+        Ok(user)
+    }
+
+    /// Checks a password and opens a session. Unknown users, wrong passwords
+    /// and inactive users get the same error after the same amount of work.
+    pub async fn login(&self, email: &str, password: String) -> Result<LoginOutcome, AuthError> {
+        let email = email_of(email).map_err(|_| AuthError::BadCredentials)?;
+        if password.is_empty() || password.chars().count() > crate::password::MAX_PASSWORD_CHARS {
+            return Err(AuthError::field("password", "must be 1 to 1024 characters"));
+        }
+        let user = store::user_by_email(&self.db, &email).await?;
+        let matches = self
+            .hasher
+            .verify(password, user.as_ref().map(|u| u.password_hash.clone()))
+            .await?;
+        let now = unix_now();
+        let failure = match &user {
+            None => Some("UNKNOWN_USER"),
+            Some(_) if !matches => Some("BAD_PASSWORD"),
+            Some(u) if u.status != "active" => Some("USER_NOT_ACTIVE"),
+            Some(_) => None,
+        };
+        let (Some(user), None) = (user, failure) else {
+            let reason = failure.unwrap_or("BAD_PASSWORD");
+            let event = LoginFailedEvent {
+                email: email.clone(),
+                user_id: String::new(),
+                reason: reason.into(),
+                time: timestamp(now),
+            };
+            store::record(&self.db, &OutboxEvent::new("plinth.auth.login_failed", &email, &event)).await?;
+            self.committed();
+            tracing::info!(reason, "login failed");
+            return Err(AuthError::BadCredentials);
+        };
+        let session_id = uuid::Uuid::now_v7().to_string();
+        let refresh = new_refresh_token();
+        let refresh_ttl = secs(self.settings.refresh_ttl_secs);
+        let refresh_digest = digest(&refresh);
+        let session = NewSession {
+            id: &session_id,
+            user_id: &user.id,
+            now,
+            expires_at: now.saturating_add(refresh_ttl),
+            refresh_digest: &refresh_digest,
+        };
+        let event = LoginSucceededEvent {
+            user_id: user.id.clone(),
+            session_id: session_id.clone(),
+            time: timestamp(now),
+        };
+        store::create_session(
+            &self.db,
+            &session,
+            &OutboxEvent::new("plinth.auth.login_succeeded", &user.id, &event),
+        )
+        .await?;
+        self.committed();
+        let tokens = self.issue(&user, &session_id, refresh, refresh_ttl, now);
+        tracing::info!(user_id = %user.id, session_id = %session_id, "login succeeded");
+        Ok(LoginOutcome { tokens, user })
+    }
+
+    fn issue(&self, user: &UserRow, session_id: &str, refresh: String, refresh_ttl: i64, now: i64) -> TokenPair {
+        let ttl = secs(self.settings.access_ttl_secs);
+        let claims = Claims {
+            iss: self.settings.issuer.clone(),
+            sub: user.id.clone(),
+            aud: self.settings.audience.clone(),
+            exp: now.saturating_add(ttl),
+            iat: now,
+            nbf: now,
+            jti: uuid::Uuid::now_v7().to_string(),
+            sid: session_id.to_owned(),
+            roles: user.role_list(),
+        };
+        TokenPair {
+            access_token: self.signer.sign(&claims),
+            expires_in: ttl,
+            refresh_token: refresh,
+            refresh_expires_in: refresh_ttl,
+        }
+    }
+
+    fn revoked_event(reason: &'static str) -> impl Fn(&str, &str) -> OutboxEvent {
+        move |user_id, session_id| {
+            let event = SessionRevokedEvent {
+                user_id: user_id.to_owned(),
+                session_id: session_id.to_owned(),
+                reason: reason.into(),
+                time: timestamp(unix_now()),
+            };
+            OutboxEvent::new("plinth.auth.session_revoked", user_id, &event)
+        }
+    }
+
+    /// Rotates a refresh token. Reuse outside the grace window revokes the session.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<TokenPair, AuthError> {
+        if !refresh_token.starts_with(REFRESH_PREFIX) || refresh_token.len() > 128 {
+            return Err(AuthError::BadRefreshToken);
+        }
+        let next = new_refresh_token();
+        let now = unix_now();
+        let grace = secs(self.settings.refresh_grace_secs);
+        let rotation = store::rotate_refresh(
+            &self.db,
+            &digest(refresh_token),
+            &digest(&next),
+            now,
+            grace,
+            Self::revoked_event("REFRESH_TOKEN_REUSED"),
+        )
+        .await?;
+        match rotation {
+            Rotation::Rotated { session_id, user_id } => {
+                let user = store::user_by_id(&self.db, &user_id)
+                    .await?
+                    .ok_or(AuthError::BadRefreshToken)?;
+                if user.status != "active" {
+                    return Err(AuthError::BadRefreshToken);
+                }
+                let refresh_ttl = secs(self.settings.refresh_ttl_secs);
+                Ok(self.issue(&user, &session_id, next, refresh_ttl, now))
+            }
+            Rotation::Reused { session_id, user_id } => {
+                self.committed();
+                tracing::warn!(user_id = %user_id, session_id = %session_id, "refresh token reused, session revoked");
+                Err(AuthError::RefreshReused)
+            }
+        }
+    }
+
+    /// Ends the session of `refresh_token`. Ending an already ended session succeeds.
+    pub async fn logout(&self, refresh_token: &str) -> Result<(), AuthError> {
+        if refresh_token.is_empty() {
+            return Err(AuthError::field("refresh_token", "is required"));
+        }
+        let ended = store::revoke_session_of(
+            &self.db,
+            &digest(refresh_token),
+            unix_now(),
+            Self::revoked_event("LOGOUT"),
+        )
+        .await?;
+        if ended.is_some() {
+            self.committed();
+        }
+        Ok(())
+    }
+
+    /// The user with `id`.
+    pub async fn user(&self, id: &str) -> Result<UserRow, AuthError> {
+        store::user_by_id(&self.db, id).await?.ok_or(AuthError::UserNotFound)
+    }
+}
+
+#[async_trait::async_trait]
+impl plinth_runtime::auth::JwksSource for Auth {
+    async fn fetch(&self) -> Result<Vec<Jwk>, String> {
+        Ok(self.jwks())
+    }
+}

@@ -1,0 +1,252 @@
+//! SQL for the auth service, one text per statement for both backends
+//! (`$n` placeholders work on SQLite and PostgreSQL). Each function is one
+//! transaction that writes what it is given, including its outbox event.
+
+use plinth_runtime::events::outbox::OutboxEvent;
+use plinth_runtime::on_db;
+use plinth_runtime::storage::Db;
+
+use crate::AuthError;
+
+/// A stored user.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserRow {
+    pub id: String,
+    pub email: String,
+    pub password_hash: String,
+    pub display_name: String,
+    pub status: String,
+    pub roles: String,
+    pub created_at: i64,
+}
+
+impl UserRow {
+    pub fn role_list(&self) -> Vec<String> {
+        self.roles
+            .split(',')
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+const USER_COLUMNS: &str = "id, email, password_hash, display_name, status, roles, created_at";
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+/// Inserts `user` with its event; `EmailTaken` when the email exists.
+pub async fn insert_user(db: &Db, user: &UserRow, event: &OutboxEvent) -> Result<(), AuthError> {
+    let result: Result<(), sqlx::Error> = on_db!(db, |pool| async {
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO users (id, email, password_hash, display_name, status, roles, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+        )
+        .bind(&user.id)
+        .bind(&user.email)
+        .bind(&user.password_hash)
+        .bind(&user.display_name)
+        .bind(&user.status)
+        .bind(&user.roles)
+        .bind(user.created_at)
+        .execute(&mut *tx)
+        .await?;
+        event
+            .write(&mut *tx)
+            .await
+            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        tx.commit().await
+    }
+    .await);
+    match result {
+        Err(e) if is_unique_violation(&e) => Err(AuthError::EmailTaken),
+        other => Ok(other?),
+    }
+}
+
+pub async fn user_by_email(db: &Db, email: &str) -> Result<Option<UserRow>, AuthError> {
+    let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE email = $1");
+    Ok(on_db!(db, |pool| sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(email)
+        .fetch_optional(pool)
+        .await)?)
+}
+
+pub async fn user_by_id(db: &Db, id: &str) -> Result<Option<UserRow>, AuthError> {
+    let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
+    Ok(on_db!(db, |pool| sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(pool)
+        .await)?)
+}
+
+/// Writes an event alone (e.g. a failed login, which changes no row).
+pub async fn record(db: &Db, event: &OutboxEvent) -> Result<(), AuthError> {
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin().await?;
+        event.write(&mut *tx).await?;
+        tx.commit().await?;
+        Ok::<(), AuthError>(())
+    }
+    .await)
+}
+
+/// A new session.
+pub struct NewSession<'a> {
+    pub id: &'a str,
+    pub user_id: &'a str,
+    pub now: i64,
+    pub expires_at: i64,
+    pub refresh_digest: &'a str,
+}
+
+/// Opens a session with its first refresh token.
+pub async fn create_session(db: &Db, s: &NewSession<'_>, event: &OutboxEvent) -> Result<(), AuthError> {
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin().await?;
+        sqlx::query("INSERT INTO sessions (id, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(s.id)
+            .bind(s.user_id)
+            .bind(s.now)
+            .bind(s.expires_at)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO refresh_tokens (digest, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(s.refresh_digest)
+            .bind(s.id)
+            .bind(s.now)
+            .bind(s.expires_at)
+            .execute(&mut *tx)
+            .await?;
+        event.write(&mut *tx).await?;
+        tx.commit().await?;
+        Ok::<(), AuthError>(())
+    }
+    .await)
+}
+
+/// A presented refresh token and its session: (session id, token expiry,
+/// used at, user id, session revoked at, session expiry).
+type PresentedToken = (String, i64, Option<i64>, String, Option<i64>, i64);
+
+/// What presenting a refresh token led to.
+pub enum Rotation {
+    /// A new token was stored for the session of `user_id`.
+    Rotated { session_id: String, user_id: String },
+    /// The token was used before, outside the grace window: the session is now revoked.
+    Reused { session_id: String, user_id: String },
+}
+
+/// Uses up the token with `digest` and stores `next_digest` in its session.
+/// A token used within `grace_secs` yields a sibling instead (concurrent
+/// tabs); used earlier than that, it revokes the session and writes `revoked`.
+pub async fn rotate_refresh(
+    db: &Db,
+    digest: &str,
+    next_digest: &str,
+    now: i64,
+    grace_secs: i64,
+    revoked: impl Fn(&str, &str) -> OutboxEvent,
+) -> Result<Rotation, AuthError> {
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin().await?;
+        // Write first: it takes the write lock before anything is read, so two
+        // presentations of one token serialise here on both backends.
+        let claimed = sqlx::query("UPDATE refresh_tokens SET used_at = $2 WHERE digest = $1 AND used_at IS NULL")
+            .bind(digest)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let row: Option<PresentedToken> = sqlx::query_as(
+            "SELECT r.session_id, r.expires_at, r.used_at, s.user_id, s.revoked_at, s.expires_at \
+             FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id WHERE r.digest = $1",
+        )
+        .bind(digest)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((session_id, expires_at, used_at, user_id, revoked_at, session_expires)) = row else {
+            return Err(AuthError::BadRefreshToken);
+        };
+        if revoked_at.is_some() || expires_at <= now || session_expires <= now {
+            return Err(AuthError::BadRefreshToken);
+        }
+        let within_grace = used_at.is_some_and(|used| now - used <= grace_secs);
+        if claimed == 1 || within_grace {
+            sqlx::query(
+                "INSERT INTO refresh_tokens (digest, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(next_digest)
+            .bind(&session_id)
+            .bind(now)
+            .bind(session_expires)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(Rotation::Rotated { session_id, user_id });
+        }
+        sqlx::query("UPDATE sessions SET revoked_at = $2, revoke_reason = 'REFRESH_TOKEN_REUSED' WHERE id = $1")
+            .bind(&session_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        revoked(&user_id, &session_id).write(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Rotation::Reused { session_id, user_id })
+    }
+    .await)
+}
+
+/// Ends the session that `digest` belongs to; returns (session, user) when it was open.
+pub async fn revoke_session_of(
+    db: &Db,
+    digest: &str,
+    now: i64,
+    revoked: impl Fn(&str, &str) -> OutboxEvent,
+) -> Result<Option<(String, String)>, AuthError> {
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin().await?;
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT s.id, s.user_id FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id \
+             WHERE r.digest = $1 AND s.revoked_at IS NULL",
+        )
+        .bind(digest)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((session_id, user_id)) = row else {
+            return Ok(None);
+        };
+        sqlx::query(
+            "UPDATE sessions SET revoked_at = $2, revoke_reason = 'LOGOUT' WHERE id = $1 AND revoked_at IS NULL",
+        )
+        .bind(&session_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        revoked(&user_id, &session_id).write(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Some((session_id, user_id)))
+    }
+    .await)
+}
+
+/// Signing key seeds not retired, newest first.
+pub async fn active_keys(db: &Db) -> Result<Vec<(String, Vec<u8>, i64)>, AuthError> {
+    let sql =
+        "SELECT kid, seed, created_at FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC, kid DESC";
+    Ok(on_db!(db, |pool| sqlx::query_as(sql).fetch_all(pool).await)?)
+}
+
+pub async fn insert_key(db: &Db, kid: &str, seed: &[u8], now: i64) -> Result<(), AuthError> {
+    let sql = "INSERT INTO signing_keys (kid, seed, created_at) VALUES ($1, $2, $3)";
+    on_db!(db, |pool| sqlx::query(sql)
+        .bind(kid)
+        .bind(seed)
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(drop))?;
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! The shared auth layer: every service verifies access tokens locally
+//! against the auth service's JWKS (cached, refreshed on an unknown `kid` at
+//! most once per interval) and enforces the permission its contract declares
+//! for each RPC. Identities, sessions and token issuance are the auth
+//! service's; only verification and enforcement live here.
+
+pub mod jwt;
+mod layer;
+mod policy;
+
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use plinth::auth::v1::Jwk;
+
+pub use layer::{AuthLayer, AuthService};
+pub use policy::{Access, PermissionMap, RolePolicy, UNAUTHENTICATED_METHODS};
+
+use crate::error::{ErrorCode, ServiceError};
+use jwt::{Claims, Expectations, KeySet, TokenError};
+
+/// Where the public keys come from: the auth service in this process, or its
+/// `GetJwks` over gRPC.
+#[async_trait::async_trait]
+pub trait JwksSource: Send + Sync {
+    /// The current key set.
+    async fn fetch(&self) -> Result<Vec<Jwk>, String>;
+}
+
+/// The verified caller of an RPC, in request extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// User or service account id.
+    pub subject: String,
+    /// Roles from the token.
+    pub roles: Vec<String>,
+    /// Session (refresh-token family) the token belongs to.
+    pub session: String,
+    /// The token's id.
+    pub token_id: String,
+}
+
+impl From<Claims> for Principal {
+    fn from(c: Claims) -> Self {
+        Self {
+            subject: c.sub,
+            roles: c.roles,
+            session: c.sid,
+            token_id: c.jti,
+        }
+    }
+}
+
+/// Why a call was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No credentials where some are required.
+    #[error("authentication required")]
+    Missing,
+    /// Credentials that do not verify (details are logged, not returned).
+    #[error("invalid or expired credentials")]
+    Invalid(#[source] TokenError),
+    /// Valid credentials without the permission.
+    #[error("permission `{0}` required")]
+    Denied(String),
+    /// The RPC declares no permission and is not on the allowlist.
+    #[error("this method is not exposed")]
+    NotExposed,
+    /// The key set cannot be fetched and the token's key is unknown.
+    #[error("token keys unavailable")]
+    KeysUnavailable(String),
+}
+
+impl ServiceError for AuthError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            AuthError::Missing | AuthError::Invalid(_) => ErrorCode::Unauthenticated,
+            AuthError::Denied(_) | AuthError::NotExposed => ErrorCode::PermissionDenied,
+            AuthError::KeysUnavailable(_) => ErrorCode::Unavailable,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "CREDENTIALS_MISSING",
+            AuthError::Invalid(_) => "CREDENTIALS_INVALID",
+            AuthError::Denied(_) => "PERMISSION_DENIED",
+            AuthError::NotExposed => "METHOD_NOT_EXPOSED",
+            AuthError::KeysUnavailable(_) => "KEYS_UNAVAILABLE",
+        }
+    }
+}
+
+/// Verifies access tokens against a cached JWKS.
+pub struct Authenticator {
+    source: Arc<dyn JwksSource>,
+    keys: RwLock<Arc<KeySet>>,
+    last_fetch: Mutex<Option<Instant>>,
+    refresh_interval: Duration,
+    expect: Expectations,
+}
+
+impl Authenticator {
+    /// Verifies tokens for `issuer`/`audience`, fetching keys from `source`
+    /// no more often than every `refresh_interval` on unknown key ids.
+    pub fn new(source: Arc<dyn JwksSource>, issuer: &str, audience: &str, refresh_interval: Duration) -> Self {
+        Self {
+            source,
+            keys: RwLock::new(Arc::new(KeySet::default())),
+            last_fetch: Mutex::new(None),
+            refresh_interval,
+            expect: Expectations {
+                issuer: issuer.to_owned(),
+                audience: audience.to_owned(),
+                leeway_secs: 30,
+            },
+        }
+    }
+
+    fn current(&self) -> Arc<KeySet> {
+        self.keys.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Fetches the key set unless it was fetched within the refresh interval.
+    async fn refresh(&self) -> Result<bool, String> {
+        {
+            let mut last = self.last_fetch.lock().unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < self.refresh_interval) {
+                return Ok(false);
+            }
+            *last = Some(Instant::now());
+        }
+        let jwks = self.source.fetch().await?;
+        let set = KeySet::from_jwks(&jwks);
+        tracing::debug!(keys = set.len(), "token keys refreshed");
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+        Ok(true)
+    }
+
+    /// Verifies `token` now.
+    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let now = unix_now();
+        match jwt::verify(token, &self.current(), &self.expect, now) {
+            Err(TokenError::UnknownKey(kid)) => {
+                // A new key was published (rotation) or we never fetched: fetch once.
+                match self.refresh().await {
+                    Ok(true) => jwt::verify(token, &self.current(), &self.expect, now).map_err(AuthError::Invalid),
+                    Ok(false) => Err(AuthError::Invalid(TokenError::UnknownKey(kid))),
+                    Err(e) => Err(AuthError::KeysUnavailable(e)),
+                }
+            }
+            other => other.map_err(AuthError::Invalid),
+        }
+    }
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Fetches the key set from the auth service's `GetJwks` over gRPC, for
+/// processes that do not run the auth component.
+pub struct GrpcJwksSource {
+    client: plinth::auth::v1::auth_service_client::AuthServiceClient<tonic::transport::Channel>,
+}
+
+impl GrpcJwksSource {
+    /// Dials `url` (e.g. `http://auth:50051`) lazily, on first fetch.
+    pub fn new(url: &str) -> Result<Self, String> {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| format!("PLINTH_AUTH__URL: {e}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(5))
+            .connect_lazy();
+        Ok(Self {
+            client: plinth::auth::v1::auth_service_client::AuthServiceClient::new(channel),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl JwksSource for GrpcJwksSource {
+    async fn fetch(&self) -> Result<Vec<Jwk>, String> {
+        let mut client = self.client.clone();
+        let resp = client
+            .get_jwks(plinth::auth::v1::GetJwksRequest {})
+            .await
+            .map_err(|e| e.message().to_owned())?;
+        Ok(resp.into_inner().keys)
+    }
+}

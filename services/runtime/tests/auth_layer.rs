@@ -1,0 +1,161 @@
+//! The shared auth layer in front of a service: deny by default, bearer
+//! tokens verified against the JWKS (refetched once on an unknown key, no
+//! more often than the interval), and the contract's permission enforced
+//! through the roles in the token.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use plinth::auth::v1::Jwk;
+use plinth_runtime::auth::jwt::{Claims, TokenSigner};
+use plinth_runtime::auth::{
+    Access, AuthLayer, Authenticator, JwksSource, PermissionMap, Principal, RolePolicy, unix_now,
+};
+use tower::{Layer, Service, ServiceExt};
+
+/// A key set that can change, counting fetches.
+struct Keys {
+    jwks: Mutex<Vec<Jwk>>,
+    fetches: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl JwksSource for Keys {
+    async fn fetch(&self) -> Result<Vec<Jwk>, String> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        Ok(self.jwks.lock().unwrap().clone())
+    }
+}
+
+fn token(signer: &TokenSigner, roles: &[&str]) -> String {
+    let now = unix_now();
+    signer.sign(&Claims {
+        iss: "plinth".into(),
+        sub: "user-1".into(),
+        aud: "plinth".into(),
+        exp: now + 60,
+        iat: now,
+        nbf: now,
+        jti: "t1".into(),
+        sid: "s1".into(),
+        roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+    })
+}
+
+/// Calls `path` through the layer; returns the gRPC code (0 = reached the service) and the principal seen.
+async fn call(layer: &AuthLayer, path: &str, bearer: Option<&str>) -> (i32, Option<Principal>) {
+    let seen = Arc::new(Mutex::new(None));
+    let seen2 = seen.clone();
+    let inner = tower::service_fn(move |req: http::Request<()>| {
+        let seen = seen2.clone();
+        async move {
+            *seen.lock().unwrap() = req.extensions().get::<Principal>().cloned();
+            Ok::<_, Infallible>(http::Response::new(String::new()))
+        }
+    });
+    let mut svc = layer.layer(inner);
+    let mut req = http::Request::builder().uri(format!("http://x{path}"));
+    if let Some(t) = bearer {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = svc.ready().await.unwrap().call(req.body(()).unwrap()).await.unwrap();
+    let code = resp
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+        .unwrap_or(0);
+    let principal = seen.lock().unwrap().clone();
+    (code, principal)
+}
+
+const UNAUTHENTICATED: i32 = 16;
+const PERMISSION_DENIED: i32 = 7;
+
+fn setup(refresh_interval: Duration) -> (TokenSigner, Arc<Keys>, AuthLayer) {
+    let signer = TokenSigner::generate();
+    let keys = Arc::new(Keys {
+        jwks: Mutex::new(vec![signer.jwk()]),
+        fetches: AtomicUsize::new(0),
+    });
+    let authenticator = Arc::new(Authenticator::new(keys.clone(), "plinth", "plinth", refresh_interval));
+    let map = PermissionMap::from_entries([
+        ("/t.v1.T/Open".to_owned(), Access::Public),
+        ("/t.v1.T/Me".to_owned(), Access::Authenticated),
+        (
+            "/t.v1.T/Write".to_owned(),
+            Access::Permission("queue.messages.write".into()),
+        ),
+    ]);
+    (
+        signer,
+        keys,
+        AuthLayer::new(Some(authenticator), map, RolePolicy::default()),
+    )
+}
+
+#[tokio::test]
+async fn permissions_from_the_contract_are_enforced() {
+    let (signer, _, layer) = setup(Duration::from_secs(30));
+    let viewer = token(&signer, &["viewer"]);
+    let developer = token(&signer, &["developer"]);
+
+    assert_eq!(call(&layer, "/t.v1.T/Open", None).await.0, 0);
+    assert_eq!(call(&layer, "/t.v1.T/Me", None).await.0, UNAUTHENTICATED);
+    let (code, principal) = call(&layer, "/t.v1.T/Me", Some(&viewer)).await;
+    assert_eq!((code, principal.map(|p| p.subject)), (0, Some("user-1".to_owned())));
+    assert_eq!(call(&layer, "/t.v1.T/Write", None).await.0, UNAUTHENTICATED);
+    assert_eq!(call(&layer, "/t.v1.T/Write", Some(&viewer)).await.0, PERMISSION_DENIED);
+    assert_eq!(call(&layer, "/t.v1.T/Write", Some(&developer)).await.0, 0);
+    // A method the contract does not expose is refused even to an admin.
+    assert_eq!(
+        call(&layer, "/t.v1.T/Secret", Some(&token(&signer, &["admin"])))
+            .await
+            .0,
+        PERMISSION_DENIED
+    );
+    // The runtime's own endpoints need nothing.
+    assert_eq!(call(&layer, "/grpc.health.v1.Health/Check", None).await.0, 0);
+    // A bad token on a public method is still an error, not an anonymous call.
+    assert_eq!(call(&layer, "/t.v1.T/Open", Some("garbage")).await.0, UNAUTHENTICATED);
+}
+
+#[tokio::test]
+async fn a_rotated_key_is_fetched_once_and_unknown_keys_do_not_stampede() {
+    let (signer, keys, layer) = setup(Duration::from_secs(3600));
+    assert_eq!(call(&layer, "/t.v1.T/Me", Some(&token(&signer, &[]))).await.0, 0);
+    assert_eq!(
+        keys.fetches.load(Ordering::SeqCst),
+        1,
+        "the first unknown kid fetches the key set"
+    );
+    assert_eq!(call(&layer, "/t.v1.T/Me", Some(&token(&signer, &[]))).await.0, 0);
+    assert_eq!(
+        keys.fetches.load(Ordering::SeqCst),
+        1,
+        "known keys are served from the cache"
+    );
+
+    // Tokens signed by a key nobody published are refused without refetching each time.
+    let stranger = TokenSigner::generate();
+    for _ in 0..5 {
+        assert_eq!(
+            call(&layer, "/t.v1.T/Me", Some(&token(&stranger, &[]))).await.0,
+            UNAUTHENTICATED
+        );
+    }
+    assert_eq!(keys.fetches.load(Ordering::SeqCst), 1, "refetching is rate-limited");
+
+    let (signer2, keys2, layer2) = setup(Duration::ZERO);
+    assert_eq!(call(&layer2, "/t.v1.T/Me", Some(&token(&signer2, &[]))).await.0, 0);
+    let rotated = TokenSigner::generate();
+    keys2.jwks.lock().unwrap().push(rotated.jwk());
+    assert_eq!(
+        call(&layer2, "/t.v1.T/Me", Some(&token(&rotated, &[]))).await.0,
+        0,
+        "a newly published key is picked up"
+    );
+}

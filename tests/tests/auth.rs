@@ -1,0 +1,232 @@
+//! The auth service through gRPC, on SQLite and on PostgreSQL: registration
+//! and its validation, login without user enumeration, tokens that every
+//! service can verify from the published keys, refresh rotation with a grace
+//! window for concurrent tabs and family revocation on reuse, and logout.
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers fail the test loudly"
+)]
+
+use std::time::Duration;
+
+use plinth::auth::v1::auth_service_client::AuthServiceClient;
+use plinth::auth::v1::{GetJwksRequest, GetMeRequest, LoginRequest, LogoutRequest, RefreshRequest, RegisterRequest};
+use plinth_runtime::auth::jwt::{Expectations, KeySet, verify};
+use plinth_runtime::auth::unix_now;
+use plinth_runtime::config::Config;
+use plinth_runtime::testing::{Backend, backend_url};
+use plinth_tests::TestApp;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+
+const PASSWORD: &str = "violet staircase under rain";
+
+fn email() -> String {
+    format!("user-{}@Example.com", plinth_tests::unique())
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}
+
+async fn login(
+    client: &mut AuthServiceClient<Channel>,
+    email: &str,
+    password: &str,
+) -> Result<(String, String), tonic::Status> {
+    let resp = client
+        .login(LoginRequest {
+            email: email.into(),
+            password: password.into(),
+        })
+        .await?
+        .into_inner();
+    let tokens = resp.tokens.unwrap();
+    Ok((tokens.access_token, tokens.refresh_token))
+}
+
+async fn refresh(client: &mut AuthServiceClient<Channel>, token: &str) -> Result<String, tonic::Status> {
+    let resp = client
+        .refresh(RefreshRequest {
+            refresh_token: token.into(),
+        })
+        .await?
+        .into_inner();
+    Ok(resp.tokens.unwrap().refresh_token)
+}
+
+fn bearer<T>(message: T, token: &str) -> Request<T> {
+    let mut req = Request::new(message);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+async fn auth_contract(mut config: Config) {
+    config.auth.refresh_grace_secs = 1;
+    let app = TestApp::spawn(config).await.unwrap();
+    let mut client = app.auth().await.unwrap();
+
+    // Bad input names every bad field and creates nothing.
+    let err = client
+        .register(RegisterRequest {
+            email: "not-an-email".into(),
+            password: "short".into(),
+            display_name: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let fields: Vec<String> = err
+        .get_error_details()
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(fields, vec!["email", "password"]);
+
+    let email = email();
+    let user = client
+        .register(RegisterRequest {
+            email: email.clone(),
+            password: PASSWORD.into(),
+            display_name: "Ada".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(user.email, email.to_lowercase(), "emails are case-normalised");
+    let dup = client
+        .register(RegisterRequest {
+            email: email.to_uppercase(),
+            password: PASSWORD.into(),
+            display_name: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (dup.code(), reason(&dup).as_str()),
+        (Code::AlreadyExists, "EMAIL_TAKEN")
+    );
+
+    // Wrong password and unknown user look the same.
+    let wrong = login(&mut client, &email, "not the password at all").await.unwrap_err();
+    let unknown = login(&mut client, "nobody-here@example.com", PASSWORD)
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    assert_eq!(
+        (wrong.code(), wrong.message(), reason(&wrong)),
+        (unknown.code(), unknown.message(), reason(&unknown))
+    );
+
+    // A login's access token verifies against the published keys and opens GetMe.
+    let (access, refresh1) = login(&mut client, &email.to_uppercase(), PASSWORD).await.unwrap();
+    let jwks = client.get_jwks(GetJwksRequest {}).await.unwrap().into_inner().keys;
+    let expect = Expectations {
+        issuer: "plinth".into(),
+        audience: "plinth".into(),
+        leeway_secs: 0,
+    };
+    let claims = verify(&access, &KeySet::from_jwks(&jwks), &expect, unix_now()).unwrap();
+    assert_eq!(claims.sub, user.id);
+    assert_eq!(claims.roles, vec!["viewer"]);
+    let me = client
+        .get_me(bearer(GetMeRequest {}, &access))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(me.id, user.id);
+    let anonymous = client.get_me(GetMeRequest {}).await.unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    let mut forged = access.clone();
+    forged.insert(forged.len() - 3, if forged.ends_with('A') { 'B' } else { 'A' });
+    assert_eq!(
+        client
+            .get_me(bearer(GetMeRequest {}, &forged))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+
+    // Rotation: the used token still works within the grace window (two tabs)…
+    let refresh2 = refresh(&mut client, &refresh1).await.unwrap();
+    assert_ne!(refresh2, refresh1);
+    let sibling = refresh(&mut client, &refresh1).await.unwrap();
+    // …and parallel refreshes of one token all succeed without logging anyone out.
+    let mut racers = Vec::new();
+    for _ in 0..4 {
+        let mut c = client.clone();
+        let t = refresh2.clone();
+        racers.push(async move { refresh(&mut c, &t).await });
+    }
+    for r in futures::future::join_all(racers).await {
+        r.expect("concurrent refresh within the grace window must not fail");
+    }
+
+    // Outside the window, reuse revokes the whole family.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let reused = refresh(&mut client, &refresh1).await.unwrap_err();
+    assert_eq!(
+        (reused.code(), reason(&reused).as_str()),
+        (Code::Unauthenticated, "REFRESH_TOKEN_REUSED")
+    );
+    let family = refresh(&mut client, &sibling).await.unwrap_err();
+    assert_eq!(
+        reason(&family),
+        "BAD_REFRESH_TOKEN",
+        "every token of a revoked session is dead"
+    );
+
+    // Logout ends a fresh session.
+    let (_, refresh_a) = login(&mut client, &email, PASSWORD).await.unwrap();
+    client
+        .logout(LogoutRequest {
+            refresh_token: refresh_a.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        reason(&refresh(&mut client, &refresh_a).await.unwrap_err()),
+        "BAD_REFRESH_TOKEN"
+    );
+    assert_eq!(
+        client
+            .refresh(RefreshRequest {
+                refresh_token: String::new()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn auth_on_sqlite() {
+    auth_contract(TestApp::config()).await;
+}
+
+#[tokio::test]
+async fn auth_on_postgres() {
+    let Some(url) = backend_url(Backend::Postgres, "auth_on_postgres").unwrap() else {
+        return;
+    };
+    auth_contract(TestApp::config_on(Some(&url))).await;
+}
