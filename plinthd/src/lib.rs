@@ -55,9 +55,13 @@ impl Plinth {
         };
         let state: SharedStateRef = match &cfg.redis_url {
             Some(url) => Arc::new(
-                RedisState::connect(url, "plinth:", Duration::from_secs(cfg.storage.connect_retry_secs))
-                    .await
-                    .context("while connecting to PLINTH_REDIS_URL")?,
+                RedisState::connect(
+                    url,
+                    &cfg.redis_key_prefix,
+                    Duration::from_secs(cfg.storage.connect_retry_secs),
+                )
+                .await
+                .context("while connecting to PLINTH_REDIS_URL")?,
             ),
             None => Arc::new(InProcessState::new()),
         };
@@ -92,7 +96,13 @@ impl Plinth {
                 );
                 tasks.spawn("outbox-relay", relay.clone().run(tasks.token()));
                 if component == Component::Auth {
-                    let auth = plinth_auth::Auth::new(db.clone(), cfg.auth.clone(), Some(relay)).await?;
+                    let auth = plinth_auth::Auth::new(
+                        db.clone(),
+                        cfg.auth.clone(),
+                        plinth_auth::LoginThrottle::new(state.clone(), plinth_auth::Limits::default()),
+                        Some(relay),
+                    )
+                    .await?;
                     builder = builder.add_service(
                         AuthServiceServer::new(plinth_auth::AuthGrpc::new(auth.clone())),
                         plinth::FILE_DESCRIPTOR_SET,

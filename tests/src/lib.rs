@@ -46,6 +46,8 @@ impl TestApp {
                 ..LogConfig::default()
             },
             shutdown_grace_secs: 5,
+            // Tests share the machine's Redis; keep each app's keys apart.
+            redis_key_prefix: format!("plinth-test-{}:", unique()),
             ..Config::default()
         }
     }

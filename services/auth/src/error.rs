@@ -28,6 +28,15 @@ pub enum AuthError {
     /// No authenticated caller where one is needed.
     #[error("authentication required")]
     Unauthenticated,
+    /// Too many login attempts for this account or address.
+    #[error("too many login attempts, retry in {} s", retry_after.as_secs())]
+    LoginThrottled {
+        /// When the lockout ends.
+        retry_after: std::time::Duration,
+    },
+    /// Shared state (Redis) is unreachable, so attempts cannot be counted.
+    #[error("login throttling unavailable: {0}")]
+    StateUnavailable(String),
     /// Storage failed.
     #[error("storage failed")]
     Storage(#[from] StorageError),
@@ -59,6 +68,8 @@ impl ServiceError for AuthError {
             AuthError::Unauthenticated => ErrorCode::Unauthenticated,
             AuthError::EmailTaken => ErrorCode::AlreadyExists,
             AuthError::UserNotFound => ErrorCode::NotFound,
+            AuthError::LoginThrottled { .. } => ErrorCode::ResourceExhausted,
+            AuthError::StateUnavailable(_) => ErrorCode::Unavailable,
             AuthError::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
             AuthError::Storage(_) | AuthError::Hashing(_) => ErrorCode::Internal,
         }
@@ -73,8 +84,17 @@ impl ServiceError for AuthError {
             AuthError::EmailTaken => "EMAIL_TAKEN",
             AuthError::UserNotFound => "USER_NOT_FOUND",
             AuthError::Unauthenticated => "CREDENTIALS_MISSING",
+            AuthError::LoginThrottled { .. } => "LOGIN_THROTTLED",
+            AuthError::StateUnavailable(_) => "STATE_UNAVAILABLE",
             AuthError::Storage(_) => "STORAGE_FAILED",
             AuthError::Hashing(_) => "HASHING_FAILED",
+        }
+    }
+
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            AuthError::LoginThrottled { retry_after } => Some(*retry_after),
+            _ => None,
         }
     }
 

@@ -77,8 +77,15 @@ impl AuthService for AuthGrpc {
     }
 
     async fn login(&self, request: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
+        // The peer address; behind the gateway, the client address it forwards
+        // will be used once the gateway can vouch for it.
+        let address = request.remote_addr().map(|a| a.ip().to_string());
         let r = request.into_inner();
-        let out = self.auth.login(&r.email, r.password).await.map_err(status)?;
+        let out = self
+            .auth
+            .login(&r.email, r.password, address.as_deref())
+            .await
+            .map_err(status)?;
         Ok(Response::new(LoginResponse {
             tokens: Some(tokens_pb(out.tokens)),
             user: Some(user_pb(&out.user)),

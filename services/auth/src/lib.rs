@@ -8,6 +8,7 @@ mod grpc;
 mod password;
 mod service;
 mod store;
+mod throttle;
 
 use plinth_runtime::storage::Migrations;
 use sqlx::migrate::Migrator;
@@ -16,6 +17,7 @@ pub use error::AuthError;
 pub use grpc::AuthGrpc;
 pub use password::PasswordHasher;
 pub use service::{Auth, LoginOutcome, TokenPair};
+pub use throttle::{Limits, LoginThrottle};
 
 static SQLITE: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES: Migrator = sqlx::migrate!("./migrations/postgres");

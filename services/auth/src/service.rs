@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use plinth::auth::v1::{Jwk, LoginFailedEvent, LoginSucceededEvent, SessionRevokedEvent, UserRegisteredEvent};
+use plinth::auth::v1::{
+    Jwk, LockoutEvent, LoginFailedEvent, LoginSucceededEvent, SessionRevokedEvent, UserRegisteredEvent,
+};
 use plinth_runtime::auth::jwt::{Claims, TokenSigner};
 use plinth_runtime::auth::unix_now;
 use plinth_runtime::config::AuthSettings;
@@ -17,6 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::AuthError;
 use crate::password::{PasswordHasher, check_policy};
 use crate::store::{self, NewSession, Rotation, UserRow};
+use crate::throttle::LoginThrottle;
 
 /// Refresh tokens start with this, so leaked ones are recognisable in scanners and logs.
 const REFRESH_PREFIX: &str = "plr_";
@@ -53,6 +56,7 @@ pub struct Auth {
     signer: TokenSigner,
     jwks: Vec<Jwk>,
     relay: Option<Relay>,
+    throttle: LoginThrottle,
 }
 
 fn email_of(raw: &str) -> Result<String, AuthError> {
@@ -94,7 +98,12 @@ fn secs(v: u64) -> i64 {
 
 impl Auth {
     /// Loads (or creates, on first start) the signing key and returns the service.
-    pub async fn new(db: Db, settings: AuthSettings, relay: Option<Relay>) -> Result<Arc<Self>, AuthError> {
+    pub async fn new(
+        db: Db,
+        settings: AuthSettings,
+        throttle: LoginThrottle,
+        relay: Option<Relay>,
+    ) -> Result<Arc<Self>, AuthError> {
         let hasher = PasswordHasher::new(settings.hash_concurrency as usize)?;
         let mut keys = store::active_keys(&db).await?;
         if keys.is_empty() {
@@ -119,6 +128,7 @@ impl Auth {
             signer,
             jwks,
             relay,
+            throttle,
         }))
     }
 
@@ -182,10 +192,23 @@ impl Auth {
 
     /// Checks a password and opens a session. Unknown users, wrong passwords
     /// and inactive users get the same error after the same amount of work.
-    pub async fn login(&self, email: &str, password: String) -> Result<LoginOutcome, AuthError> {
+    pub async fn login(&self, email: &str, password: String, address: Option<&str>) -> Result<LoginOutcome, AuthError> {
         let email = email_of(email).map_err(|_| AuthError::BadCredentials)?;
         if password.is_empty() || password.chars().count() > crate::password::MAX_PASSWORD_CHARS {
             return Err(AuthError::field("password", "must be 1 to 1024 characters"));
+        }
+        if let Err((error, lockout)) = self.throttle.reserve(&email, address).await {
+            if let Some(lockout) = lockout {
+                let event = LockoutEvent {
+                    email: email.clone(),
+                    scope: lockout.scope.into(),
+                    duration_secs: i64::try_from(lockout.duration.as_secs()).unwrap_or(i64::MAX),
+                    time: timestamp(unix_now()),
+                };
+                store::record(&self.db, &OutboxEvent::new("plinth.auth.lockout", &email, &event)).await?;
+                self.committed();
+            }
+            return Err(error);
         }
         let user = store::user_by_email(&self.db, &email).await?;
         let matches = self
@@ -212,6 +235,7 @@ impl Auth {
             tracing::info!(reason, "login failed");
             return Err(AuthError::BadCredentials);
         };
+        self.throttle.succeeded(&email).await;
         let session_id = uuid::Uuid::now_v7().to_string();
         let refresh = new_refresh_token();
         let refresh_ttl = secs(self.settings.refresh_ttl_secs);

@@ -44,6 +44,8 @@ pub struct Config {
     /// Redis URL; in-process state when unset (`PLINTH_REDIS_URL`).
     #[serde(serialize_with = "redact_opt")]
     pub redis_url: Option<SecretString>,
+    /// Prefix of every Redis key Plinth writes, to share one Redis (`PLINTH_REDIS_KEY_PREFIX`).
+    pub redis_key_prefix: String,
     /// OTLP/gRPC endpoint for traces (`OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub otlp_endpoint: Option<String>,
     /// Logging (`PLINTH_LOG__*`).
@@ -70,6 +72,7 @@ impl Default for Config {
             database_url: None,
             nats_url: None,
             redis_url: None,
+            redis_key_prefix: "plinth:".into(),
             otlp_endpoint: None,
             log: LogConfig::default(),
             storage: StorageConfig::default(),
@@ -423,6 +426,7 @@ fn is_string_key(key: &str) -> bool {
         key,
         "only"
             | "auth.url"
+            | "redis_key_prefix"
             | "auth.issuer"
             | "auth.audience"
             | "storage.schema_prefix"

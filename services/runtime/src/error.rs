@@ -93,6 +93,10 @@ pub trait ServiceError: std::error::Error {
     fn metadata(&self) -> HashMap<String, String> {
         HashMap::new()
     }
+    /// When to retry, for throttling and temporary unavailability (`RetryInfo`).
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Converts a service error into the status sent to the caller.
@@ -115,6 +119,9 @@ pub fn to_status<E: ServiceError>(err: &E) -> Status {
     let mut details = ErrorDetails::with_error_info(err.reason(), ERROR_DOMAIN, err.metadata());
     for v in err.field_violations() {
         details.add_bad_request_violation(v.field, v.description);
+    }
+    if let Some(delay) = err.retry_after() {
+        details.set_retry_info(Some(delay));
     }
     Status::with_error_details(code.grpc_code(), message, details)
 }
