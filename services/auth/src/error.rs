@@ -37,6 +37,9 @@ pub enum AuthError {
     /// Shared state (Redis) is unreachable, so attempts cannot be counted.
     #[error("login throttling unavailable: {0}")]
     StateUnavailable(String),
+    /// Too many password checks are waiting; come back shortly.
+    #[error("too many sign-ins in progress, retry shortly")]
+    Busy,
     /// Storage failed.
     #[error("storage failed")]
     Storage(#[from] StorageError),
@@ -69,7 +72,7 @@ impl ServiceError for AuthError {
             AuthError::EmailTaken => ErrorCode::AlreadyExists,
             AuthError::UserNotFound => ErrorCode::NotFound,
             AuthError::LoginThrottled { .. } => ErrorCode::ResourceExhausted,
-            AuthError::StateUnavailable(_) => ErrorCode::Unavailable,
+            AuthError::StateUnavailable(_) | AuthError::Busy => ErrorCode::Unavailable,
             AuthError::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
             AuthError::Storage(_) | AuthError::Hashing(_) => ErrorCode::Internal,
         }
@@ -86,6 +89,7 @@ impl ServiceError for AuthError {
             AuthError::Unauthenticated => "CREDENTIALS_MISSING",
             AuthError::LoginThrottled { .. } => "LOGIN_THROTTLED",
             AuthError::StateUnavailable(_) => "STATE_UNAVAILABLE",
+            AuthError::Busy => "HASHING_BUSY",
             AuthError::Storage(_) => "STORAGE_FAILED",
             AuthError::Hashing(_) => "HASHING_FAILED",
         }
@@ -94,6 +98,7 @@ impl ServiceError for AuthError {
     fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
             AuthError::LoginThrottled { retry_after } => Some(*retry_after),
+            AuthError::Busy => Some(std::time::Duration::from_secs(1)),
             _ => None,
         }
     }

@@ -1,13 +1,16 @@
 //! Password hashing with argon2id at the OWASP floor (19 MiB, 2 passes, 1
-//! lane), run on a bounded number of blocking threads so a login storm waits
-//! in line instead of exhausting memory or starving the async runtime. Also
-//! the password policy.
+//! lane), on a fixed set of dedicated threads with a bounded queue, so a
+//! login storm waits in line (or is told to come back) instead of exhausting
+//! memory or starving the async runtime. A fixed set of threads also bounds
+//! the allocator arenas that keep freed 19 MiB blocks. Also the password
+//! policy.
 
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 use crate::AuthError;
 
@@ -48,18 +51,22 @@ const COMMON: &[&str] = &[
     "correcthorsebatterystaple",
 ];
 
-/// Hashes and verifies passwords on a bounded pool.
+/// Hashing requests that may wait for a thread; more are refused as busy.
+const QUEUE: usize = 1024;
+
+type Job = Box<dyn FnOnce(&Argon2<'static>) + Send>;
+
+/// Hashes and verifies passwords on a fixed pool of threads.
 #[derive(Clone)]
 pub struct PasswordHasher {
-    argon: Argon2<'static>,
-    permits: Arc<Semaphore>,
+    jobs: SyncSender<Job>,
     /// A real hash of a random password: unknown users are verified against
     /// it so they cost the same time as known ones.
     dummy: Arc<str>,
 }
 
 impl PasswordHasher {
-    /// A hasher running at most `concurrency` hashes at once.
+    /// A hasher with `concurrency` dedicated threads.
     pub fn new(concurrency: usize) -> Result<Self, AuthError> {
         let params = Params::new(19 * 1024, 2, 1, None).map_err(|e| AuthError::Hashing(e.to_string()))?;
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
@@ -69,9 +76,17 @@ impl PasswordHasher {
             .hash_password(&rand::random::<[u8; 16]>(), &salt)
             .map_err(|e| AuthError::Hashing(e.to_string()))?
             .to_string();
+        let (jobs, queue) = sync_channel::<Job>(QUEUE);
+        let queue = Arc::new(Mutex::new(queue));
+        for n in 0..concurrency.max(1) {
+            let (queue, argon) = (queue.clone(), argon.clone());
+            std::thread::Builder::new()
+                .name(format!("argon2-{n}"))
+                .spawn(move || worker(&queue, &argon))
+                .map_err(|e| AuthError::Hashing(e.to_string()))?;
+        }
         Ok(Self {
-            argon,
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            jobs,
             dummy: dummy.into(),
         })
     }
@@ -80,15 +95,16 @@ impl PasswordHasher {
         &self,
         work: impl FnOnce(&Argon2<'static>) -> T + Send + 'static,
     ) -> Result<T, AuthError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|e| AuthError::Hashing(e.to_string()))?;
-        let argon = self.argon.clone();
-        tokio::task::spawn_blocking(move || work(&argon))
-            .await
-            .map_err(|e| AuthError::Hashing(e.to_string()))
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |argon| {
+            let _ = tx.send(work(argon));
+        });
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(AuthError::Busy),
+            Err(TrySendError::Disconnected(_)) => return Err(AuthError::Hashing("hashing threads stopped".into())),
+        }
+        rx.await.map_err(|e| AuthError::Hashing(e.to_string()))
     }
 
     /// A PHC-format argon2id hash of `password` with a fresh salt.
@@ -115,6 +131,17 @@ impl PasswordHasher {
             .await?
             .map_err(|e| AuthError::Hashing(e.to_string()))?;
         Ok(ok && known)
+    }
+}
+
+/// Runs jobs until every sender is gone (the hasher was dropped).
+fn worker(queue: &Mutex<Receiver<Job>>, argon: &Argon2<'static>) {
+    loop {
+        let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        match job {
+            Ok(job) => job(argon),
+            Err(_) => return,
+        }
     }
 }
 

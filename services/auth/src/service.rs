@@ -235,7 +235,7 @@ impl Auth {
             tracing::info!(reason, "login failed");
             return Err(AuthError::BadCredentials);
         };
-        self.throttle.succeeded(&email).await;
+        self.throttle.succeeded(&email, address).await;
         let session_id = uuid::Uuid::now_v7().to_string();
         let refresh = new_refresh_token();
         let refresh_ttl = secs(self.settings.refresh_ttl_secs);

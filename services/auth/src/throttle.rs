@@ -93,10 +93,20 @@ impl LoginThrottle {
         Ok(())
     }
 
-    /// Forgets the account's failed attempts after a successful login.
-    pub async fn succeeded(&self, email: &str) {
+    /// After a successful login: forgets the account's failed attempts and
+    /// gives the address its reserved attempt back, so the address counter
+    /// counts failures (and attempts in flight), not busy offices behind NAT.
+    pub async fn succeeded(&self, email: &str, address: Option<&str>) {
         if let Err(e) = self.state.delete(&format!("login:attempts:account:{email}")).await {
             tracing::warn!(error = %e, "could not reset login attempts");
+        }
+        if let Some(address) = address
+            && let Err(e) = self
+                .state
+                .incr(&format!("login:attempts:address:{address}"), -1, self.limits.window)
+                .await
+        {
+            tracing::warn!(error = %e, "could not return the address's login attempt");
         }
     }
 

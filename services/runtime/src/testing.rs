@@ -19,6 +19,8 @@ pub enum Backend {
     Redis,
     /// NATS with JetStream, `PLINTH_TEST_NATS_URL`.
     Nats,
+    /// A Python interpreter with the interoperability packages (PyJWT…), `PLINTH_TEST_PYTHON`.
+    Python,
 }
 
 impl Backend {
@@ -28,6 +30,7 @@ impl Backend {
             Backend::Postgres => "PLINTH_TEST_DATABASE_URL",
             Backend::Redis => "PLINTH_TEST_REDIS_URL",
             Backend::Nats => "PLINTH_TEST_NATS_URL",
+            Backend::Python => "PLINTH_TEST_PYTHON",
         }
     }
 }

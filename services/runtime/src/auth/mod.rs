@@ -8,6 +8,7 @@ pub mod jwt;
 mod layer;
 mod policy;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -98,7 +99,14 @@ pub struct Authenticator {
     last_fetch: Mutex<Option<Instant>>,
     refresh_interval: Duration,
     expect: Expectations,
+    /// Tokens already verified, so a client reusing its token (the common
+    /// case) costs a lookup instead of a signature check. Bounded; emptied
+    /// when the key set changes.
+    verified: Mutex<HashMap<String, Claims>>,
 }
+
+/// Verified tokens remembered at most; the cache is emptied when full.
+const VERIFIED_CACHE: usize = 10_000;
 
 impl Authenticator {
     /// Verifies tokens for `issuer`/`audience`, fetching keys from `source`
@@ -114,6 +122,7 @@ impl Authenticator {
                 audience: audience.to_owned(),
                 leeway_secs: 30,
             },
+            verified: Mutex::new(HashMap::new()),
         }
     }
 
@@ -134,12 +143,30 @@ impl Authenticator {
         let set = KeySet::from_jwks(&jwks);
         tracing::debug!(keys = set.len(), "token keys refreshed");
         *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+        self.verified.lock().unwrap_or_else(PoisonError::into_inner).clear();
         Ok(true)
     }
 
     /// Verifies `token` now.
     pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let now = unix_now();
+        let leeway = self.expect.leeway_secs;
+        if let Some(claims) = self.verified.lock().unwrap_or_else(PoisonError::into_inner).get(token)
+            && now < claims.exp.saturating_add(leeway)
+            && now.saturating_add(leeway) >= claims.nbf
+        {
+            return Ok(claims.clone());
+        }
+        let claims = self.verify_uncached(token, now).await?;
+        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        if verified.len() >= VERIFIED_CACHE {
+            verified.clear();
+        }
+        verified.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+
+    async fn verify_uncached(&self, token: &str, now: i64) -> Result<Claims, AuthError> {
         match jwt::verify(token, &self.current(), &self.expect, now) {
             Err(TokenError::UnknownKey(kid)) => {
                 // A new key was published (rotation) or we never fetched: fetch once.

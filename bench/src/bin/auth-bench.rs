@@ -1,0 +1,180 @@
+//! Auth benchmark: local JWT verification, password login at the default
+//! argon2id parameters, memory under a login storm, and authenticated calls
+//! through the auth layer, against an in-process `plinthd` on embedded
+//! defaults (the client and server share this machine's cores).
+//!
+//! `cargo run --release -p plinth-bench --bin auth-bench -- --seconds 10`
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plinth::auth::v1::auth_service_client::AuthServiceClient;
+use plinth::auth::v1::{GetJwksRequest, GetMeRequest, LoginRequest, RegisterRequest};
+use plinth_bench::{arg, closed_loop, memory_kib};
+use plinth_runtime::auth::jwt::{Expectations, KeySet, verify};
+use plinth_runtime::auth::{Authenticator, JwksSource, unix_now};
+use plinth_tests::{TestApp, unique};
+use tonic::Request;
+
+struct StaticKeys(Vec<plinth::auth::v1::Jwk>);
+
+#[async_trait::async_trait]
+impl JwksSource for StaticKeys {
+    async fn fetch(&self) -> Result<Vec<plinth::auth::v1::Jwk>, String> {
+        Ok(self.0.clone())
+    }
+}
+
+const PASSWORD: &str = "violet staircase under rain";
+
+fn out(line: &str) {
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let seconds: u64 = arg("--seconds", 10);
+    let duration = Duration::from_secs(seconds);
+    let app = TestApp::spawn(TestApp::config()).await?;
+    let client = app.auth().await?;
+
+    let users = 64;
+    let mut emails = Vec::new();
+    for _ in 0..users {
+        let email = format!("bench-{}@example.com", unique());
+        client
+            .clone()
+            .register(RegisterRequest {
+                email: email.clone(),
+                password: PASSWORD.into(),
+                display_name: String::new(),
+            })
+            .await?;
+        emails.push(email);
+    }
+    let login = client
+        .clone()
+        .login(LoginRequest {
+            email: emails[0].clone(),
+            password: PASSWORD.into(),
+        })
+        .await?
+        .into_inner()
+        .tokens
+        .ok_or_else(|| anyhow::anyhow!("no tokens"))?;
+    let token = login.access_token;
+
+    // 1. Local verification, one core, no I/O: what the auth layer costs per call.
+    let keys = KeySet::from_jwks(&client.clone().get_jwks(GetJwksRequest {}).await?.into_inner().keys);
+    let expect = Expectations {
+        issuer: "plinth".into(),
+        audience: "plinth".into(),
+        leeway_secs: 30,
+    };
+    let n = 100_000;
+    let started = Instant::now();
+    for _ in 0..n {
+        verify(&token, &keys, &expect, unix_now()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let per_sec = f64::from(n) / started.elapsed().as_secs_f64();
+    out(&format!(
+        "{:<44} {:>10.0}/s   (one core, {n} verifications)",
+        "jwt verify (EdDSA signature check)", per_sec
+    ));
+
+    // The auth layer's path: the same token again hits the verified-token cache.
+    let jwks = client.clone().get_jwks(GetJwksRequest {}).await?.into_inner().keys;
+    let authenticator = Authenticator::new(Arc::new(StaticKeys(jwks)), "plinth", "plinth", Duration::from_secs(30));
+    let started = Instant::now();
+    for _ in 0..n {
+        authenticator.verify(&token).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let per_sec = f64::from(n) / started.elapsed().as_secs_f64();
+    out(&format!(
+        "{:<44} {:>10.0}/s   (one core, {n} calls)",
+        "auth layer verify (token reused, cached)", per_sec
+    ));
+
+    // 2. Password login at the default parameters (19 MiB, t=2), 8 callers.
+    let (rss_before, _) = memory_kib();
+    let emails = std::sync::Arc::new(emails);
+    let c = client.clone();
+    let e = emails.clone();
+    let report = closed_loop("login (argon2id m=19MiB t=2), 8 callers", 8, duration, move |w, i| {
+        let mut c = c.clone();
+        let email = e[(w * 8 + i) % e.len()].clone();
+        async move {
+            c.login(LoginRequest {
+                email,
+                password: PASSWORD.into(),
+            })
+            .await
+            .map(drop)
+        }
+    })
+    .await;
+    out(&report.line());
+
+    // 3. A storm of 256 logins at once: memory stays bounded by the hashing pool.
+    let storm = (0..256).map(|i| {
+        let mut c = client.clone();
+        let email = emails[i % emails.len()].clone();
+        async move {
+            c.login(LoginRequest {
+                email,
+                password: PASSWORD.into(),
+            })
+            .await
+            .is_ok()
+        }
+    });
+    let started = Instant::now();
+    let ok = futures::future::join_all(storm)
+        .await
+        .into_iter()
+        .filter(|ok| *ok)
+        .count();
+    let (rss_after, peak) = memory_kib();
+    out(&format!(
+        "{:<44} {ok}/256 ok in {:.1} s; RSS {} -> {} MiB, peak {} MiB",
+        "login storm (256 at once)",
+        started.elapsed().as_secs_f64(),
+        rss_before / 1024,
+        rss_after / 1024,
+        peak / 1024
+    ));
+
+    // 4. Authenticated unary calls: auth layer (JWT verify) + handler + SQLite read.
+    let c = client.clone();
+    let report = closed_loop(
+        "GetMe over gRPC (auth layer + db), 32 callers",
+        32,
+        duration,
+        move |_, _| {
+            let mut c = c.clone();
+            let mut req = Request::new(GetMeRequest {});
+            if let Ok(v) = format!("Bearer {token}").parse() {
+                req.metadata_mut().insert("authorization", v);
+            }
+            async move { c.get_me(req).await.map(drop) }
+        },
+    )
+    .await;
+    out(&report.line());
+
+    let c = client.clone();
+    let report = closed_loop(
+        "GetJwks over gRPC (public, no db), 32 callers",
+        32,
+        duration,
+        move |_, _| {
+            let mut c: AuthServiceClient<_> = c.clone();
+            async move { c.get_jwks(GetJwksRequest {}).await.map(drop) }
+        },
+    )
+    .await;
+    out(&report.line());
+    app.stop().await;
+    Ok(())
+}
