@@ -37,6 +37,12 @@ async fn main() -> anyhow::Result<()> {
     let seconds: u64 = arg("--seconds", 10);
     let duration = Duration::from_secs(seconds);
     let app = TestApp::spawn(TestApp::config()).await?;
+    let (rss_start, _) = memory_kib();
+    out(&format!(
+        "{:<44} {} MiB",
+        "RSS after start (all components)",
+        rss_start / 1024
+    ));
     let client = app.auth().await?;
 
     let users = 64;

@@ -8,8 +8,8 @@
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{Output, PasswordHash, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use tokio::sync::oneshot;
 
 use crate::AuthError;
@@ -53,10 +53,15 @@ const COMMON: &[&str] = &[
 
 /// Hashing requests that may wait for a thread; more are refused as busy.
 const QUEUE: usize = 1024;
+/// Length of the stored hash.
+const OUTPUT_LEN: usize = 32;
 
-type Job = Box<dyn FnOnce(&Argon2<'static>) + Send>;
+/// Work for a hashing thread: its argon2 instance and its own reusable memory.
+type Job = Box<dyn FnOnce(&Argon2<'static>, &mut [Block]) + Send>;
 
-/// Hashes and verifies passwords on a fixed pool of threads.
+/// Hashes and verifies passwords on a fixed pool of threads, each with its
+/// own preallocated argon2 memory, so hashing allocates nothing: freed 19 MiB
+/// buffers would otherwise stay in the allocator and grow the process.
 #[derive(Clone)]
 pub struct PasswordHasher {
     jobs: SyncSender<Job>,
@@ -68,23 +73,20 @@ pub struct PasswordHasher {
 impl PasswordHasher {
     /// A hasher with `concurrency` dedicated threads.
     pub fn new(concurrency: usize) -> Result<Self, AuthError> {
-        let params = Params::new(19 * 1024, 2, 1, None).map_err(|e| AuthError::Hashing(e.to_string()))?;
+        let params = Params::new(19 * 1024, 2, 1, Some(OUTPUT_LEN)).map_err(|e| AuthError::Hashing(e.to_string()))?;
+        let blocks = params.block_count();
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
-        let random: [u8; 16] = rand::random();
-        let salt = SaltString::encode_b64(&random).map_err(|e| AuthError::Hashing(e.to_string()))?;
-        let dummy = argon
-            .hash_password(&rand::random::<[u8; 16]>(), &salt)
-            .map_err(|e| AuthError::Hashing(e.to_string()))?
-            .to_string();
         let (jobs, queue) = sync_channel::<Job>(QUEUE);
         let queue = Arc::new(Mutex::new(queue));
         for n in 0..concurrency.max(1) {
             let (queue, argon) = (queue.clone(), argon.clone());
             std::thread::Builder::new()
                 .name(format!("argon2-{n}"))
-                .spawn(move || worker(&queue, &argon))
+                .spawn(move || worker(&queue, &argon, blocks))
                 .map_err(|e| AuthError::Hashing(e.to_string()))?;
         }
+        let mut memory = vec![Block::default(); blocks];
+        let dummy = phc_hash(&argon, &rand::random::<[u8; 16]>(), &mut memory)?;
         Ok(Self {
             jobs,
             dummy: dummy.into(),
@@ -93,11 +95,11 @@ impl PasswordHasher {
 
     async fn run<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&Argon2<'static>) -> T + Send + 'static,
+        work: impl FnOnce(&Argon2<'static>, &mut [Block]) -> T + Send + 'static,
     ) -> Result<T, AuthError> {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |argon| {
-            let _ = tx.send(work(argon));
+        let job: Job = Box::new(move |argon, memory| {
+            let _ = tx.send(work(argon, memory));
         });
         match self.jobs.try_send(job) {
             Ok(()) => {}
@@ -109,15 +111,8 @@ impl PasswordHasher {
 
     /// A PHC-format argon2id hash of `password` with a fresh salt.
     pub async fn hash(&self, password: String) -> Result<String, AuthError> {
-        let salt_bytes: [u8; 16] = rand::random();
-        self.run(move |argon| {
-            let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| AuthError::Hashing(e.to_string()))?;
-            argon
-                .hash_password(password.as_bytes(), &salt)
-                .map(|h| h.to_string())
-                .map_err(|e| AuthError::Hashing(e.to_string()))
-        })
-        .await?
+        self.run(move |argon, memory| phc_hash(argon, password.as_bytes(), memory))
+            .await?
     }
 
     /// Whether `password` matches `stored`. With no stored hash (unknown
@@ -127,19 +122,66 @@ impl PasswordHasher {
         let known = stored.is_some();
         let hash = stored.unwrap_or_else(|| self.dummy.to_string());
         let ok = self
-            .run(move |argon| PasswordHash::new(&hash).map(|h| argon.verify_password(password.as_bytes(), &h).is_ok()))
-            .await?
-            .map_err(|e| AuthError::Hashing(e.to_string()))?;
+            .run(move |argon, memory| phc_verify(argon, password.as_bytes(), &hash, memory))
+            .await??;
         Ok(ok && known)
     }
 }
 
-/// Runs jobs until every sender is gone (the hasher was dropped).
-fn worker(queue: &Mutex<Receiver<Job>>, argon: &Argon2<'static>) {
+/// Hashes with the thread's memory and encodes the PHC string.
+fn phc_hash(argon: &Argon2<'static>, password: &[u8], memory: &mut [Block]) -> Result<String, AuthError> {
+    let salt: [u8; 16] = rand::random();
+    let mut out = [0u8; OUTPUT_LEN];
+    argon
+        .hash_password_into_with_memory(password, &salt, &mut out, memory)
+        .map_err(|e| AuthError::Hashing(e.to_string()))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| AuthError::Hashing(e.to_string()))?;
+    let output = Output::new(&out).map_err(|e| AuthError::Hashing(e.to_string()))?;
+    let p = argon.params();
+    Ok(format!(
+        "$argon2id$v=19$m={},t={},p={}${}${}",
+        p.m_cost(),
+        p.t_cost(),
+        p.p_cost(),
+        salt.as_str(),
+        output
+    ))
+}
+
+/// Verifies a PHC string; hashes made with other parameters (older settings)
+/// are checked with them, allocating as argon2 does.
+fn phc_verify(argon: &Argon2<'static>, password: &[u8], stored: &str, memory: &mut [Block]) -> Result<bool, AuthError> {
+    let parsed = PasswordHash::new(stored).map_err(|e| AuthError::Hashing(e.to_string()))?;
+    let (Some(expected), Some(salt)) = (parsed.hash, parsed.salt) else {
+        return Err(AuthError::Hashing("stored hash has no salt or output".into()));
+    };
+    let same_params = Params::try_from(&parsed).is_ok_and(|p| {
+        let ours = argon.params();
+        p.m_cost() == ours.m_cost() && p.t_cost() == ours.t_cost() && p.p_cost() == ours.p_cost()
+    }) && parsed.algorithm.as_str() == "argon2id"
+        && expected.len() == OUTPUT_LEN;
+    if !same_params {
+        return Ok(argon.verify_password(password, &parsed).is_ok());
+    }
+    let mut salt_bytes = [0u8; 64];
+    let salt = salt
+        .decode_b64(&mut salt_bytes)
+        .map_err(|e| AuthError::Hashing(e.to_string()))?;
+    let mut out = [0u8; OUTPUT_LEN];
+    argon
+        .hash_password_into_with_memory(password, salt, &mut out, memory)
+        .map_err(|e| AuthError::Hashing(e.to_string()))?;
+    // Output's equality is constant-time.
+    Ok(Output::new(&out).is_ok_and(|computed| computed == expected))
+}
+
+/// Runs jobs with this thread's memory until the hasher is dropped.
+fn worker(queue: &Mutex<Receiver<Job>>, argon: &Argon2<'static>, blocks: usize) {
+    let mut memory = vec![Block::default(); blocks];
     loop {
         let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
         match job {
-            Ok(job) => job(argon),
+            Ok(job) => job(argon, &mut memory),
             Err(_) => return,
         }
     }
@@ -201,5 +243,35 @@ mod tests {
         assert!(h.verify("violet staircase".into(), Some(hash.clone())).await.unwrap());
         assert!(!h.verify("violet staircasE".into(), Some(hash)).await.unwrap());
         assert!(!h.verify("anything".into(), None).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn our_phc_strings_are_standard_argon2_both_ways() {
+        use argon2::password_hash::PasswordHasher as _;
+        let h = PasswordHasher::new(1).unwrap();
+        // Ours verifies with the reference implementation…
+        let ours = h.hash("violet staircase".into()).await.unwrap();
+        let argon = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(19 * 1024, 2, 1, None).unwrap(),
+        );
+        assert!(
+            argon
+                .verify_password(b"violet staircase", &PasswordHash::new(&ours).unwrap())
+                .is_ok()
+        );
+        // …and the reference's, also with older parameters, verify with ours.
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let reference = argon.hash_password(b"violet staircase", &salt).unwrap().to_string();
+        assert!(h.verify("violet staircase".into(), Some(reference)).await.unwrap());
+        let old = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(8 * 1024, 1, 1, None).unwrap(),
+        );
+        let legacy = old.hash_password(b"violet staircase", &salt).unwrap().to_string();
+        assert!(h.verify("violet staircase".into(), Some(legacy.clone())).await.unwrap());
+        assert!(!h.verify("violet staircasE".into(), Some(legacy)).await.unwrap());
     }
 }
