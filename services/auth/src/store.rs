@@ -67,17 +67,18 @@ pub async fn insert_user(db: &Db, user: &UserRow, event: &OutboxEvent) -> Result
 }
 
 pub async fn user_by_email(db: &Db, email: &str) -> Result<Option<UserRow>, AuthError> {
-    let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE email = $1");
-    Ok(on_db!(db, |pool| sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(email)
-        .fetch_optional(pool)
-        .await)?)
+    user_where(db, "email", email).await
 }
 
 pub async fn user_by_id(db: &Db, id: &str) -> Result<Option<UserRow>, AuthError> {
-    let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
-    Ok(on_db!(db, |pool| sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(id)
+    user_where(db, "id", id).await
+}
+
+/// The user whose unique `column` equals `value`.
+async fn user_where(db: &Db, column: &'static str, value: &str) -> Result<Option<UserRow>, AuthError> {
+    let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE {column} = $1");
+    Ok(on_db!(db, |pool| sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+        .bind(value)
         .fetch_optional(pool)
         .await)?)
 }
