@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::FutureExt;
 use plinth::auth::v1::auth_service_server::AuthServiceServer;
-use plinth_runtime::auth::{AuthLayer, Authenticator, GrpcJwksSource, JwksSource, PermissionMap, RolePolicy};
+use plinth_runtime::auth::{
+    AuthLayer, Authenticator, GrpcJwksSource, JwksSource, PermissionMap, Revocations, RolePolicy,
+};
 use plinth_runtime::config::Config;
 use plinth_runtime::events::outbox::Relay;
 use plinth_runtime::events::{InProcessBus, NatsBus, SharedBus};
@@ -100,6 +102,7 @@ impl Plinth {
                         db.clone(),
                         cfg.auth.clone(),
                         plinth_auth::LoginThrottle::new(state.clone(), plinth_auth::Limits::default()),
+                        Revocations::new(state.clone()),
                         Some(relay),
                     )
                     .await?;
@@ -177,12 +180,10 @@ impl Plinth {
             jwks = Some(Arc::new(GrpcJwksSource::new(url).map_err(anyhow::Error::msg)?));
         }
         let authenticator = jwks.map(|source| {
-            Arc::new(Authenticator::new(
-                source,
-                &cfg.auth.issuer,
-                &cfg.auth.audience,
-                Duration::from_secs(30),
-            ))
+            Arc::new(
+                Authenticator::new(source, &cfg.auth.issuer, &cfg.auth.audience, Duration::from_secs(30))
+                    .with_revocations(Revocations::new(state.clone())),
+            )
         });
         let permissions = PermissionMap::from_descriptor_set(plinth::FILE_DESCRIPTOR_SET)?;
         builder = builder.with_auth(AuthLayer::new(authenticator, permissions, RolePolicy::default()));

@@ -12,7 +12,10 @@
 use std::time::Duration;
 
 use plinth::auth::v1::auth_service_client::AuthServiceClient;
-use plinth::auth::v1::{GetJwksRequest, GetMeRequest, LoginRequest, LogoutRequest, RefreshRequest, RegisterRequest};
+use plinth::auth::v1::{
+    GetJwksRequest, GetMeRequest, LoginRequest, LogoutRequest, RefreshRequest, RegisterRequest,
+    RevokeAllSessionsRequest,
+};
 use plinth_runtime::auth::jwt::{Expectations, KeySet, verify};
 use plinth_runtime::auth::unix_now;
 use plinth_runtime::config::Config;
@@ -192,6 +195,48 @@ async fn auth_contract(mut config: Config) {
         "every token of a revoked session is dead"
     );
 
+    // Logout with the session's access token stops that token at once; other sessions go on.
+    let (access_a, refresh_a) = login(&mut client, &email, PASSWORD).await.unwrap();
+    let (access_b, refresh_b) = login(&mut client, &email, PASSWORD).await.unwrap();
+    client
+        .logout(bearer(
+            LogoutRequest {
+                refresh_token: refresh_a.clone(),
+            },
+            &access_a,
+        ))
+        .await
+        .unwrap();
+    let revoked = client.get_me(bearer(GetMeRequest {}, &access_a)).await.unwrap_err();
+    assert_eq!(
+        (revoked.code(), reason(&revoked).as_str()),
+        (Code::Unauthenticated, "CREDENTIALS_REVOKED")
+    );
+    client.get_me(bearer(GetMeRequest {}, &access_b)).await.unwrap();
+
+    // RevokeAllSessions ends every session and every token issued so far.
+    let n = client
+        .revoke_all_sessions(bearer(RevokeAllSessionsRequest {}, &access_b))
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked_sessions;
+    assert!(n >= 1, "the open session must be counted, got {n}");
+    assert_eq!(
+        reason(&client.get_me(bearer(GetMeRequest {}, &access_b)).await.unwrap_err()),
+        "CREDENTIALS_REVOKED"
+    );
+    assert_eq!(
+        reason(&refresh(&mut client, &refresh_b).await.unwrap_err()),
+        "BAD_REFRESH_TOKEN"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (fresh, _) = login(&mut client, &email, PASSWORD).await.unwrap();
+    client
+        .get_me(bearer(GetMeRequest {}, &fresh))
+        .await
+        .expect("a login after the revocation works");
+
     // Logout ends a fresh session.
     let (_, refresh_a) = login(&mut client, &email, PASSWORD).await.unwrap();
     client
@@ -229,4 +274,48 @@ async fn auth_on_postgres() {
         return;
     };
     auth_contract(TestApp::config_on(Some(&url))).await;
+}
+
+#[tokio::test]
+async fn revocation_reaches_every_replica_through_redis() {
+    let name = "revocation_reaches_every_replica_through_redis";
+    let (Some(pg), Some(redis)) = (
+        backend_url(Backend::Postgres, name).unwrap(),
+        backend_url(Backend::Redis, name).unwrap(),
+    ) else {
+        return;
+    };
+    let mut first = TestApp::config_on(Some(&pg));
+    first.redis_url = Some(secrecy::SecretString::from(redis.clone()));
+    let mut second = TestApp::config_on(Some(&pg));
+    second.redis_url = Some(secrecy::SecretString::from(redis));
+    second.storage.schema_prefix = first.storage.schema_prefix.clone();
+    second.redis_key_prefix = first.redis_key_prefix.clone();
+    second.only = "auth".parse().unwrap();
+    let a = TestApp::spawn(first).await.unwrap();
+    let b = TestApp::spawn(second).await.unwrap();
+    let (mut ca, mut cb) = (a.auth().await.unwrap(), b.auth().await.unwrap());
+    let email = email();
+    ca.register(RegisterRequest {
+        email: email.clone(),
+        password: PASSWORD.into(),
+        display_name: String::new(),
+    })
+    .await
+    .unwrap();
+    let (access, _) = login(&mut ca, &email, PASSWORD).await.unwrap();
+    cb.get_me(bearer(GetMeRequest {}, &access))
+        .await
+        .expect("replica b accepts the token");
+    ca.revoke_all_sessions(bearer(RevokeAllSessionsRequest {}, &access))
+        .await
+        .unwrap();
+    let refused = cb.get_me(bearer(GetMeRequest {}, &access)).await.unwrap_err();
+    assert_eq!(
+        reason(&refused),
+        "CREDENTIALS_REVOKED",
+        "a revocation on one replica holds on the other at once"
+    );
+    b.stop().await;
+    a.stop().await;
 }

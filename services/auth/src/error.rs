@@ -40,6 +40,9 @@ pub enum AuthError {
     /// Too many password checks are waiting; come back shortly.
     #[error("too many sign-ins in progress, retry shortly")]
     Busy,
+    /// Revocation lists could not be written.
+    #[error("revocation failed")]
+    Revocation(#[source] plinth_runtime::auth::AuthError),
     /// Storage failed.
     #[error("storage failed")]
     Storage(#[from] StorageError),
@@ -72,7 +75,7 @@ impl ServiceError for AuthError {
             AuthError::EmailTaken => ErrorCode::AlreadyExists,
             AuthError::UserNotFound => ErrorCode::NotFound,
             AuthError::LoginThrottled { .. } => ErrorCode::ResourceExhausted,
-            AuthError::StateUnavailable(_) | AuthError::Busy => ErrorCode::Unavailable,
+            AuthError::StateUnavailable(_) | AuthError::Busy | AuthError::Revocation(_) => ErrorCode::Unavailable,
             AuthError::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
             AuthError::Storage(_) | AuthError::Hashing(_) => ErrorCode::Internal,
         }
@@ -90,6 +93,7 @@ impl ServiceError for AuthError {
             AuthError::LoginThrottled { .. } => "LOGIN_THROTTLED",
             AuthError::StateUnavailable(_) => "STATE_UNAVAILABLE",
             AuthError::Busy => "HASHING_BUSY",
+            AuthError::Revocation(_) => "REVOCATION_FAILED",
             AuthError::Storage(_) => "STORAGE_FAILED",
             AuthError::Hashing(_) => "HASHING_FAILED",
         }

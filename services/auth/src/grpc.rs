@@ -5,7 +5,8 @@ use std::sync::Arc;
 use plinth::auth::v1::auth_service_server::AuthService;
 use plinth::auth::v1::{
     GetJwksRequest, GetJwksResponse, GetMeRequest, GetMeResponse, LoginRequest, LoginResponse, LogoutRequest,
-    LogoutResponse, RefreshRequest, RefreshResponse, RegisterRequest, RegisterResponse, TokenPair, User, UserStatus,
+    LogoutResponse, RefreshRequest, RefreshResponse, RegisterRequest, RegisterResponse, RevokeAllSessionsRequest,
+    RevokeAllSessionsResponse, TokenPair, User, UserStatus,
 };
 use plinth_runtime::auth::Principal;
 use plinth_runtime::error::to_status;
@@ -104,11 +105,30 @@ impl AuthService for AuthGrpc {
     }
 
     async fn logout(&self, request: Request<LogoutRequest>) -> Result<Response<LogoutResponse>, Status> {
+        let caller = request.extensions().get::<Principal>().cloned();
         self.auth
-            .logout(&request.into_inner().refresh_token)
+            .logout(&request.into_inner().refresh_token, caller.as_ref())
             .await
             .map_err(status)?;
         Ok(Response::new(LogoutResponse {}))
+    }
+
+    async fn revoke_all_sessions(
+        &self,
+        request: Request<RevokeAllSessionsRequest>,
+    ) -> Result<Response<RevokeAllSessionsResponse>, Status> {
+        let principal = request
+            .extensions()
+            .get::<Principal>()
+            .ok_or_else(|| status(AuthError::Unauthenticated))?;
+        let n = self
+            .auth
+            .revoke_all_sessions(&principal.subject)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RevokeAllSessionsResponse {
+            revoked_sessions: i64::try_from(n).unwrap_or(i64::MAX),
+        }))
     }
 
     async fn get_me(&self, request: Request<GetMeRequest>) -> Result<Response<GetMeResponse>, Status> {

@@ -10,7 +10,7 @@ use plinth::auth::v1::{
     Jwk, LockoutEvent, LoginFailedEvent, LoginSucceededEvent, SessionRevokedEvent, UserRegisteredEvent,
 };
 use plinth_runtime::auth::jwt::{Claims, TokenSigner};
-use plinth_runtime::auth::unix_now;
+use plinth_runtime::auth::{Principal, Revocations, unix_now};
 use plinth_runtime::config::AuthSettings;
 use plinth_runtime::events::outbox::{OutboxEvent, Relay};
 use plinth_runtime::storage::Db;
@@ -57,6 +57,7 @@ pub struct Auth {
     jwks: Vec<Jwk>,
     relay: Option<Relay>,
     throttle: LoginThrottle,
+    revocations: Revocations,
 }
 
 fn email_of(raw: &str) -> Result<String, AuthError> {
@@ -102,6 +103,7 @@ impl Auth {
         db: Db,
         settings: AuthSettings,
         throttle: LoginThrottle,
+        revocations: Revocations,
         relay: Option<Relay>,
     ) -> Result<Arc<Self>, AuthError> {
         let hasher = PasswordHasher::new(settings.hash_concurrency as usize)?;
@@ -129,6 +131,7 @@ impl Auth {
             jwks,
             relay,
             throttle,
+            revocations,
         }))
     }
 
@@ -333,10 +336,17 @@ impl Auth {
         }
     }
 
-    /// Ends the session of `refresh_token`. Ending an already ended session succeeds.
-    pub async fn logout(&self, refresh_token: &str) -> Result<(), AuthError> {
+    /// Ends the session of `refresh_token`, and denies `caller`'s access token
+    /// when given. Ending an already ended session succeeds.
+    pub async fn logout(&self, refresh_token: &str, caller: Option<&Principal>) -> Result<(), AuthError> {
         if refresh_token.is_empty() {
             return Err(AuthError::field("refresh_token", "is required"));
+        }
+        if let Some(p) = caller {
+            self.revocations
+                .revoke_token(&p.token_id, p.expires_at, unix_now())
+                .await
+                .map_err(AuthError::Revocation)?;
         }
         let ended = store::revoke_session_of(
             &self.db,
@@ -349,6 +359,25 @@ impl Auth {
             self.committed();
         }
         Ok(())
+    }
+
+    /// Ends every session of `user_id` and refuses every access token issued
+    /// to them until now. Returns how many sessions were open.
+    pub async fn revoke_all_sessions(&self, user_id: &str) -> Result<u64, AuthError> {
+        let now = unix_now();
+        // Deny the tokens first: if this fails nothing claims to be revoked.
+        let lifetime = std::time::Duration::from_secs(self.settings.access_ttl_secs);
+        // `iat` has one-second resolution: tokens issued in this very second
+        // are revoked too, so a login right now must wait for the next second.
+        self.revocations
+            .revoke_subject(user_id, now + 1, lifetime)
+            .await
+            .map_err(AuthError::Revocation)?;
+        let event = Self::revoked_event("REVOKE_ALL")(user_id, "");
+        let n = store::revoke_all_sessions(&self.db, user_id, now, &event).await?;
+        self.committed();
+        tracing::info!(user_id, sessions = n, "all sessions revoked");
+        Ok(n)
     }
 
     /// The user with `id`.

@@ -233,6 +233,27 @@ pub async fn revoke_session_of(
     .await)
 }
 
+/// Ends every open session of `user_id`; returns how many were open.
+pub async fn revoke_all_sessions(db: &Db, user_id: &str, now: i64, event: &OutboxEvent) -> Result<u64, AuthError> {
+    on_db!(db, |pool| {
+        async {
+        let mut tx = pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE sessions SET revoked_at = $2, revoke_reason = 'REVOKE_ALL' WHERE user_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(user_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        event.write(&mut *tx).await?;
+        tx.commit().await?;
+        Ok::<u64, AuthError>(n)
+    }
+    .await
+    })
+}
+
 /// Signing key seeds not retired, newest first.
 pub async fn active_keys(db: &Db) -> Result<Vec<(String, Vec<u8>, i64)>, AuthError> {
     let sql =

@@ -7,6 +7,7 @@
 pub mod jwt;
 mod layer;
 mod policy;
+mod revocation;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -16,6 +17,7 @@ use plinth::auth::v1::Jwk;
 
 pub use layer::{AuthLayer, AuthService};
 pub use policy::{Access, PermissionMap, RolePolicy, UNAUTHENTICATED_METHODS};
+pub use revocation::Revocations;
 
 use crate::error::{ErrorCode, ServiceError};
 use jwt::{Claims, Expectations, KeySet, TokenError};
@@ -39,6 +41,8 @@ pub struct Principal {
     pub session: String,
     /// The token's id.
     pub token_id: String,
+    /// When the token expires (seconds since the epoch).
+    pub expires_at: i64,
 }
 
 impl From<Claims> for Principal {
@@ -48,6 +52,7 @@ impl From<Claims> for Principal {
             roles: c.roles,
             session: c.sid,
             token_id: c.jti,
+            expires_at: c.exp,
         }
     }
 }
@@ -67,6 +72,12 @@ pub enum AuthError {
     /// The RPC declares no permission and is not on the allowlist.
     #[error("this method is not exposed")]
     NotExposed,
+    /// The token or its subject was revoked.
+    #[error("credentials revoked")]
+    Revoked,
+    /// The revocation lists cannot be read; the call is refused.
+    #[error("revocation lists unavailable")]
+    RevocationUnavailable(String),
     /// The key set cannot be fetched and the token's key is unknown.
     #[error("token keys unavailable")]
     KeysUnavailable(String),
@@ -75,7 +86,8 @@ pub enum AuthError {
 impl ServiceError for AuthError {
     fn code(&self) -> ErrorCode {
         match self {
-            AuthError::Missing | AuthError::Invalid(_) => ErrorCode::Unauthenticated,
+            AuthError::Missing | AuthError::Invalid(_) | AuthError::Revoked => ErrorCode::Unauthenticated,
+            AuthError::RevocationUnavailable(_) => ErrorCode::Unavailable,
             AuthError::Denied(_) | AuthError::NotExposed => ErrorCode::PermissionDenied,
             AuthError::KeysUnavailable(_) => ErrorCode::Unavailable,
         }
@@ -85,6 +97,8 @@ impl ServiceError for AuthError {
         match self {
             AuthError::Missing => "CREDENTIALS_MISSING",
             AuthError::Invalid(_) => "CREDENTIALS_INVALID",
+            AuthError::Revoked => "CREDENTIALS_REVOKED",
+            AuthError::RevocationUnavailable(_) => "REVOCATIONS_UNAVAILABLE",
             AuthError::Denied(_) => "PERMISSION_DENIED",
             AuthError::NotExposed => "METHOD_NOT_EXPOSED",
             AuthError::KeysUnavailable(_) => "KEYS_UNAVAILABLE",
@@ -103,6 +117,7 @@ pub struct Authenticator {
     /// case) costs a lookup instead of a signature check. Bounded; emptied
     /// when the key set changes.
     verified: Mutex<HashMap<String, Claims>>,
+    revocations: Option<Revocations>,
 }
 
 /// Verified tokens remembered at most; the cache is emptied when full.
@@ -123,7 +138,14 @@ impl Authenticator {
                 leeway_secs: 30,
             },
             verified: Mutex::new(HashMap::new()),
+            revocations: None,
         }
+    }
+
+    /// Also refuses tokens on the revocation lists (checked on every call).
+    pub fn with_revocations(mut self, revocations: Revocations) -> Self {
+        self.revocations = Some(revocations);
+        self
     }
 
     fn current(&self) -> Arc<KeySet> {
@@ -149,6 +171,15 @@ impl Authenticator {
 
     /// Verifies `token` now.
     pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let claims = self.verify_signed(token).await?;
+        if let Some(revocations) = &self.revocations {
+            revocations.check(&claims).await?;
+        }
+        Ok(claims)
+    }
+
+    /// Signature and claims, from the cache when this token was seen before.
+    async fn verify_signed(&self, token: &str) -> Result<Claims, AuthError> {
         let now = unix_now();
         let leeway = self.expect.leeway_secs;
         if let Some(claims) = self.verified.lock().unwrap_or_else(PoisonError::into_inner).get(token)

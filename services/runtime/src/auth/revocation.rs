@@ -1,0 +1,88 @@
+//! Revocation that takes effect at once, although access tokens are verified
+//! locally: a denylist of token ids (kept until the token would expire) and a
+//! per-subject "not before" that kills every token issued earlier. Both live
+//! in shared state (Redis when configured), so every replica sees them. A
+//! lookup failure refuses the call: revocation fails closed.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::AuthError;
+use super::jwt::Claims;
+use crate::state::SharedStateRef;
+
+/// Tolerated clock skew, so a denylist entry outlives its token everywhere.
+const SKEW_SECS: i64 = 60;
+
+/// The revocation lists.
+#[derive(Clone)]
+pub struct Revocations {
+    state: SharedStateRef,
+}
+
+impl Revocations {
+    /// Lists kept in `state`.
+    pub fn new(state: SharedStateRef) -> Self {
+        Self { state }
+    }
+
+    /// Refuses the token `jti` from now until it expires at `expires_at`.
+    pub async fn revoke_token(&self, jti: &str, expires_at: i64, now: i64) -> Result<(), AuthError> {
+        let ttl = u64::try_from(expires_at.saturating_sub(now).saturating_add(SKEW_SECS)).unwrap_or(0);
+        if ttl == 0 {
+            return Ok(());
+        }
+        self.state
+            .set(
+                &format!("revoked:jti:{jti}"),
+                Bytes::from_static(b"1"),
+                Some(Duration::from_secs(ttl)),
+            )
+            .await
+            .map_err(|e| AuthError::RevocationUnavailable(e.to_string()))
+    }
+
+    /// Refuses every token of `subject` issued before `not_before`, for as long
+    /// as such a token could live (`token_lifetime`).
+    pub async fn revoke_subject(
+        &self,
+        subject: &str,
+        not_before: i64,
+        token_lifetime: Duration,
+    ) -> Result<(), AuthError> {
+        let ttl = token_lifetime + Duration::from_secs(u64::try_from(SKEW_SECS).unwrap_or(60));
+        self.state
+            .set(
+                &format!("revoked:sub:{subject}"),
+                Bytes::from(not_before.to_string()),
+                Some(ttl),
+            )
+            .await
+            .map_err(|e| AuthError::RevocationUnavailable(e.to_string()))
+    }
+
+    /// Fails when `claims` belong to a revoked token or subject.
+    pub async fn check(&self, claims: &Claims) -> Result<(), AuthError> {
+        let unavailable = |e: crate::state::StateError| AuthError::RevocationUnavailable(e.to_string());
+        if self
+            .state
+            .get(&format!("revoked:jti:{}", claims.jti))
+            .await
+            .map_err(unavailable)?
+            .is_some()
+        {
+            return Err(AuthError::Revoked);
+        }
+        let not_before = self
+            .state
+            .get(&format!("revoked:sub:{}", claims.sub))
+            .await
+            .map_err(unavailable)?;
+        let not_before: Option<i64> = not_before.and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok());
+        if not_before.is_some_and(|nb| claims.iat < nb) {
+            return Err(AuthError::Revoked);
+        }
+        Ok(())
+    }
+}
