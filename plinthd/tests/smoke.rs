@@ -281,6 +281,20 @@ async fn starts_with_no_setup_serves_health_reflection_metrics_and_stops_on_sigt
     );
     assert!(line.contains("/grpc.health.v1.Health/Check"), "{line}");
 
+    // First start creates an administrator and shows its password once; it signs in.
+    let line = app.wait_for_log(|l| l.contains("bootstrap administrator"), Duration::from_secs(5));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let mut auth = plinth::auth::v1::auth_service_client::AuthServiceClient::new(channel(app.grpc).await);
+    let login = auth
+        .login(plinth::auth::v1::LoginRequest {
+            email: v["email"].as_str().unwrap().to_owned(),
+            password: v["password"].as_str().unwrap().to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(login.user.unwrap().roles, vec!["admin"]);
+
     let (status, body) = http_get(app.http, "/metrics").await;
     assert_eq!(status, 200);
     assert!(

@@ -319,3 +319,24 @@ async fn revocation_reaches_every_replica_through_redis() {
     b.stop().await;
     a.stop().await;
 }
+
+#[tokio::test]
+async fn a_configured_bootstrap_admin_signs_in_with_the_admin_role() {
+    let mut config = TestApp::config();
+    config.auth.bootstrap_admin_email = "Root@Example.com".into();
+    config.auth.bootstrap_admin_password = Some(secrecy::SecretString::from("a long operator passphrase".to_owned()));
+    let app = TestApp::spawn(config).await.unwrap();
+    let mut client = app.auth().await.unwrap();
+    let (access, _) = login(&mut client, "root@example.com", "a long operator passphrase")
+        .await
+        .unwrap();
+    let me = client
+        .get_me(bearer(GetMeRequest {}, &access))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(me.roles, vec!["admin"]);
+    app.stop().await;
+}

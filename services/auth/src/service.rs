@@ -14,6 +14,7 @@ use plinth_runtime::auth::{Principal, Revocations, unix_now};
 use plinth_runtime::config::AuthSettings;
 use plinth_runtime::events::outbox::{OutboxEvent, Relay};
 use plinth_runtime::storage::Db;
+use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use crate::AuthError;
@@ -123,7 +124,11 @@ impl Auth {
             .cloned()
             .ok_or_else(|| AuthError::Hashing("no usable signing key".into()))?;
         let jwks = signers.iter().map(TokenSigner::jwk).collect();
-        Ok(Arc::new(Self {
+        let bootstrap = (
+            settings.bootstrap_admin_email.clone(),
+            settings.bootstrap_admin_password.clone(),
+        );
+        let auth = Arc::new(Self {
             db,
             settings,
             hasher,
@@ -132,7 +137,59 @@ impl Auth {
             relay,
             throttle,
             revocations,
-        }))
+        });
+        auth.bootstrap_admin(&bootstrap.0, bootstrap.1).await?;
+        Ok(auth)
+    }
+
+    /// Creates the first administrator when no user has the admin role, so a
+    /// new deployment can be operated without ever running with auth off.
+    async fn bootstrap_admin(&self, email: &str, password: Option<SecretString>) -> Result<(), AuthError> {
+        if store::any_admin(&self.db).await? {
+            return Ok(());
+        }
+        let email = email_of(email)?;
+        let generated = password.is_none();
+        let password = match password {
+            Some(p) => p.expose_secret().to_owned(),
+            None => URL_SAFE_NO_PAD.encode(rand::random::<[u8; 18]>()),
+        };
+        check_policy(&password, &email)?;
+        let now = unix_now();
+        let user = UserRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            email,
+            password_hash: self.hasher.hash(password.clone()).await?,
+            display_name: "Bootstrap administrator".into(),
+            status: "active".into(),
+            roles: "admin".into(),
+            created_at: now,
+        };
+        let event = OutboxEvent::new(
+            "plinth.auth.user_registered",
+            &user.id,
+            &UserRegisteredEvent {
+                user_id: user.id.clone(),
+                email: user.email.clone(),
+                time: timestamp(now),
+            },
+        );
+        match store::insert_user(&self.db, &user, &event).await {
+            // Another replica created it first.
+            Err(AuthError::EmailTaken) => return Ok(()),
+            other => other?,
+        }
+        self.committed();
+        if generated {
+            tracing::warn!(
+                email = %user.email,
+                password = %password,
+                "created the bootstrap administrator; this password is shown once, change it"
+            );
+        } else {
+            tracing::info!(email = %user.email, "created the bootstrap administrator");
+        }
+        Ok(())
     }
 
     fn committed(&self) {

@@ -4,7 +4,7 @@
 
 use plinth_runtime::events::outbox::OutboxEvent;
 use plinth_runtime::on_db;
-use plinth_runtime::storage::Db;
+use plinth_runtime::storage::{BeginWrite, Db};
 
 use crate::AuthError;
 
@@ -39,7 +39,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 /// Inserts `user` with its event; `EmailTaken` when the email exists.
 pub async fn insert_user(db: &Db, user: &UserRow, event: &OutboxEvent) -> Result<(), AuthError> {
     let result: Result<(), sqlx::Error> = on_db!(db, |pool| async {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         sqlx::query(
             "INSERT INTO users (id, email, password_hash, display_name, status, roles, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
@@ -83,10 +83,17 @@ async fn user_where(db: &Db, column: &'static str, value: &str) -> Result<Option
         .await)?)
 }
 
+/// Whether any user holds the `admin` role.
+pub async fn any_admin(db: &Db) -> Result<bool, AuthError> {
+    let sql = "SELECT count(*) FROM users WHERE (',' || roles || ',') LIKE '%,admin,%'";
+    let (n,): (i64,) = on_db!(db, |pool| sqlx::query_as(sql).fetch_one(pool).await)?;
+    Ok(n > 0)
+}
+
 /// Writes an event alone (e.g. a failed login, which changes no row).
 pub async fn record(db: &Db, event: &OutboxEvent) -> Result<(), AuthError> {
     on_db!(db, |pool| async {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         event.write(&mut *tx).await?;
         tx.commit().await?;
         Ok::<(), AuthError>(())
@@ -106,7 +113,7 @@ pub struct NewSession<'a> {
 /// Opens a session with its first refresh token.
 pub async fn create_session(db: &Db, s: &NewSession<'_>, event: &OutboxEvent) -> Result<(), AuthError> {
     on_db!(db, |pool| async {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         sqlx::query("INSERT INTO sessions (id, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
             .bind(s.id)
             .bind(s.user_id)
@@ -152,7 +159,7 @@ pub async fn rotate_refresh(
     revoked: impl Fn(&str, &str) -> OutboxEvent,
 ) -> Result<Rotation, AuthError> {
     on_db!(db, |pool| async {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         // Write first: it takes the write lock before anything is read, so two
         // presentations of one token serialise here on both backends.
         let claimed = sqlx::query("UPDATE refresh_tokens SET used_at = $2 WHERE digest = $1 AND used_at IS NULL")
@@ -208,7 +215,7 @@ pub async fn revoke_session_of(
     revoked: impl Fn(&str, &str) -> OutboxEvent,
 ) -> Result<Option<(String, String)>, AuthError> {
     on_db!(db, |pool| async {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let row: Option<(String, String)> = sqlx::query_as(
             "SELECT s.id, s.user_id FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id \
              WHERE r.digest = $1 AND s.revoked_at IS NULL",
@@ -237,7 +244,7 @@ pub async fn revoke_session_of(
 pub async fn revoke_all_sessions(db: &Db, user_id: &str, now: i64, event: &OutboxEvent) -> Result<u64, AuthError> {
     on_db!(db, |pool| {
         async {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let n = sqlx::query(
             "UPDATE sessions SET revoked_at = $2, revoke_reason = 'REVOKE_ALL' WHERE user_id = $1 AND revoked_at IS NULL",
         )

@@ -186,6 +186,13 @@ pub struct AuthSettings {
     /// gRPC URL of the auth component for processes that do not run it, to
     /// fetch token keys (`PLINTH_AUTH__URL`, e.g. `http://auth:50051`).
     pub url: Option<String>,
+    /// Email of the administrator created at first start when none exists
+    /// (`PLINTH_AUTH__BOOTSTRAP_ADMIN_EMAIL`).
+    pub bootstrap_admin_email: String,
+    /// Its password; when unset a random one is generated and logged once
+    /// (`PLINTH_AUTH__BOOTSTRAP_ADMIN_PASSWORD`).
+    #[serde(serialize_with = "redact_opt")]
+    pub bootstrap_admin_password: Option<SecretString>,
 }
 
 impl Default for AuthSettings {
@@ -198,6 +205,8 @@ impl Default for AuthSettings {
             refresh_grace_secs: 10,
             hash_concurrency: 2,
             url: None,
+            bootstrap_admin_email: "admin@plinth.local".into(),
+            bootstrap_admin_password: None,
         }
     }
 }
@@ -426,6 +435,8 @@ fn is_string_key(key: &str) -> bool {
         key,
         "only"
             | "auth.url"
+            | "auth.bootstrap_admin_email"
+            | "auth.bootstrap_admin_password"
             | "redis_key_prefix"
             | "auth.issuer"
             | "auth.audience"

@@ -31,6 +31,38 @@ macro_rules! on_db {
     };
 }
 
+/// Starts a transaction that will write. On SQLite it takes the write lock
+/// at `BEGIN IMMEDIATE`: a deferred transaction that reads first and writes
+/// later fails with `SQLITE_BUSY` (no waiting) when another connection wrote
+/// in between, which under concurrent load is routine. On PostgreSQL it is a
+/// plain `BEGIN`. Use it inside [`on_db!`] for every transaction that writes.
+pub trait BeginWrite {
+    /// The database of the pool.
+    type Database: sqlx::Database;
+    /// Begins the transaction.
+    fn begin_write(
+        &self,
+    ) -> futures::future::BoxFuture<'_, Result<sqlx::Transaction<'static, Self::Database>, sqlx::Error>>;
+}
+
+impl BeginWrite for SqlitePool {
+    type Database = sqlx::Sqlite;
+    fn begin_write(
+        &self,
+    ) -> futures::future::BoxFuture<'_, Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error>> {
+        Box::pin(self.begin_with("BEGIN IMMEDIATE"))
+    }
+}
+
+impl BeginWrite for PgPool {
+    type Database = sqlx::Postgres;
+    fn begin_write(
+        &self,
+    ) -> futures::future::BoxFuture<'_, Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error>> {
+        Box::pin(self.begin())
+    }
+}
+
 /// A storage operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
