@@ -62,6 +62,19 @@ impl TestApp {
         config
     }
 
+    /// A second replica of `config`: same databases, schemas and Redis keys,
+    /// its own ports and data directory, running only `only`.
+    pub fn replica_of(config: &Config, only: &str) -> anyhow::Result<Config> {
+        let mut replica = Self::config();
+        replica.database_url = config.database_url.clone();
+        replica.redis_url = config.redis_url.clone();
+        replica.nats_url = config.nats_url.clone();
+        replica.storage.schema_prefix = config.storage.schema_prefix.clone();
+        replica.redis_key_prefix = config.redis_key_prefix.clone();
+        replica.only = only.parse()?;
+        Ok(replica)
+    }
+
     /// Builds and serves `config` until [`TestApp::stop`].
     pub async fn spawn(config: Config) -> anyhow::Result<TestApp> {
         if std::env::var("TEST_LOG").is_ok() {

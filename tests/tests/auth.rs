@@ -286,12 +286,8 @@ async fn revocation_reaches_every_replica_through_redis() {
         return;
     };
     let mut first = TestApp::config_on(Some(&pg));
-    first.redis_url = Some(secrecy::SecretString::from(redis.clone()));
-    let mut second = TestApp::config_on(Some(&pg));
-    second.redis_url = Some(secrecy::SecretString::from(redis));
-    second.storage.schema_prefix = first.storage.schema_prefix.clone();
-    second.redis_key_prefix = first.redis_key_prefix.clone();
-    second.only = "auth".parse().unwrap();
+    first.redis_url = Some(secrecy::SecretString::from(redis));
+    let second = TestApp::replica_of(&first, "auth").unwrap();
     let a = TestApp::spawn(first).await.unwrap();
     let b = TestApp::spawn(second).await.unwrap();
     let (mut ca, mut cb) = (a.auth().await.unwrap(), b.auth().await.unwrap());

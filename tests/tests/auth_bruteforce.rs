@@ -107,13 +107,8 @@ async fn replicas_sharing_redis_share_the_limit() {
         return;
     };
     let mut first = TestApp::config_on(Some(&pg));
-    first.redis_url = Some(SecretString::from(redis.clone()));
-    let prefix = first.storage.schema_prefix.clone();
-    let mut second = TestApp::config_on(Some(&pg));
-    second.redis_url = Some(SecretString::from(redis));
-    second.storage.schema_prefix = prefix;
-    second.redis_key_prefix = first.redis_key_prefix.clone();
-    second.only = "auth".parse().unwrap();
+    first.redis_url = Some(SecretString::from(redis));
+    let second = TestApp::replica_of(&first, "auth").unwrap();
     let a = TestApp::spawn(first).await.unwrap();
     let b = TestApp::spawn(second).await.unwrap();
     let mut ca = a.auth().await.unwrap();

@@ -155,31 +155,14 @@ impl Auth {
             None => URL_SAFE_NO_PAD.encode(rand::random::<[u8; 18]>()),
         };
         check_policy(&password, &email)?;
-        let now = unix_now();
-        let user = UserRow {
-            id: uuid::Uuid::now_v7().to_string(),
-            email,
-            password_hash: self.hasher.hash(password.clone()).await?,
-            display_name: "Bootstrap administrator".into(),
-            status: "active".into(),
-            roles: "admin".into(),
-            created_at: now,
-        };
-        let event = OutboxEvent::new(
-            "plinth.auth.user_registered",
-            &user.id,
-            &UserRegisteredEvent {
-                user_id: user.id.clone(),
-                email: user.email.clone(),
-                time: timestamp(now),
-            },
-        );
-        match store::insert_user(&self.db, &user, &event).await {
+        let user = match self
+            .create_user(email, password.clone(), "Bootstrap administrator", "admin")
+            .await
+        {
             // Another replica created it first.
             Err(AuthError::EmailTaken) => return Ok(()),
             other => other?,
-        }
-        self.committed();
+        };
         if generated {
             tracing::warn!(
                 email = %user.email,
@@ -224,7 +207,19 @@ impl Auth {
         if !violations.is_empty() {
             return Err(AuthError::Invalid(violations));
         }
-        let email = email?;
+        let user = self.create_user(email?, password, display_name, DEFAULT_ROLE).await?;
+        tracing::info!(user_id = %user.id, "user registered");
+        Ok(user)
+    }
+
+    /// Hashes the password and stores an active user with its event.
+    async fn create_user(
+        &self,
+        email: String,
+        password: String,
+        display_name: &str,
+        roles: &str,
+    ) -> Result<UserRow, AuthError> {
         let now = unix_now();
         let user = UserRow {
             id: uuid::Uuid::now_v7().to_string(),
@@ -232,21 +227,21 @@ impl Auth {
             password_hash: self.hasher.hash(password).await?,
             display_name: display_name.to_owned(),
             status: "active".into(),
-            roles: DEFAULT_ROLE.into(),
+            roles: roles.to_owned(),
             created_at: now,
         };
-        let event = OutboxEvent::new(
-            "plinth.auth.user_registered",
-            &user.id,
-            &UserRegisteredEvent {
-                user_id: user.id.clone(),
-                email: user.email.clone(),
-                time: timestamp(now),
-            },
-        );
-        store::insert_user(&self.db, &user, &event).await?;
+        let event = UserRegisteredEvent {
+            user_id: user.id.clone(),
+            email: user.email.clone(),
+            time: timestamp(now),
+        };
+        store::insert_user(
+            &self.db,
+            &user,
+            &OutboxEvent::new("plinth.auth.user_registered", &user.id, &event),
+        )
+        .await?;
         self.committed();
-        tracing::info!(user_id = %user.id, "user registered");
         Ok(user)
     }
 
