@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use plinth::auth::v1::auth_service_client::AuthServiceClient;
 use plinth::auth::v1::{
-    GetJwksRequest, GetMeRequest, LoginRequest, LogoutRequest, RefreshRequest, RegisterRequest,
-    RevokeAllSessionsRequest,
+    GetJwksRequest, GetMeRequest, ListSessionsRequest, LoginRequest, LogoutRequest, RefreshRequest, RegisterRequest,
+    RevokeAllSessionsRequest, RevokeSessionRequest,
 };
 use plinth_runtime::auth::jwt::{Expectations, KeySet, verify};
 use plinth_runtime::auth::unix_now;
@@ -335,4 +335,121 @@ async fn a_configured_bootstrap_admin_signs_in_with_the_admin_role() {
         .unwrap();
     assert_eq!(me.roles, vec!["admin"]);
     app.stop().await;
+}
+
+async fn sessions_contract(config: Config) {
+    let app = TestApp::spawn(config).await.unwrap();
+    let mut client = app.auth().await.unwrap();
+    let (alice, mallory) = (email(), email());
+    for e in [&alice, &mallory] {
+        client
+            .register(RegisterRequest {
+                email: e.clone(),
+                password: PASSWORD.into(),
+                display_name: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let mut logins = Vec::new();
+    for _ in 0..3 {
+        logins.push(login(&mut client, &alice, PASSWORD).await.unwrap());
+    }
+    let (current, _) = &logins[2];
+    let page = client
+        .list_sessions(bearer(
+            ListSessionsRequest {
+                page_size: 2,
+                page_token: String::new(),
+            },
+            current,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.sessions.len(), 2);
+    assert!(
+        page.sessions[0].current,
+        "newest first, and the caller's session is marked"
+    );
+    assert!(!page.next_page_token.is_empty());
+    let rest = client
+        .list_sessions(bearer(
+            ListSessionsRequest {
+                page_size: 2,
+                page_token: page.next_page_token.clone(),
+            },
+            current,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((rest.sessions.len(), rest.next_page_token.as_str()), (1, ""));
+    let oldest = rest.sessions[0].id.clone();
+
+    let bad = client
+        .list_sessions(bearer(
+            ListSessionsRequest {
+                page_size: 101,
+                page_token: String::new(),
+            },
+            current,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert_eq!(
+        bad.get_error_details().bad_request().unwrap().field_violations[0].field,
+        "page_size"
+    );
+
+    // Someone else cannot end Alice's session, nor learn whether it exists.
+    let (mallory_token, _) = login(&mut client, &mallory, PASSWORD).await.unwrap();
+    let denied = client
+        .revoke_session(bearer(
+            RevokeSessionRequest {
+                session_id: oldest.clone(),
+            },
+            &mallory_token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::NotFound);
+    client
+        .get_me(bearer(GetMeRequest {}, &logins[0].0))
+        .await
+        .expect("a foreign revoke changes nothing");
+
+    // Alice ends her oldest session: its access and refresh tokens stop at once.
+    client
+        .revoke_session(bearer(RevokeSessionRequest { session_id: oldest }, current))
+        .await
+        .unwrap();
+    let (old_access, old_refresh) = &logins[0];
+    assert_eq!(
+        reason(&client.get_me(bearer(GetMeRequest {}, old_access)).await.unwrap_err()),
+        "CREDENTIALS_REVOKED"
+    );
+    assert_eq!(
+        reason(&refresh(&mut client, old_refresh).await.unwrap_err()),
+        "BAD_REFRESH_TOKEN"
+    );
+    client
+        .get_me(bearer(GetMeRequest {}, current))
+        .await
+        .expect("other sessions go on");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn sessions_list_and_revoke_on_sqlite() {
+    sessions_contract(TestApp::config()).await;
+}
+
+#[tokio::test]
+async fn sessions_list_and_revoke_on_postgres() {
+    let Some(url) = backend_url(Backend::Postgres, "sessions_list_and_revoke_on_postgres").unwrap() else {
+        return;
+    };
+    sessions_contract(TestApp::config_on(Some(&url))).await;
 }

@@ -22,6 +22,9 @@ pub enum AuthError {
     /// The email is taken.
     #[error("a user with this email already exists")]
     EmailTaken,
+    /// No such open session of the caller.
+    #[error("session not found")]
+    SessionNotFound,
     /// The caller's user no longer exists or is not active.
     #[error("user not found")]
     UserNotFound,
@@ -73,7 +76,7 @@ impl ServiceError for AuthError {
             }
             AuthError::Unauthenticated => ErrorCode::Unauthenticated,
             AuthError::EmailTaken => ErrorCode::AlreadyExists,
-            AuthError::UserNotFound => ErrorCode::NotFound,
+            AuthError::UserNotFound | AuthError::SessionNotFound => ErrorCode::NotFound,
             AuthError::LoginThrottled { .. } => ErrorCode::ResourceExhausted,
             AuthError::StateUnavailable(_) | AuthError::Busy | AuthError::Revocation(_) => ErrorCode::Unavailable,
             AuthError::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
@@ -89,6 +92,7 @@ impl ServiceError for AuthError {
             AuthError::RefreshReused => "REFRESH_TOKEN_REUSED",
             AuthError::EmailTaken => "EMAIL_TAKEN",
             AuthError::UserNotFound => "USER_NOT_FOUND",
+            AuthError::SessionNotFound => "SESSION_NOT_FOUND",
             AuthError::Unauthenticated => "CREDENTIALS_MISSING",
             AuthError::LoginThrottled { .. } => "LOGIN_THROTTLED",
             AuthError::StateUnavailable(_) => "STATE_UNAVAILABLE",

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use plinth::auth::v1::auth_service_server::AuthService;
 use plinth::auth::v1::{
-    GetJwksRequest, GetJwksResponse, GetMeRequest, GetMeResponse, LoginRequest, LoginResponse, LogoutRequest,
-    LogoutResponse, RefreshRequest, RefreshResponse, RegisterRequest, RegisterResponse, RevokeAllSessionsRequest,
-    RevokeAllSessionsResponse, TokenPair, User, UserStatus,
+    GetJwksRequest, GetJwksResponse, GetMeRequest, GetMeResponse, ListSessionsRequest, ListSessionsResponse,
+    LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, RefreshRequest, RefreshResponse, RegisterRequest,
+    RegisterResponse, RevokeAllSessionsRequest, RevokeAllSessionsResponse, RevokeSessionRequest, RevokeSessionResponse,
+    Session, TokenPair, User, UserStatus,
 };
 use plinth_runtime::auth::Principal;
 use plinth_runtime::error::to_status;
@@ -129,6 +130,58 @@ impl AuthService for AuthGrpc {
         Ok(Response::new(RevokeAllSessionsResponse {
             revoked_sessions: i64::try_from(n).unwrap_or(i64::MAX),
         }))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<ListSessionsRequest>,
+    ) -> Result<Response<ListSessionsResponse>, Status> {
+        let principal = request
+            .extensions()
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| status(AuthError::Unauthenticated))?;
+        let r = request.into_inner();
+        let (rows, next_page_token) = self
+            .auth
+            .sessions(&principal.subject, r.page_size, &r.page_token)
+            .await
+            .map_err(status)?;
+        let sessions = rows
+            .into_iter()
+            .map(|(id, created, expires)| Session {
+                current: id == principal.session,
+                id,
+                create_time: Some(prost_types::Timestamp {
+                    seconds: created,
+                    nanos: 0,
+                }),
+                expire_time: Some(prost_types::Timestamp {
+                    seconds: expires,
+                    nanos: 0,
+                }),
+            })
+            .collect();
+        Ok(Response::new(ListSessionsResponse {
+            sessions,
+            next_page_token,
+        }))
+    }
+
+    async fn revoke_session(
+        &self,
+        request: Request<RevokeSessionRequest>,
+    ) -> Result<Response<RevokeSessionResponse>, Status> {
+        let principal = request
+            .extensions()
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| status(AuthError::Unauthenticated))?;
+        self.auth
+            .revoke_session(&principal.subject, &request.into_inner().session_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RevokeSessionResponse {}))
     }
 
     async fn get_me(&self, request: Request<GetMeRequest>) -> Result<Response<GetMeResponse>, Status> {

@@ -432,6 +432,55 @@ impl Auth {
         Ok(n)
     }
 
+    /// `user_id`'s open sessions, newest first: a page of at most `page_size`
+    /// (default 50, at most 100) after `page_token`, and the next token.
+    pub async fn sessions(
+        &self,
+        user_id: &str,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<(Vec<store::SessionRow>, String), AuthError> {
+        let size: usize = match page_size {
+            0 => 50,
+            1..=100 => usize::try_from(page_size).unwrap_or(50),
+            _ => return Err(AuthError::field("page_size", "must be between 0 and 100")),
+        };
+        let before = (!page_token.is_empty()).then_some(page_token);
+        if before.is_some_and(|t| uuid::Uuid::parse_str(t).is_err()) {
+            return Err(AuthError::field(
+                "page_token",
+                "is not a token from a previous response",
+            ));
+        }
+        let limit = i64::try_from(size + 1).unwrap_or(101);
+        let mut rows = store::open_sessions(&self.db, user_id, unix_now(), before, limit).await?;
+        let next = if rows.len() > size {
+            rows.truncate(size);
+            rows.last().map(|r| r.0.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((rows, next))
+    }
+
+    /// Ends `user_id`'s session `session_id`; its access tokens stop at once.
+    pub async fn revoke_session(&self, user_id: &str, session_id: &str) -> Result<(), AuthError> {
+        if uuid::Uuid::parse_str(session_id).is_err() {
+            return Err(AuthError::field("session_id", "must be a session id from ListSessions"));
+        }
+        let lifetime = std::time::Duration::from_secs(self.settings.access_ttl_secs);
+        let event = Self::revoked_event("REVOKED")(user_id, session_id);
+        if !store::revoke_session(&self.db, user_id, session_id, unix_now(), &event).await? {
+            return Err(AuthError::SessionNotFound);
+        }
+        self.revocations
+            .revoke_session(session_id, lifetime)
+            .await
+            .map_err(AuthError::Revocation)?;
+        self.committed();
+        Ok(())
+    }
+
     /// The user with `id`.
     pub async fn user(&self, id: &str) -> Result<UserRow, AuthError> {
         store::user_by_id(&self.db, id).await?.ok_or(AuthError::UserNotFound)

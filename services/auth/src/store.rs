@@ -261,6 +261,59 @@ pub async fn revoke_all_sessions(db: &Db, user_id: &str, now: i64, event: &Outbo
     })
 }
 
+/// A session as listed: (id, created_at, expires_at).
+pub type SessionRow = (String, i64, i64);
+
+/// `user_id`'s open sessions, newest first, after `before` (a session id) when given.
+pub async fn open_sessions(
+    db: &Db,
+    user_id: &str,
+    now: i64,
+    before: Option<&str>,
+    limit: i64,
+) -> Result<Vec<SessionRow>, AuthError> {
+    let sql = "SELECT id, created_at, expires_at FROM sessions \
+               WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2 AND ($3 IS NULL OR id < $3) \
+               ORDER BY id DESC LIMIT $4";
+    Ok(on_db!(db, |pool| sqlx::query_as(sql)
+        .bind(user_id)
+        .bind(now)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(pool)
+        .await)?)
+}
+
+/// Ends session `session_id` if it is `user_id`'s and open; true when it was.
+pub async fn revoke_session(
+    db: &Db,
+    user_id: &str,
+    session_id: &str,
+    now: i64,
+    event: &OutboxEvent,
+) -> Result<bool, AuthError> {
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin_write().await?;
+        let n = sqlx::query(
+            "UPDATE sessions SET revoked_at = $3, revoke_reason = 'REVOKED' \
+             WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(session_id)
+        .bind(user_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Ok(false);
+        }
+        event.write(&mut *tx).await?;
+        tx.commit().await?;
+        Ok::<bool, AuthError>(true)
+    }
+    .await)
+}
+
 /// Signing key seeds not retired, newest first.
 pub async fn active_keys(db: &Db) -> Result<Vec<(String, Vec<u8>, i64)>, AuthError> {
     let sql =

@@ -62,17 +62,25 @@ impl Revocations {
             .map_err(|e| AuthError::RevocationUnavailable(e.to_string()))
     }
 
-    /// Fails when `claims` belong to a revoked token or subject.
+    /// Refuses every token of session `sid`, for as long as one could live.
+    pub async fn revoke_session(&self, sid: &str, token_lifetime: Duration) -> Result<(), AuthError> {
+        let ttl = token_lifetime + Duration::from_secs(u64::try_from(SKEW_SECS).unwrap_or(60));
+        self.state
+            .set(&format!("revoked:sid:{sid}"), Bytes::from_static(b"1"), Some(ttl))
+            .await
+            .map_err(|e| AuthError::RevocationUnavailable(e.to_string()))
+    }
+
+    /// Fails when `claims` belong to a revoked token, session or subject.
     pub async fn check(&self, claims: &Claims) -> Result<(), AuthError> {
         let unavailable = |e: crate::state::StateError| AuthError::RevocationUnavailable(e.to_string());
-        if self
-            .state
-            .get(&format!("revoked:jti:{}", claims.jti))
-            .await
-            .map_err(unavailable)?
-            .is_some()
-        {
-            return Err(AuthError::Revoked);
+        for key in [
+            format!("revoked:jti:{}", claims.jti),
+            format!("revoked:sid:{}", claims.sid),
+        ] {
+            if self.state.get(&key).await.map_err(unavailable)?.is_some() {
+                return Err(AuthError::Revoked);
+            }
         }
         let not_before = self
             .state
