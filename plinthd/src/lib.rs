@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::FutureExt;
 use plinth::auth::v1::auth_service_server::AuthServiceServer;
+use plinth_gateway::{Gateway, GatewayOptions, Upstreams};
 use plinth_runtime::auth::{
     AuthLayer, Authenticator, GrpcJwksSource, JwksSource, PermissionMap, Revocations, RolePolicy,
 };
@@ -17,6 +18,7 @@ use plinth_runtime::config::Config;
 use plinth_runtime::events::outbox::Relay;
 use plinth_runtime::events::{InProcessBus, NatsBus, SharedBus};
 use plinth_runtime::health::Probe;
+use plinth_runtime::resilience::RateLimiter;
 use plinth_runtime::server::{BoundServer, ServerBuilder};
 use plinth_runtime::state::{InProcessState, RedisState, SharedStateRef};
 use plinth_runtime::storage::{Db, DbTarget, Migrations};
@@ -188,7 +190,11 @@ impl Plinth {
         let permissions = PermissionMap::from_descriptor_set(plinth::FILE_DESCRIPTOR_SET)?;
         builder = builder.with_auth(AuthLayer::new(authenticator, permissions, RolePolicy::default()));
 
-        let server = builder.bind(cfg.grpc_listen, cfg.http_listen, cfg.tls.as_ref()).await?;
+        let mut server = builder.bind(cfg.grpc_listen, cfg.http_listen, cfg.tls.as_ref()).await?;
+        if cfg.only.contains(Component::Gateway) {
+            let gateway = gateway(&cfg, &server, state.clone())?;
+            server.add_http(gateway.router());
+        }
         tracing::info!(
             grpc_addr = %server.grpc_addr,
             http_addr = %server.http_addr,
@@ -228,6 +234,45 @@ impl Plinth {
         tracing::info!(clean, "plinthd stopped");
         Ok(())
     }
+}
+
+/// The HTTP/JSON edge: local components in-process, the others at their
+/// configured upstream URLs (auth also at `PLINTH_AUTH__URL`).
+fn gateway(cfg: &Config, server: &BoundServer, state: SharedStateRef) -> anyhow::Result<Gateway> {
+    let local: Vec<&str> = cfg
+        .only
+        .enabled()
+        .into_iter()
+        .filter(|c| *c != Component::Gateway)
+        .map(|c| c.name())
+        .collect();
+    let mut upstreams = Upstreams::new().in_process(server.in_process(), &local);
+    for (component, url) in &cfg.gateway.upstreams {
+        if !upstreams.serves(component) {
+            upstreams = upstreams.remote(component, url)?;
+        }
+    }
+    if !upstreams.serves("auth")
+        && let Some(url) = &cfg.auth.url
+    {
+        upstreams = upstreams.remote("auth", url)?;
+    }
+    let g = &cfg.gateway;
+    let options = GatewayOptions {
+        body_limit: g.body_limit_bytes,
+        default_timeout: Duration::from_millis(g.default_timeout_ms),
+        cors_origins: g
+            .cors_origins
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        rate_limit: (g.rate_limit_per_sec > 0.0)
+            .then(|| RateLimiter::new(state, "gateway", g.rate_limit_per_sec, g.rate_limit_burst)),
+        compression: g.compression,
+    };
+    Ok(Gateway::new(plinth::FILE_DESCRIPTOR_SET, upstreams, options)?)
 }
 
 /// Each component's own tables (beside the runtime's outbox).

@@ -40,6 +40,9 @@ struct Args {
     /// Print the effective configuration as PLINTH_* lines (secrets redacted) and exit.
     #[arg(long)]
     dump_config: bool,
+    /// Print the gateway's OpenAPI 3.1 document (generated from the protos) and exit.
+    #[arg(long)]
+    print_openapi: bool,
 }
 
 impl Args {
@@ -70,6 +73,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.print_openapi {
+        return match plinth_gateway::Gateway::new(
+            plinth::FILE_DESCRIPTOR_SET,
+            plinth_gateway::Upstreams::new(),
+            plinth_gateway::GatewayOptions::default(),
+        ) {
+            Ok(g) => match std::io::stdout().lock().write_all(g.openapi()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            },
+            Err(e) => {
+                eprintln!("plinthd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.dump_config {
         let mut out = std::io::stdout().lock();
         for line in config.dump() {

@@ -56,6 +56,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// Identities and tokens (`PLINTH_AUTH__*`).
     pub auth: AuthSettings,
+    /// The HTTP/JSON edge (`PLINTH_GATEWAY__*`).
+    pub gateway: GatewaySettings,
     /// gRPC TLS (`PLINTH_TLS__*`); plaintext when unset.
     pub tls: Option<TlsConfig>,
     /// Seconds in-flight calls get to finish after SIGTERM (`PLINTH_SHUTDOWN_GRACE_SECS`).
@@ -78,6 +80,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             events: EventsConfig::default(),
             auth: AuthSettings::default(),
+            gateway: GatewaySettings::default(),
             tls: None,
             shutdown_grace_secs: 10,
         }
@@ -211,6 +214,43 @@ impl Default for AuthSettings {
     }
 }
 
+/// The HTTP/JSON edge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    /// gRPC URLs of components this process does not run, by component
+    /// (`PLINTH_GATEWAY__UPSTREAMS__AUTH=http://auth:50051`).
+    pub upstreams: BTreeMap<String, String>,
+    /// Largest request body in bytes; larger gets 413 (`PLINTH_GATEWAY__BODY_LIMIT_BYTES`).
+    pub body_limit_bytes: usize,
+    /// Deadline of unary calls without `Grpc-Timeout` (`PLINTH_GATEWAY__DEFAULT_TIMEOUT_MS`).
+    pub default_timeout_ms: u64,
+    /// Comma-separated origins allowed by CORS, `*` for any; empty turns CORS
+    /// off (`PLINTH_GATEWAY__CORS_ORIGINS`).
+    pub cors_origins: String,
+    /// Requests per second per client address; 0 turns the limit off
+    /// (`PLINTH_GATEWAY__RATE_LIMIT_PER_SEC`). Shared through Redis when set.
+    pub rate_limit_per_sec: f64,
+    /// Burst above the rate (`PLINTH_GATEWAY__RATE_LIMIT_BURST`).
+    pub rate_limit_burst: f64,
+    /// gzip/br compression of responses when the client accepts it (`PLINTH_GATEWAY__COMPRESSION`).
+    pub compression: bool,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            upstreams: BTreeMap::new(),
+            body_limit_bytes: 4 * 1024 * 1024,
+            default_timeout_ms: 30_000,
+            cors_origins: String::new(),
+            rate_limit_per_sec: 0.0,
+            rate_limit_burst: 100.0,
+            compression: true,
+        }
+    }
+}
+
 /// PEM files for TLS on the gRPC listener; `client_ca` turns on mutual TLS.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -313,6 +353,20 @@ impl Config {
             return Err(ConfigError::Rejected {
                 key: "PLINTH_STORAGE__SCHEMA_PREFIX",
                 reason: "must be lowercase letters, digits and underscores".into(),
+            });
+        }
+        for (component, url) in &self.gateway.upstreams {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Rejected {
+                    key: "PLINTH_GATEWAY__UPSTREAMS__<COMPONENT>",
+                    reason: format!("upstream of {component} must be an http:// or https:// gRPC URL, not {url:?}"),
+                });
+            }
+        }
+        if self.gateway.rate_limit_per_sec < 0.0 || self.gateway.rate_limit_burst < 1.0 {
+            return Err(ConfigError::Rejected {
+                key: "PLINTH_GATEWAY__RATE_LIMIT_PER_SEC",
+                reason: "the rate must be at least 0 and the burst at least 1".into(),
             });
         }
         if self.events.relay_batch == 0 {

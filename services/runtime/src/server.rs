@@ -160,12 +160,20 @@ impl ServerBuilder {
             key: "PLINTH_HTTP_LISTEN",
             source,
         })?;
+        let routes = self.routes.routes();
+        let in_process = InProcess {
+            inner: tower::ServiceBuilder::new()
+                .layer(ObserveLayer)
+                .layer(self.auth.clone())
+                .service(routes.clone()),
+        };
         Ok(BoundServer {
             grpc_listener,
             http_listener,
             grpc_addr,
             http_addr,
-            routes: self.routes.routes(),
+            in_process,
+            routes,
             http: self.http,
             tls,
             health: self.health,
@@ -182,6 +190,7 @@ pub struct BoundServer {
     pub grpc_addr: SocketAddr,
     /// The real HTTP address.
     pub http_addr: SocketAddr,
+    in_process: InProcess,
     routes: Routes,
     http: axum::Router,
     tls: Option<ServerTlsConfig>,
@@ -189,7 +198,46 @@ pub struct BoundServer {
     auth: AuthLayer,
 }
 
+/// The registered services with the same layers the gRPC listener applies
+/// (telemetry, authentication, permissions), callable without a socket: what
+/// the gateway calls in the all-in-one process.
+#[derive(Clone)]
+pub struct InProcess {
+    inner: Observe<crate::auth::AuthService<Routes>>,
+}
+
+impl std::fmt::Debug for InProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcess").finish()
+    }
+}
+
+impl Service<Request<tonic::body::Body>> for InProcess {
+    type Response = Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<Request<tonic::body::Body>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, req: Request<tonic::body::Body>) -> Self::Future {
+        self.inner.call(req)
+    }
+}
+
 impl BoundServer {
+    /// The services, callable in-process (see [`InProcess`]).
+    pub fn in_process(&self) -> InProcess {
+        self.in_process.clone()
+    }
+
+    /// Merges HTTP routes (the gateway, built from [`BoundServer::in_process`])
+    /// into the HTTP listener.
+    pub fn add_http(&mut self, router: axum::Router) {
+        self.http = std::mem::take(&mut self.http).merge(router);
+    }
+
     /// Serves until `shutdown` is cancelled, then marks health NOT_SERVING,
     /// stops accepting, and gives in-flight calls `grace` to finish.
     pub async fn serve(self, shutdown: CancellationToken, grace: Duration) -> Result<(), ServerError> {
@@ -214,8 +262,11 @@ impl BoundServer {
             .layer(self.auth)
             .add_routes(self.routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc_listener), draining);
-        let http =
-            axum::serve(self.http_listener, self.http).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let http = axum::serve(
+            self.http_listener,
+            self.http.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
         let both = async {
             let (g, h) = tokio::join!(grpc, http);
@@ -316,6 +367,17 @@ async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     (code, axum::Json(serde_json::Value::Object(body)))
 }
 
+/// The caller's `x-request-id` when it is sensible (1–128 bytes of visible
+/// ASCII), else a new UUIDv7: one id per request across HTTP and gRPC hops.
+pub fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
 /// The id of the request being served, in request extensions.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
@@ -354,13 +416,7 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let rpc = req.uri().path().to_owned();
-        let request_id = req
-            .headers()
-            .get(REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128)
-            .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let request_id = request_id(req.headers());
         let span = tracing::info_span!("rpc", rpc = %rpc, request_id = %request_id, trace_id = tracing::field::Empty);
         telemetry::set_parent(&span, &telemetry::HttpHeaderReader(req.headers()));
         if let Some(trace_id) = span.in_scope(telemetry::current_trace_id) {

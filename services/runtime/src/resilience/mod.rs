@@ -23,6 +23,15 @@ pub struct RateLimiter {
     bucket: TokenBucket,
 }
 
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("prefix", &self.prefix)
+            .field("bucket", &self.bucket)
+            .finish()
+    }
+}
+
 impl RateLimiter {
     /// `rate_per_sec` sustained with bursts up to `burst`, keyed under `prefix`.
     pub fn new(state: SharedStateRef, prefix: impl Into<String>, rate_per_sec: f64, burst: f64) -> Self {

@@ -1,0 +1,188 @@
+//! The real auth service through the gateway over HTTP/JSON, in both shapes:
+//! all components in one process (in-process calls), and a gateway-only
+//! process dialling a separate auth process over gRPC. What a `curl` user
+//! meets: register, log in, call with the token, refresh, log out, and the
+//! error bodies and statuses on the way.
+
+#![expect(clippy::unwrap_used, reason = "tests fail loudly")]
+
+use plinth_runtime::config::Config;
+use plinth_tests::TestApp;
+use serde_json::{Value, json};
+
+const PASSWORD: &str = "violet staircase under rain";
+
+async fn call(
+    http: &reqwest::Client,
+    method: &str,
+    url: String,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = http.request(method.parse().unwrap(), url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Register → login → me → refresh → logout → refresh refused, over HTTP at `base`.
+async fn session_flow(base: &str) {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let email = format!("http-{}@example.com", plinth_tests::unique());
+
+    let (s, b) = call(
+        &http,
+        "POST",
+        format!("{base}/v1/auth/register"),
+        None,
+        Some(json!({"email": email, "password": "short"})),
+    )
+    .await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["code"], 3);
+    assert!(b["details"].to_string().contains("password"), "the field is named: {b}");
+
+    let (s, b) = call(
+        &http,
+        "POST",
+        format!("{base}/v1/auth/register"),
+        None,
+        Some(json!({"email": email, "password": PASSWORD, "displayName": "HTTP user"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["user"]["displayName"], "HTTP user");
+
+    let (s, b) = call(
+        &http,
+        "POST",
+        format!("{base}/v1/auth/login"),
+        None,
+        Some(json!({"email": email, "password": "wrong password entirely"})),
+    )
+    .await;
+    assert_eq!((s, b["code"].clone()), (401, json!(16)), "{b}");
+
+    let (s, b) = call(
+        &http,
+        "POST",
+        format!("{base}/v1/auth/login"),
+        None,
+        Some(json!({"email": email, "password": PASSWORD})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let access = b["tokens"]["accessToken"].as_str().unwrap().to_owned();
+    let refresh = b["tokens"]["refreshToken"].as_str().unwrap().to_owned();
+    assert_eq!(b["tokens"]["expiresIn"], "900", "int64 is a JSON string");
+
+    let (s, b) = call(&http, "GET", format!("{base}/v1/auth/me"), Some(&access), None).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["user"]["email"], email);
+
+    let resp = http.get(format!("{base}/v1/auth/me")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().contains_key("www-authenticate"));
+
+    let (s, b) = call(&http, "GET", format!("{base}/v1/auth/sessions"), Some(&access), None).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["sessions"].as_array().unwrap().len(), 1);
+
+    let (s, b) = call(
+        &http,
+        "POST",
+        format!("{base}/v1/auth/refresh"),
+        None,
+        Some(json!({"refreshToken": refresh})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let rotated = b["tokens"]["refreshToken"].as_str().unwrap().to_owned();
+    assert_ne!(rotated, refresh);
+
+    let (s, _) = call(
+        &http,
+        "POST",
+        format!("{base}/v1/auth/logout"),
+        Some(&access),
+        Some(json!({"refreshToken": rotated})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, b) = call(
+        &http,
+        "POST",
+        format!("{base}/v1/auth/refresh"),
+        None,
+        Some(json!({"refreshToken": rotated})),
+    )
+    .await;
+    assert_eq!(s, 401, "a logged-out session cannot refresh: {b}");
+
+    let (s, b) = call(&http, "GET", format!("{base}/.well-known/jwks.json"), None, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(b["keys"][0]["alg"], "EdDSA");
+}
+
+#[tokio::test]
+async fn auth_over_http_in_one_process() {
+    let app = TestApp::spawn(TestApp::config()).await.unwrap();
+    let base = format!("http://{}", app.http);
+    session_flow(&base).await;
+
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (s, doc) = call(&http, "GET", format!("{base}/openapi.json"), None, None).await;
+    assert_eq!(s, 200);
+    let login = &doc["paths"]["/v1/auth/login"]["post"];
+    assert_eq!(login["operationId"], "AuthService_Login");
+    assert_eq!(login["security"], json!([]), "login is public");
+    let me = &doc["paths"]["/v1/auth/me"]["get"];
+    assert!(
+        me["description"].as_str().unwrap().contains("valid access token"),
+        "{me}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn auth_over_http_through_a_separate_gateway_process() {
+    let base_config = TestApp::config();
+    let auth_config = TestApp::replica_of(&base_config, "auth").unwrap();
+    let auth = TestApp::spawn(auth_config).await.unwrap();
+    let mut gateway_config: Config = TestApp::replica_of(&base_config, "gateway").unwrap();
+    gateway_config
+        .gateway
+        .upstreams
+        .insert("auth".into(), format!("http://{}", auth.grpc));
+    let gateway = TestApp::spawn(gateway_config).await.unwrap();
+    session_flow(&format!("http://{}", gateway.http)).await;
+
+    // An auth-only process serves no gateway routes.
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (s, _) = call(&http, "GET", format!("http://{}/v1/auth/me", auth.http), None, None).await;
+    assert_eq!(s, 404);
+    gateway.stop().await;
+    auth.stop().await;
+
+    // A gateway with no upstream for a component answers 503 naming the setting.
+    let lonely = TestApp::spawn(TestApp::replica_of(&base_config, "gateway").unwrap())
+        .await
+        .unwrap();
+    let (s, b) = call(&http, "GET", format!("http://{}/v1/auth/me", lonely.http), None, None).await;
+    assert_eq!((s, b["code"].clone()), (503, json!(14)), "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap()
+            .contains("PLINTH_GATEWAY__UPSTREAMS__AUTH"),
+        "{b}"
+    );
+    lonely.stop().await;
+}
