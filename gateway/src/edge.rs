@@ -20,6 +20,7 @@ use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 use crate::error::status_response;
 use crate::handler::{Inner, RouteLabel, handle};
+use crate::health;
 use crate::metadata::REQUEST_ID;
 
 struct EdgeMetrics {
@@ -43,13 +44,16 @@ static METRICS: LazyLock<EdgeMetrics> = LazyLock::new(|| EdgeMetrics {
     ),
 });
 
-/// The gateway's router with every edge layer.
+/// The gateway's router with every edge layer, and the health endpoints.
 pub(crate) fn router(inner: Arc<Inner>) -> axum::Router {
     let mut router = axum::Router::new()
         .route("/openapi.json", get(openapi))
         .route("/docs", get(docs))
         .fallback(handle)
         .layer(middleware::from_fn_with_state(inner.clone(), rate_limit))
+        // Probes are not rate limited.
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
         .with_state(inner.clone());
     if inner.options.compression {
         let predicate = SizeAbove::new(256)

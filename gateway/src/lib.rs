@@ -10,6 +10,7 @@ mod codec;
 mod edge;
 mod error;
 mod handler;
+mod health;
 mod metadata;
 pub mod openapi;
 mod routes;
@@ -41,6 +42,9 @@ pub struct GatewayOptions {
     pub rate_limit: Option<RateLimiter>,
     /// Whether responses may be compressed (gzip, br) when the client accepts it.
     pub compression: bool,
+    /// This process's health registry, for `/healthz` and `/readyz`; names it
+    /// does not know are asked of the upstreams.
+    pub health: Option<plinth_runtime::health::Health>,
 }
 
 impl Default for GatewayOptions {
@@ -51,6 +55,7 @@ impl Default for GatewayOptions {
             cors_origins: Vec::new(),
             rate_limit: None,
             compression: true,
+            health: None,
         }
     }
 }

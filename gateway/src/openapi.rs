@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use prost_reflect::{FieldDescriptor, FileDescriptor, Kind, MessageDescriptor};
+use prost_reflect::{ExtensionDescriptor, FieldDescriptor, FileDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value, json};
 
 use crate::routes::{Binding, BodyTarget, HTTP_BODY, RouteTable};
@@ -22,7 +22,10 @@ pub struct OpenApiError(String);
 
 /// Builds the OpenAPI 3.1 document of `table`.
 pub fn document(table: &RouteTable) -> Result<Value, OpenApiError> {
-    let mut generator = Generator::default();
+    let mut generator = Generator {
+        schemas: BTreeMap::new(),
+        field_behavior: table.pool().get_extension_by_name("google.api.field_behavior"),
+    };
     let mut paths: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     let bound: HashSet<String> = table
         .bindings()
@@ -97,9 +100,16 @@ pub fn document(table: &RouteTable) -> Result<Value, OpenApiError> {
                     "bearerFormat": "JWT",
                     "description": "An access token from POST /v1/auth/login.",
                 },
+                "apiKeyAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "plk_ API key",
+                    "description": "An API key from POST /v1/auth/apiKeys (`plk_…`), sent as a bearer token; \
+                                    limited to its scopes and its owner's roles.",
+                },
             },
         },
-        "security": [{"bearerAuth": []}],
+        "security": [{"bearerAuth": []}, {"apiKeyAuth": []}],
     }))
 }
 
@@ -135,10 +145,16 @@ fn prune_unused(
     }
 }
 
-#[derive(Default)]
 struct Generator {
     schemas: BTreeMap<String, Value>,
+    /// `google.api.field_behavior`: REQUIRED fields are listed as required,
+    /// OUTPUT_ONLY ones are read-only.
+    field_behavior: Option<ExtensionDescriptor>,
 }
+
+/// `google.api.FieldBehavior` numbers.
+const REQUIRED: i32 = 2;
+const OUTPUT_ONLY: i32 = 3;
 
 impl Generator {
     fn operation(&mut self, binding: &Binding, id: String) -> Map<String, Value> {
@@ -318,14 +334,25 @@ impl Generator {
         // Insert a placeholder first: recursive messages refer to themselves.
         self.schemas.insert(m.full_name().to_owned(), json!({}));
         let mut properties = Map::new();
+        let mut required = Vec::new();
         for f in m.fields() {
             let mut schema = self.field_schema(&f);
             if let Some(d) = comment(&f.parent_file(), f.path()) {
                 schema = with_description(schema, d);
             }
+            let behaviors = self.behaviors(&f);
+            if behaviors.contains(&REQUIRED) {
+                required.push(Value::from(f.json_name()));
+            }
+            if behaviors.contains(&OUTPUT_ONLY) {
+                schema["readOnly"] = true.into();
+            }
             properties.insert(f.json_name().to_owned(), schema);
         }
         let mut schema = json!({"type": "object", "properties": properties});
+        if !required.is_empty() {
+            schema["required"] = required.into();
+        }
         if let Some(d) = comment(&m.parent_file(), m.path()) {
             schema["description"] = d.into();
         }
@@ -336,6 +363,20 @@ impl Generator {
             schema["properties"]["details"] = json!({"type": "array", "items": {"type": "object", "properties": {"@type": {"type": "string"}}, "additionalProperties": true}});
         }
         self.schemas.insert(m.full_name().to_owned(), schema);
+    }
+
+    fn behaviors(&self, f: &FieldDescriptor) -> Vec<i32> {
+        let Some(ext) = &self.field_behavior else {
+            return Vec::new();
+        };
+        let options = f.options();
+        if !options.has_extension(ext) {
+            return Vec::new();
+        }
+        match options.get_extension(ext).as_ref() {
+            prost_reflect::Value::List(values) => values.iter().filter_map(|v| v.as_enum_number()).collect(),
+            _ => Vec::new(),
+        }
     }
 
     fn field_schema(&mut self, f: &FieldDescriptor) -> Value {

@@ -34,6 +34,7 @@ pub struct UpstreamError {
 #[derive(Clone, Default)]
 pub struct Upstreams {
     by_component: HashMap<String, GrpcService>,
+    remote: Vec<String>,
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -87,7 +88,16 @@ impl Upstreams {
             component.to_owned(),
             BoxCloneSyncService::new(channel.map_err(|e| CallError(e.into()))),
         );
+        self.remote.push(component.to_owned());
         Ok(self)
+    }
+
+    /// The components served by another process, with their upstreams.
+    pub fn remotes(&self) -> Vec<(String, GrpcService)> {
+        self.remote
+            .iter()
+            .filter_map(|c| self.by_component.get(c).map(|s| (c.clone(), s.clone())))
+            .collect()
     }
 
     /// Sends `component`'s RPCs to `service` (tests, custom wiring).

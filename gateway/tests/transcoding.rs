@@ -18,7 +18,6 @@ use plinth_runtime::state::InProcessState;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 struct Edge {
     base: String,
@@ -36,7 +35,7 @@ impl Edge {
             let addr = listener.local_addr().unwrap();
             let server = tonic::transport::Server::builder()
                 .add_service(echo.clone())
-                .serve_with_incoming(TcpListenerStream::new(listener));
+                .serve_with_incoming(plinth_runtime::server::incoming(listener));
             tasks.spawn("echo-grpc", server);
             Upstreams::new()
                 .remote("gatewaytest", &format!("http://{addr}"))
@@ -551,9 +550,20 @@ async fn openapi_is_generated_from_the_descriptors_and_docs_are_served() {
             .starts_with("The message echoed back")
     );
     assert_eq!(message["properties"]["count"]["type"], "string");
+    assert_eq!(
+        doc["components"]["schemas"]["plinth.gatewaytest.v1.FailRequest"]["required"],
+        json!(["code"]),
+        "google.api.field_behavior REQUIRED becomes required"
+    );
     assert_eq!(doc["components"]["securitySchemes"]["bearerAuth"]["scheme"], "bearer");
     let stream = &doc["paths"]["/v1/stream"]["get"]["responses"]["200"]["content"]["application/x-ndjson"];
     assert!(stream["schema"]["properties"]["result"].is_object());
+
+    // An upstream without grpc.health.v1 answers 501, as grpc-gateway maps it.
+    let (s, b) = edge
+        .json("GET", "/healthz?service=plinth.gatewaytest.v1.EchoService", None)
+        .await;
+    assert_eq!((s, b["code"].clone()), (StatusCode::NOT_IMPLEMENTED, json!(12)), "{b}");
 
     let resp = edge.req("GET", "/docs").send().await.unwrap();
     assert_eq!(resp.status(), 200);

@@ -12,7 +12,7 @@ use futures::FutureExt;
 use plinth::auth::v1::auth_service_server::AuthServiceServer;
 use plinth_gateway::{Gateway, GatewayOptions, Upstreams};
 use plinth_runtime::auth::{
-    AuthLayer, Authenticator, GrpcJwksSource, JwksSource, PermissionMap, Revocations, RolePolicy,
+    ApiKeySource, AuthLayer, Authenticator, GrpcJwksSource, JwksSource, PermissionMap, Revocations, RolePolicy,
 };
 use plinth_runtime::config::Config;
 use plinth_runtime::events::outbox::Relay;
@@ -73,6 +73,7 @@ impl Plinth {
         let (mut builder, health) = ServerBuilder::new();
         let mut running = Vec::new();
         let mut jwks: Option<Arc<dyn JwksSource>> = None;
+        let mut api_keys: Option<Arc<dyn ApiKeySource>> = None;
         let mut required = vec!["database"];
         if cfg.redis_url.is_some() {
             required.push("redis");
@@ -113,7 +114,8 @@ impl Plinth {
                         plinth::FILE_DESCRIPTOR_SET,
                     );
                     health.register("plinth.auth.v1.AuthService", &required).await;
-                    jwks = Some(auth);
+                    jwks = Some(auth.clone());
+                    api_keys = Some(auth);
                 }
                 tracing::info!(component = %component, storage = db.kind(), events = bus.kind(), state = state.kind(), "component ready");
                 Some(db)
@@ -179,13 +181,17 @@ impl Plinth {
         if jwks.is_none()
             && let Some(url) = &cfg.auth.url
         {
-            jwks = Some(Arc::new(GrpcJwksSource::new(url).map_err(anyhow::Error::msg)?));
+            let remote = Arc::new(GrpcJwksSource::new(url).map_err(anyhow::Error::msg)?);
+            jwks = Some(remote.clone());
+            api_keys = Some(remote);
         }
         let authenticator = jwks.map(|source| {
-            Arc::new(
-                Authenticator::new(source, &cfg.auth.issuer, &cfg.auth.audience, Duration::from_secs(30))
-                    .with_revocations(Revocations::new(state.clone())),
-            )
+            let mut a = Authenticator::new(source, &cfg.auth.issuer, &cfg.auth.audience, Duration::from_secs(30))
+                .with_revocations(Revocations::new(state.clone()));
+            if let Some(keys) = api_keys {
+                a = a.with_api_keys(keys);
+            }
+            Arc::new(a)
         });
         let permissions = PermissionMap::from_descriptor_set(plinth::FILE_DESCRIPTOR_SET)?;
         builder = builder.with_auth(AuthLayer::new(authenticator, permissions, RolePolicy::default()));
@@ -193,7 +199,7 @@ impl Plinth {
         let mut server = builder.bind(cfg.grpc_listen, cfg.http_listen, cfg.tls.as_ref()).await?;
         if cfg.only.contains(Component::Gateway) {
             let gateway = gateway(&cfg, &server, state.clone())?;
-            server.add_http(gateway.router());
+            server.add_gateway(gateway.router());
         }
         tracing::info!(
             grpc_addr = %server.grpc_addr,
@@ -271,6 +277,7 @@ fn gateway(cfg: &Config, server: &BoundServer, state: SharedStateRef) -> anyhow:
         rate_limit: (g.rate_limit_per_sec > 0.0)
             .then(|| RateLimiter::new(state, "gateway", g.rate_limit_per_sec, g.rate_limit_burst)),
         compression: g.compression,
+        health: Some(server.health()),
     };
     Ok(Gateway::new(plinth::FILE_DESCRIPTOR_SET, upstreams, options)?)
 }

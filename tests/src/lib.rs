@@ -181,3 +181,28 @@ pub fn unique() -> String {
         .unwrap_or(0);
     format!("{}_{nanos}", std::process::id())
 }
+
+/// A password every test user shares; it passes the password policy.
+pub const PASSWORD: &str = "violet staircase under rain";
+
+/// `message` with `authorization: Bearer <token>` (an access token or API key).
+pub fn with_bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        req.metadata_mut().insert("authorization", value);
+    }
+    req
+}
+
+/// Registers a fresh user named after `label` with [`PASSWORD`]; returns the email.
+pub async fn register_user(client: &mut AuthServiceClient<Channel>, label: &str) -> anyhow::Result<String> {
+    let email = format!("{label}-{}@example.com", unique());
+    client
+        .register(plinth::auth::v1::RegisterRequest {
+            email: email.clone(),
+            password: PASSWORD.into(),
+            display_name: String::new(),
+        })
+        .await?;
+    Ok(email)
+}

@@ -20,9 +20,9 @@ use plinth_runtime::auth::jwt::{Expectations, KeySet, verify};
 use plinth_runtime::auth::unix_now;
 use plinth_runtime::config::Config;
 use plinth_runtime::testing::{Backend, backend_url};
-use plinth_tests::TestApp;
+use plinth_tests::{TestApp, with_bearer};
 use tonic::transport::Channel;
-use tonic::{Code, Request};
+use tonic::Code;
 use tonic_types::StatusExt;
 
 const PASSWORD: &str = "violet staircase under rain";
@@ -63,13 +63,6 @@ async fn refresh(client: &mut AuthServiceClient<Channel>, token: &str) -> Result
         .await?
         .into_inner();
     Ok(resp.tokens.unwrap().refresh_token)
-}
-
-fn bearer<T>(message: T, token: &str) -> Request<T> {
-    let mut req = Request::new(message);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
 }
 
 async fn auth_contract(mut config: Config) {
@@ -146,7 +139,7 @@ async fn auth_contract(mut config: Config) {
     assert_eq!(claims.sub, user.id);
     assert_eq!(claims.roles, vec!["viewer"]);
     let me = client
-        .get_me(bearer(GetMeRequest {}, &access))
+        .get_me(with_bearer(GetMeRequest {}, &access))
         .await
         .unwrap()
         .into_inner()
@@ -159,7 +152,7 @@ async fn auth_contract(mut config: Config) {
     forged.insert(forged.len() - 3, if forged.ends_with('A') { 'B' } else { 'A' });
     assert_eq!(
         client
-            .get_me(bearer(GetMeRequest {}, &forged))
+            .get_me(with_bearer(GetMeRequest {}, &forged))
             .await
             .unwrap_err()
             .code(),
@@ -199,7 +192,7 @@ async fn auth_contract(mut config: Config) {
     let (access_a, refresh_a) = login(&mut client, &email, PASSWORD).await.unwrap();
     let (access_b, refresh_b) = login(&mut client, &email, PASSWORD).await.unwrap();
     client
-        .logout(bearer(
+        .logout(with_bearer(
             LogoutRequest {
                 refresh_token: refresh_a.clone(),
             },
@@ -207,23 +200,31 @@ async fn auth_contract(mut config: Config) {
         ))
         .await
         .unwrap();
-    let revoked = client.get_me(bearer(GetMeRequest {}, &access_a)).await.unwrap_err();
+    let revoked = client
+        .get_me(with_bearer(GetMeRequest {}, &access_a))
+        .await
+        .unwrap_err();
     assert_eq!(
         (revoked.code(), reason(&revoked).as_str()),
         (Code::Unauthenticated, "CREDENTIALS_REVOKED")
     );
-    client.get_me(bearer(GetMeRequest {}, &access_b)).await.unwrap();
+    client.get_me(with_bearer(GetMeRequest {}, &access_b)).await.unwrap();
 
     // RevokeAllSessions ends every session and every token issued so far.
     let n = client
-        .revoke_all_sessions(bearer(RevokeAllSessionsRequest {}, &access_b))
+        .revoke_all_sessions(with_bearer(RevokeAllSessionsRequest {}, &access_b))
         .await
         .unwrap()
         .into_inner()
         .revoked_sessions;
     assert!(n >= 1, "the open session must be counted, got {n}");
     assert_eq!(
-        reason(&client.get_me(bearer(GetMeRequest {}, &access_b)).await.unwrap_err()),
+        reason(
+            &client
+                .get_me(with_bearer(GetMeRequest {}, &access_b))
+                .await
+                .unwrap_err()
+        ),
         "CREDENTIALS_REVOKED"
     );
     assert_eq!(
@@ -233,7 +234,7 @@ async fn auth_contract(mut config: Config) {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (fresh, _) = login(&mut client, &email, PASSWORD).await.unwrap();
     client
-        .get_me(bearer(GetMeRequest {}, &fresh))
+        .get_me(with_bearer(GetMeRequest {}, &fresh))
         .await
         .expect("a login after the revocation works");
 
@@ -300,13 +301,13 @@ async fn revocation_reaches_every_replica_through_redis() {
     .await
     .unwrap();
     let (access, _) = login(&mut ca, &email, PASSWORD).await.unwrap();
-    cb.get_me(bearer(GetMeRequest {}, &access))
+    cb.get_me(with_bearer(GetMeRequest {}, &access))
         .await
         .expect("replica b accepts the token");
-    ca.revoke_all_sessions(bearer(RevokeAllSessionsRequest {}, &access))
+    ca.revoke_all_sessions(with_bearer(RevokeAllSessionsRequest {}, &access))
         .await
         .unwrap();
-    let refused = cb.get_me(bearer(GetMeRequest {}, &access)).await.unwrap_err();
+    let refused = cb.get_me(with_bearer(GetMeRequest {}, &access)).await.unwrap_err();
     assert_eq!(
         reason(&refused),
         "CREDENTIALS_REVOKED",
@@ -327,7 +328,7 @@ async fn a_configured_bootstrap_admin_signs_in_with_the_admin_role() {
         .await
         .unwrap();
     let me = client
-        .get_me(bearer(GetMeRequest {}, &access))
+        .get_me(with_bearer(GetMeRequest {}, &access))
         .await
         .unwrap()
         .into_inner()
@@ -357,7 +358,7 @@ async fn sessions_contract(config: Config) {
     }
     let (current, _) = &logins[2];
     let page = client
-        .list_sessions(bearer(
+        .list_sessions(with_bearer(
             ListSessionsRequest {
                 page_size: 2,
                 page_token: String::new(),
@@ -374,7 +375,7 @@ async fn sessions_contract(config: Config) {
     );
     assert!(!page.next_page_token.is_empty());
     let rest = client
-        .list_sessions(bearer(
+        .list_sessions(with_bearer(
             ListSessionsRequest {
                 page_size: 2,
                 page_token: page.next_page_token.clone(),
@@ -388,7 +389,7 @@ async fn sessions_contract(config: Config) {
     let oldest = rest.sessions[0].id.clone();
 
     let bad = client
-        .list_sessions(bearer(
+        .list_sessions(with_bearer(
             ListSessionsRequest {
                 page_size: 101,
                 page_token: String::new(),
@@ -406,7 +407,7 @@ async fn sessions_contract(config: Config) {
     // Someone else cannot end Alice's session, nor learn whether it exists.
     let (mallory_token, _) = login(&mut client, &mallory, PASSWORD).await.unwrap();
     let denied = client
-        .revoke_session(bearer(
+        .revoke_session(with_bearer(
             RevokeSessionRequest {
                 session_id: oldest.clone(),
             },
@@ -416,18 +417,23 @@ async fn sessions_contract(config: Config) {
         .unwrap_err();
     assert_eq!(denied.code(), Code::NotFound);
     client
-        .get_me(bearer(GetMeRequest {}, &logins[0].0))
+        .get_me(with_bearer(GetMeRequest {}, &logins[0].0))
         .await
         .expect("a foreign revoke changes nothing");
 
     // Alice ends her oldest session: its access and refresh tokens stop at once.
     client
-        .revoke_session(bearer(RevokeSessionRequest { session_id: oldest }, current))
+        .revoke_session(with_bearer(RevokeSessionRequest { session_id: oldest }, current))
         .await
         .unwrap();
     let (old_access, old_refresh) = &logins[0];
     assert_eq!(
-        reason(&client.get_me(bearer(GetMeRequest {}, old_access)).await.unwrap_err()),
+        reason(
+            &client
+                .get_me(with_bearer(GetMeRequest {}, old_access))
+                .await
+                .unwrap_err()
+        ),
         "CREDENTIALS_REVOKED"
     );
     assert_eq!(
@@ -435,7 +441,7 @@ async fn sessions_contract(config: Config) {
         "BAD_REFRESH_TOKEN"
     );
     client
-        .get_me(bearer(GetMeRequest {}, current))
+        .get_me(with_bearer(GetMeRequest {}, current))
         .await
         .expect("other sessions go on");
     app.stop().await;

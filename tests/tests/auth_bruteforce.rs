@@ -7,29 +7,14 @@
 
 use std::time::{Duration, Instant};
 
+use plinth::auth::v1::LoginRequest;
 use plinth::auth::v1::auth_service_client::AuthServiceClient;
-use plinth::auth::v1::{LoginRequest, RegisterRequest};
 use plinth_runtime::testing::{Backend, backend_url};
-use plinth_tests::{TestApp, unique};
+use plinth_tests::{PASSWORD, TestApp, register_user, unique};
 use secrecy::SecretString;
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
-
-const PASSWORD: &str = "violet staircase under rain";
-
-async fn register(client: &mut AuthServiceClient<Channel>) -> String {
-    let email = format!("guess-{}@example.com", unique());
-    client
-        .register(RegisterRequest {
-            email: email.clone(),
-            password: PASSWORD.into(),
-            display_name: String::new(),
-        })
-        .await
-        .unwrap();
-    email
-}
 
 async fn attempt(client: &AuthServiceClient<Channel>, email: &str, password: &str) -> Result<(), tonic::Status> {
     let mut client = client.clone();
@@ -76,7 +61,7 @@ async fn storm(clients: &[AuthServiceClient<Channel>], email: &str, n: usize) ->
 async fn parallel_guesses_cannot_beat_the_limit_and_lockout_holds_the_right_password() {
     let app = TestApp::spawn(TestApp::config()).await.unwrap();
     let mut client = app.auth().await.unwrap();
-    let email = register(&mut client).await;
+    let email = register_user(&mut client, "guess").await.unwrap();
     let checked = storm(std::slice::from_ref(&client), &email, 20).await;
     assert_eq!(
         checked, 5,
@@ -90,7 +75,7 @@ async fn parallel_guesses_cannot_beat_the_limit_and_lockout_holds_the_right_pass
     );
     // Another account is unaffected, and successful logins never exhaust the
     // address's allowance (an office behind one NAT address).
-    let other = register(&mut client).await;
+    let other = register_user(&mut client, "guess").await.unwrap();
     for _ in 0..55 {
         attempt(&client, &other, PASSWORD).await.unwrap();
     }
@@ -113,7 +98,7 @@ async fn replicas_sharing_redis_share_the_limit() {
     let b = TestApp::spawn(second).await.unwrap();
     let mut ca = a.auth().await.unwrap();
     let cb = b.auth().await.unwrap();
-    let email = register(&mut ca).await;
+    let email = register_user(&mut ca, "guess").await.unwrap();
     let checked = storm(&[ca.clone(), cb.clone()], &email, 16).await;
     assert_eq!(checked, 5, "guesses spread over two replicas still meet one limit");
     assert_eq!(
@@ -132,7 +117,7 @@ async fn unknown_email_and_wrong_password_take_the_same_time() {
     let mut unknown = Vec::new();
     for _ in 0..4 {
         // A fresh account each round keeps the throttle out of the measurement.
-        let email = register(&mut client).await;
+        let email = register_user(&mut client, "guess").await.unwrap();
         let started = Instant::now();
         assert_eq!(
             reason(&attempt(&client, &email, "not the password").await.unwrap_err()),

@@ -91,6 +91,20 @@ async fn session_flow(base: &str) {
     assert_eq!(resp.status(), 401);
     assert!(resp.headers().contains_key("www-authenticate"));
 
+    // An API key made over HTTP works as a bearer credential.
+    let (s, b) = call(
+        &http,
+        "POST",
+        format!("{base}/v1/auth/apiKeys"),
+        Some(&access),
+        Some(json!({"displayName": "ci"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let key = b["secret"].as_str().unwrap().to_owned();
+    let (s, b) = call(&http, "GET", format!("{base}/v1/auth/me"), Some(&key), None).await;
+    assert_eq!((s, b["user"]["email"].clone()), (200, json!(email)), "{b}");
+
     let (s, b) = call(&http, "GET", format!("{base}/v1/auth/sessions"), Some(&access), None).await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["sessions"].as_array().unwrap().len(), 1);
@@ -164,12 +178,49 @@ async fn auth_over_http_through_a_separate_gateway_process() {
     let gateway = TestApp::spawn(gateway_config).await.unwrap();
     session_flow(&format!("http://{}", gateway.http)).await;
 
-    // An auth-only process serves no gateway routes.
+    // Health through the edge: names it does not know are asked of the upstream.
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let g = format!("http://{}", gateway.http);
+    let (s, b) = call(
+        &http,
+        "GET",
+        format!("{g}/healthz?service=plinth.auth.v1.AuthService"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((s, b["status"].clone()), (200, json!("SERVING")), "{b}");
+    let (s, _) = call(
+        &http,
+        "GET",
+        format!("{g}/healthz?service=plinth.nothing.v1.Nope"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (s, b) = call(&http, "GET", format!("{g}/readyz"), None, None).await;
+    assert_eq!((s, b["upstream.auth"].clone()), (200, json!("SERVING")), "{b}");
+
+    // An auth-only process serves no gateway routes.
     let (s, _) = call(&http, "GET", format!("http://{}/v1/auth/me", auth.http), None, None).await;
     assert_eq!(s, 404);
-    gateway.stop().await;
+
+    // With auth gone the gateway is not ready, and says which upstream is missing.
     auth.stop().await;
+    let (s, b) = call(&http, "GET", format!("{g}/readyz"), None, None).await;
+    assert_eq!(s, 503, "{b}");
+    assert!(b["upstream.auth"].as_str().unwrap().starts_with("UNREACHABLE"), "{b}");
+    let (s, b) = call(
+        &http,
+        "POST",
+        format!("{g}/v1/auth/login"),
+        None,
+        Some(json!({"email": "a@b.c", "password": PASSWORD})),
+    )
+    .await;
+    assert_eq!((s, b["code"].clone()), (503, json!(14)), "{b}");
+    gateway.stop().await;
 
     // A gateway with no upstream for a component answers 503 naming the setting.
     let lonely = TestApp::spawn(TestApp::replica_of(&base_config, "gateway").unwrap())
@@ -185,4 +236,50 @@ async fn auth_over_http_through_a_separate_gateway_process() {
         "{b}"
     );
     lonely.stop().await;
+}
+
+#[tokio::test]
+async fn the_http_listener_speaks_tls_when_configured() {
+    let dir = std::env::temp_dir().join(format!("plinth-tls-{}", plinth_tests::unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    let mut config = TestApp::config();
+    config.tls = Some(plinth_runtime::config::TlsConfig {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+        client_ca: None,
+    });
+    let app = TestApp::spawn(config).await.unwrap();
+    let port = app.http.port();
+    let https = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .resolve("localhost", app.http)
+        .build()
+        .unwrap();
+    let resp = https
+        .get(format!("https://localhost:{port}/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = https
+        .get(format!("https://localhost:{port}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let plain = reqwest::Client::builder().no_proxy().build().unwrap();
+    assert!(
+        plain
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .is_err(),
+        "plaintext HTTP is refused on a TLS listener"
+    );
+    app.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
 }

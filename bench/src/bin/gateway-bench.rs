@@ -18,7 +18,6 @@ use plinth_gateway::{DynamicCodec, Gateway, GatewayOptions, Upstreams};
 use plinth_runtime::Tasks;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, Value};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
 
 fn out(line: &str) {
@@ -146,7 +145,7 @@ async fn main() -> anyhow::Result<()> {
     let grpc_addr = listener.local_addr()?;
     let server = tonic::transport::Server::builder()
         .add_service(echo.clone())
-        .serve_with_incoming(TcpListenerStream::new(listener));
+        .serve_with_incoming(plinth_runtime::server::incoming(listener));
     tasks.spawn("echo-grpc", server);
     let url = format!("http://{grpc_addr}");
     let remote = serve_gateway(&tasks, Upstreams::new().remote("gatewaytest", &url)?).await?;
@@ -155,6 +154,17 @@ async fn main() -> anyhow::Result<()> {
         .tcp_nodelay(true)
         .connect()
         .await?;
+
+    // One caller at a time: the latency the gateway adds, without queueing.
+    out(&format!("concurrency 1, {seconds} s per run, loopback"));
+    let d = direct(channel.clone(), desc.clone(), 8, 1, duration).await;
+    out(&d.line());
+    let g = through("gateway → gRPC   ", &remote, 8, 1, duration).await;
+    out(&g.line());
+    compare(&d, &g);
+    let l = through("gateway in-proc  ", &local, 8, 1, duration).await;
+    out(&l.line());
+    compare(&d, &l);
 
     out(&format!(
         "concurrency {concurrency}, {seconds} s per run, loopback, 2 cores shared by client and servers"

@@ -28,6 +28,9 @@ pub enum AuthError {
     /// The caller's user no longer exists or is not active.
     #[error("user not found")]
     UserNotFound,
+    /// No such active API key of the caller.
+    #[error("API key not found")]
+    ApiKeyNotFound,
     /// No authenticated caller where one is needed.
     #[error("authentication required")]
     Unauthenticated,
@@ -76,7 +79,7 @@ impl ServiceError for AuthError {
             }
             AuthError::Unauthenticated => ErrorCode::Unauthenticated,
             AuthError::EmailTaken => ErrorCode::AlreadyExists,
-            AuthError::UserNotFound | AuthError::SessionNotFound => ErrorCode::NotFound,
+            AuthError::UserNotFound | AuthError::SessionNotFound | AuthError::ApiKeyNotFound => ErrorCode::NotFound,
             AuthError::LoginThrottled { .. } => ErrorCode::ResourceExhausted,
             AuthError::StateUnavailable(_) | AuthError::Busy | AuthError::Revocation(_) => ErrorCode::Unavailable,
             AuthError::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
@@ -93,6 +96,7 @@ impl ServiceError for AuthError {
             AuthError::EmailTaken => "EMAIL_TAKEN",
             AuthError::UserNotFound => "USER_NOT_FOUND",
             AuthError::SessionNotFound => "SESSION_NOT_FOUND",
+            AuthError::ApiKeyNotFound => "API_KEY_NOT_FOUND",
             AuthError::Unauthenticated => "CREDENTIALS_MISSING",
             AuthError::LoginThrottled { .. } => "LOGIN_THROTTLED",
             AuthError::StateUnavailable(_) => "STATE_UNAVAILABLE",

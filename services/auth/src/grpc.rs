@@ -4,10 +4,11 @@ use std::sync::Arc;
 
 use plinth::auth::v1::auth_service_server::AuthService;
 use plinth::auth::v1::{
-    GetJwksRequest, GetJwksResponse, GetMeRequest, GetMeResponse, ListSessionsRequest, ListSessionsResponse,
-    LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, RefreshRequest, RefreshResponse, RegisterRequest,
-    RegisterResponse, RevokeAllSessionsRequest, RevokeAllSessionsResponse, RevokeSessionRequest, RevokeSessionResponse,
-    Session, TokenPair, User, UserStatus,
+    ApiKey, CreateApiKeyRequest, CreateApiKeyResponse, GetJwksRequest, GetJwksResponse, GetMeRequest, GetMeResponse,
+    IntrospectRequest, IntrospectResponse, ListApiKeysRequest, ListApiKeysResponse, ListSessionsRequest,
+    ListSessionsResponse, LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, RefreshRequest, RefreshResponse,
+    RegisterRequest, RegisterResponse, RevokeAllSessionsRequest, RevokeAllSessionsResponse, RevokeApiKeyRequest,
+    RevokeApiKeyResponse, RevokeSessionRequest, RevokeSessionResponse, Session, TokenPair, User, UserStatus,
 };
 use plinth_runtime::auth::Principal;
 use plinth_runtime::error::to_status;
@@ -15,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::AuthError;
 use crate::service::{self, Auth};
-use crate::store::UserRow;
+use crate::store::{ApiKeyRow, UserRow};
 
 /// The tonic service over [`Auth`].
 #[derive(Clone)]
@@ -27,6 +28,35 @@ impl AuthGrpc {
     /// Serves `auth`.
     pub fn new(auth: Arc<Auth>) -> Self {
         Self { auth }
+    }
+}
+
+/// The authenticated caller, put there by the auth layer.
+fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| status(AuthError::Unauthenticated))
+}
+
+fn ts(secs: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: secs,
+        nanos: 0,
+    }
+}
+
+fn api_key_pb(k: ApiKeyRow) -> ApiKey {
+    ApiKey {
+        prefix: format!("{}{}", plinth_runtime::auth::API_KEY_PREFIX, k.lookup),
+        scopes: k.scope_list(),
+        id: k.id,
+        display_name: k.display_name,
+        create_time: Some(ts(k.created_at)),
+        expire_time: k.expires_at.map(ts),
+        last_use_time: k.last_used_at.map(ts),
+        revoke_time: k.revoked_at.map(ts),
     }
 }
 
@@ -197,5 +227,67 @@ impl AuthService for AuthGrpc {
 
     async fn get_jwks(&self, _request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
         Ok(Response::new(GetJwksResponse { keys: self.auth.jwks() }))
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<CreateApiKeyRequest>,
+    ) -> Result<Response<CreateApiKeyResponse>, Status> {
+        let principal = caller(&request)?;
+        let r = request.into_inner();
+        let expires_at = r.expire_time.map(|t| t.seconds);
+        let (row, secret) = self
+            .auth
+            .create_api_key(&principal, &r.display_name, r.scopes, expires_at)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(CreateApiKeyResponse {
+            api_key: Some(api_key_pb(row)),
+            secret,
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<ListApiKeysRequest>,
+    ) -> Result<Response<ListApiKeysResponse>, Status> {
+        let principal = caller(&request)?;
+        let rows = self
+            .auth
+            .api_keys(&principal.subject, request.into_inner().show_revoked)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListApiKeysResponse {
+            api_keys: rows.into_iter().map(api_key_pb).collect(),
+        }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<RevokeApiKeyRequest>,
+    ) -> Result<Response<RevokeApiKeyResponse>, Status> {
+        let principal = caller(&request)?;
+        self.auth
+            .revoke_api_key(&principal.subject, &request.into_inner().key_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RevokeApiKeyResponse {}))
+    }
+
+    async fn introspect(&self, request: Request<IntrospectRequest>) -> Result<Response<IntrospectResponse>, Status> {
+        let token = request.into_inner().token;
+        if token.is_empty() {
+            return Err(status(AuthError::field("token", "is required")));
+        }
+        let i = self.auth.introspect(&token).await.map_err(status)?;
+        Ok(Response::new(IntrospectResponse {
+            active: i.active,
+            token_type: i.token_type.to_owned(),
+            sub: i.subject,
+            scope: i.scopes.join(" "),
+            exp: i.expires_at,
+            client_id: i.client_id,
+            roles: i.roles,
+        }))
     }
 }

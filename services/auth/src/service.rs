@@ -7,10 +7,11 @@ use std::sync::Arc;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use plinth::auth::v1::{
-    Jwk, LockoutEvent, LoginFailedEvent, LoginSucceededEvent, SessionRevokedEvent, UserRegisteredEvent,
+    ApiKeyCreatedEvent, ApiKeyRevokedEvent, Jwk, LockoutEvent, LoginFailedEvent, LoginSucceededEvent,
+    SessionRevokedEvent, UserRegisteredEvent,
 };
-use plinth_runtime::auth::jwt::{Claims, TokenSigner};
-use plinth_runtime::auth::{Principal, Revocations, unix_now};
+use plinth_runtime::auth::jwt::{self, Claims, Expectations, KeySet, TokenSigner};
+use plinth_runtime::auth::{API_KEY_PREFIX, ApiKeyGrant, Principal, Revocations, RolePolicy, unix_now};
 use plinth_runtime::config::AuthSettings;
 use plinth_runtime::events::outbox::{OutboxEvent, Relay};
 use plinth_runtime::storage::Db;
@@ -19,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::AuthError;
 use crate::password::{PasswordHasher, check_policy};
-use crate::store::{self, NewSession, Rotation, UserRow};
+use crate::store::{self, ApiKeyRow, NewSession, Rotation, UserRow};
 use crate::throttle::LoginThrottle;
 
 /// Refresh tokens start with this, so leaked ones are recognisable in scanners and logs.
@@ -56,10 +57,40 @@ pub struct Auth {
     hasher: PasswordHasher,
     signer: TokenSigner,
     jwks: Vec<Jwk>,
+    /// The same keys, for introspecting access tokens.
+    keyset: KeySet,
     relay: Option<Relay>,
     throttle: LoginThrottle,
     revocations: Revocations,
+    /// Keys the HMAC digests of API keys.
+    api_key_hmac: ring::hmac::Key,
+    /// Which permissions roles grant, to keep API key scopes within them.
+    policy: RolePolicy,
 }
+
+/// What `Introspect` says of a token (RFC 7662).
+#[derive(Debug, Clone, Default)]
+pub struct Introspection {
+    /// Whether it is valid now.
+    pub active: bool,
+    /// `access_token` or `api_key`.
+    pub token_type: &'static str,
+    /// Its subject.
+    pub subject: String,
+    /// Scopes (API keys).
+    pub scopes: Vec<String>,
+    /// Expiry; 0 for never.
+    pub expires_at: i64,
+    /// Key id or session id.
+    pub client_id: String,
+    /// The subject's roles.
+    pub roles: Vec<String>,
+}
+
+/// The longest API key display name.
+const MAX_KEY_NAME: usize = 100;
+/// The most scopes one API key may carry.
+const MAX_SCOPES: usize = 50;
 
 fn email_of(raw: &str) -> Result<String, AuthError> {
     let email = raw.trim().to_lowercase();
@@ -123,20 +154,24 @@ impl Auth {
             .first()
             .cloned()
             .ok_or_else(|| AuthError::Hashing("no usable signing key".into()))?;
-        let jwks = signers.iter().map(TokenSigner::jwk).collect();
+        let jwks: Vec<Jwk> = signers.iter().map(TokenSigner::jwk).collect();
         let bootstrap = (
             settings.bootstrap_admin_email.clone(),
             settings.bootstrap_admin_password.clone(),
         );
+        let secret = store::hmac_secret(&db, &rand::random::<[u8; 32]>(), unix_now()).await?;
         let auth = Arc::new(Self {
             db,
             settings,
             hasher,
             signer,
+            keyset: KeySet::from_jwks(&jwks),
             jwks,
             relay,
             throttle,
             revocations,
+            api_key_hmac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+            policy: RolePolicy::default(),
         });
         auth.bootstrap_admin(&bootstrap.0, bootstrap.1).await?;
         Ok(auth)
@@ -481,9 +516,218 @@ impl Auth {
         Ok(())
     }
 
+    fn key_digest(&self, key: &str) -> String {
+        URL_SAFE_NO_PAD.encode(ring::hmac::sign(&self.api_key_hmac, key.as_bytes()).as_ref())
+    }
+
+    /// Creates an API key for `caller`; the secret is returned this once.
+    pub async fn create_api_key(
+        &self,
+        caller: &Principal,
+        display_name: &str,
+        scopes: Vec<String>,
+        expires_at: Option<i64>,
+    ) -> Result<(ApiKeyRow, String), AuthError> {
+        let now = unix_now();
+        let name = display_name.trim();
+        if name.is_empty() || name.chars().count() > MAX_KEY_NAME {
+            return Err(AuthError::field("display_name", "must be 1 to 100 characters"));
+        }
+        if scopes.len() > MAX_SCOPES {
+            return Err(AuthError::field("scopes", "at most 50 scopes"));
+        }
+        for (i, scope) in scopes.iter().enumerate() {
+            let valid = scope == "*"
+                || (!scope.is_empty()
+                    && scope.len() <= 128
+                    && scope.split('.').all(|p| {
+                        p == "*"
+                            || (!p.is_empty()
+                                && p.bytes()
+                                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
+                    }));
+            if !valid {
+                return Err(AuthError::field(
+                    &format!("scopes[{i}]"),
+                    "must be a permission pattern like queue.messages.write, queue.* or *",
+                ));
+            }
+        }
+        // A key never carries more than its owner may do: with roles that
+        // grant `*`, anything goes; otherwise each exact scope must be granted.
+        for (i, scope) in scopes.iter().enumerate() {
+            if !scope.contains('*') && !self.policy.allows(&caller.roles, scope) {
+                return Err(AuthError::field(
+                    &format!("scopes[{i}]"),
+                    "is not granted by your roles",
+                ));
+            }
+        }
+        if let Some(at) = expires_at
+            && at <= now
+        {
+            return Err(AuthError::field("expire_time", "must be in the future"));
+        }
+        if caller.api_key.is_some() {
+            return Err(AuthError::field(
+                "authorization",
+                "API keys cannot create API keys; sign in",
+            ));
+        }
+        let lookup = hex(&rand::random::<[u8; 8]>());
+        let secret = format!(
+            "{API_KEY_PREFIX}{lookup}_{}",
+            URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
+        );
+        let row = ApiKeyRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            user_id: caller.subject.clone(),
+            lookup,
+            digest: self.key_digest(&secret),
+            display_name: name.to_owned(),
+            scopes: scopes.join(" "),
+            created_at: now,
+            expires_at,
+            last_used_at: None,
+            revoked_at: None,
+        };
+        let event = ApiKeyCreatedEvent {
+            user_id: row.user_id.clone(),
+            key_id: row.id.clone(),
+            scopes,
+            time: timestamp(now),
+        };
+        store::insert_api_key(
+            &self.db,
+            &row,
+            &OutboxEvent::new("plinth.auth.api_key_created", &row.user_id, &event),
+        )
+        .await?;
+        self.committed();
+        tracing::info!(user_id = %row.user_id, key_id = %row.id, "api key created");
+        Ok((row, secret))
+    }
+
+    /// `user_id`'s API keys, newest first.
+    pub async fn api_keys(&self, user_id: &str, with_revoked: bool) -> Result<Vec<ApiKeyRow>, AuthError> {
+        store::api_keys_of(&self.db, user_id, with_revoked).await
+    }
+
+    /// Revokes `user_id`'s key `key_id`; it stops working at once everywhere.
+    pub async fn revoke_api_key(&self, user_id: &str, key_id: &str) -> Result<(), AuthError> {
+        if uuid::Uuid::parse_str(key_id).is_err() {
+            return Err(AuthError::field("key_id", "must be a key id from ListApiKeys"));
+        }
+        let now = unix_now();
+        let event = ApiKeyRevokedEvent {
+            user_id: user_id.to_owned(),
+            key_id: key_id.to_owned(),
+            time: timestamp(now),
+        };
+        let event = OutboxEvent::new("plinth.auth.api_key_revoked", user_id, &event);
+        if !store::revoke_api_key(&self.db, user_id, key_id, now, &event).await? {
+            return Err(AuthError::ApiKeyNotFound);
+        }
+        self.revocations
+            .revoke_api_key(key_id)
+            .await
+            .map_err(AuthError::Revocation)?;
+        self.committed();
+        tracing::info!(user_id, key_id, "api key revoked");
+        Ok(())
+    }
+
+    /// The grant of an API key secret, `None` for anything not a live key of
+    /// an active user. The digest comparison is constant-time.
+    pub async fn validate_api_key(&self, key: &str) -> Result<Option<ApiKeyGrant>, AuthError> {
+        let Some(lookup) = key
+            .strip_prefix(API_KEY_PREFIX)
+            .and_then(|rest| rest.split_once('_'))
+            .map(|(lookup, _)| lookup)
+            .filter(|l| l.len() == 16 && l.bytes().all(|b| b.is_ascii_hexdigit()))
+        else {
+            return Ok(None);
+        };
+        let Some(row) = store::api_key_by_lookup(&self.db, lookup).await? else {
+            return Ok(None);
+        };
+        let now = unix_now();
+        let tag = URL_SAFE_NO_PAD.decode(&row.digest).unwrap_or_default();
+        if ring::hmac::verify(&self.api_key_hmac, key.as_bytes(), &tag).is_err()
+            || row.revoked_at.is_some()
+            || row.expires_at.is_some_and(|at| at <= now)
+        {
+            return Ok(None);
+        }
+        let Some(user) = store::user_by_id(&self.db, &row.user_id).await? else {
+            return Ok(None);
+        };
+        if user.status != "active" {
+            return Ok(None);
+        }
+        store::touch_api_key(&self.db, &row.id, now).await?;
+        Ok(Some(ApiKeyGrant {
+            scopes: row.scope_list(),
+            key_id: row.id,
+            subject: row.user_id,
+            roles: user.role_list(),
+            expires_at: row.expires_at.unwrap_or(0),
+        }))
+    }
+
+    /// RFC 7662 introspection of an access token or an API key.
+    pub async fn introspect(&self, token: &str) -> Result<Introspection, AuthError> {
+        if token.starts_with(API_KEY_PREFIX) {
+            return Ok(match self.validate_api_key(token).await? {
+                Some(g) if self.revocations.check_api_key(&g.key_id).await.is_ok() => Introspection {
+                    active: true,
+                    token_type: "api_key",
+                    subject: g.subject,
+                    scopes: g.scopes,
+                    expires_at: g.expires_at,
+                    client_id: g.key_id,
+                    roles: g.roles,
+                },
+                _ => Introspection::default(),
+            });
+        }
+        let expect = Expectations {
+            issuer: self.settings.issuer.clone(),
+            audience: self.settings.audience.clone(),
+            leeway_secs: 30,
+        };
+        let verified = match jwt::verify(token, &self.keyset, &expect, unix_now()) {
+            Ok(c) => self.revocations.check(&c).await.map(|()| c).ok(),
+            Err(_) => None,
+        };
+        Ok(match verified {
+            Some(c) => Introspection {
+                active: true,
+                token_type: "access_token",
+                subject: c.sub,
+                scopes: Vec::new(),
+                expires_at: c.exp,
+                client_id: c.sid,
+                roles: c.roles,
+            },
+            None => Introspection::default(),
+        })
+    }
+
     /// The user with `id`.
     pub async fn user(&self, id: &str) -> Result<UserRow, AuthError> {
         store::user_by_id(&self.db, id).await?.ok_or(AuthError::UserNotFound)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[async_trait::async_trait]
+impl plinth_runtime::auth::ApiKeySource for Auth {
+    async fn validate(&self, key: &str) -> Result<Option<ApiKeyGrant>, String> {
+        self.validate_api_key(key).await.map_err(|e| e.to_string())
     }
 }
 

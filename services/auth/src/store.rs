@@ -332,3 +332,129 @@ pub async fn insert_key(db: &Db, kid: &str, seed: &[u8], now: i64) -> Result<(),
         .map(drop))?;
     Ok(())
 }
+
+/// A stored API key (never its secret).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ApiKeyRow {
+    pub id: String,
+    pub user_id: String,
+    pub lookup: String,
+    pub digest: String,
+    pub display_name: String,
+    pub scopes: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+impl ApiKeyRow {
+    pub fn scope_list(&self) -> Vec<String> {
+        self.scopes.split_whitespace().map(str::to_owned).collect()
+    }
+}
+
+const API_KEY_COLUMNS: &str =
+    "id, user_id, lookup, digest, display_name, scopes, created_at, expires_at, last_used_at, revoked_at";
+
+/// The server secret API key digests are keyed with, created on first use.
+/// Two replicas starting at once both try; the loser reads the winner's.
+pub async fn hmac_secret(db: &Db, fresh: &[u8], now: i64) -> Result<Vec<u8>, AuthError> {
+    let insert =
+        "INSERT INTO hmac_keys (id, secret, created_at) VALUES ('api-keys', $1, $2) ON CONFLICT (id) DO NOTHING";
+    on_db!(db, |pool| sqlx::query(insert)
+        .bind(fresh)
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(drop))?;
+    let select = "SELECT secret FROM hmac_keys WHERE id = 'api-keys'";
+    let (secret,): (Vec<u8>,) = on_db!(db, |pool| sqlx::query_as(select).fetch_one(pool).await)?;
+    Ok(secret)
+}
+
+/// Inserts `key` with its event.
+pub async fn insert_api_key(db: &Db, key: &ApiKeyRow, event: &OutboxEvent) -> Result<(), AuthError> {
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, user_id, lookup, digest, display_name, scopes, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&key.id)
+        .bind(&key.user_id)
+        .bind(&key.lookup)
+        .bind(&key.digest)
+        .bind(&key.display_name)
+        .bind(&key.scopes)
+        .bind(key.created_at)
+        .bind(key.expires_at)
+        .execute(&mut *tx)
+        .await?;
+        event.write(&mut *tx).await?;
+        tx.commit().await?;
+        Ok::<(), AuthError>(())
+    }
+    .await)
+}
+
+/// The key whose lookup id is `lookup`.
+pub async fn api_key_by_lookup(db: &Db, lookup: &str) -> Result<Option<ApiKeyRow>, AuthError> {
+    let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE lookup = $1");
+    Ok(on_db!(db, |pool| sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+        .bind(lookup)
+        .fetch_optional(pool)
+        .await)?)
+}
+
+/// `user_id`'s keys, newest first.
+pub async fn api_keys_of(db: &Db, user_id: &str, with_revoked: bool) -> Result<Vec<ApiKeyRow>, AuthError> {
+    let filter = if with_revoked { "" } else { " AND revoked_at IS NULL" };
+    let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE user_id = $1{filter} ORDER BY id DESC");
+    Ok(on_db!(db, |pool| sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+        .bind(user_id)
+        .fetch_all(pool)
+        .await)?)
+}
+
+/// Marks `user_id`'s key `key_id` revoked with its event; false when no
+/// such active key is theirs.
+pub async fn revoke_api_key(
+    db: &Db,
+    user_id: &str,
+    key_id: &str,
+    now: i64,
+    event: &OutboxEvent,
+) -> Result<bool, AuthError> {
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin_write().await?;
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL")
+                .bind(now)
+                .bind(key_id)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                == 1;
+        if done {
+            event.write(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok::<bool, AuthError>(done)
+    }
+    .await)
+}
+
+/// Records a use of `key_id` unless one was recorded in the last minute.
+pub async fn touch_api_key(db: &Db, key_id: &str, now: i64) -> Result<(), AuthError> {
+    let sql = "UPDATE api_keys SET last_used_at = $1 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $3)";
+    on_db!(db, |pool| sqlx::query(sql)
+        .bind(now)
+        .bind(key_id)
+        .bind(now - 60)
+        .execute(pool)
+        .await
+        .map(drop))?;
+    Ok(())
+}

@@ -34,6 +34,12 @@ pub struct Health {
     state: Arc<Mutex<State>>,
 }
 
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health").field("statuses", &self.statuses()).finish()
+    }
+}
+
 impl Health {
     /// A registry publishing to `reporter` (from `tonic_health::server::health_reporter`).
     pub fn new(reporter: HealthReporter) -> Self {

@@ -5,9 +5,10 @@
 //! a bound. Routing of HTTP/JSON to gRPC is the gateway's, not this module's.
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -75,7 +76,7 @@ pub struct ServerBuilder {
 
 impl ServerBuilder {
     /// A builder with the health service and the admin HTTP routes
-    /// (`/metrics`, `/healthz`, `/readyz`).
+    /// (`/metrics`; `/healthz` and `/readyz` unless a gateway takes them over).
     pub fn new() -> (Self, Health) {
         let (reporter, service) = tonic_health::server::health_reporter();
         let health = Health::new(reporter);
@@ -85,7 +86,7 @@ impl ServerBuilder {
             routes,
             descriptor_sets: vec![tonic_health::pb::FILE_DESCRIPTOR_SET],
             health: health.clone(),
-            http: admin_router(health.clone()),
+            http: metrics_router(),
             auth: AuthLayer::deny_all(),
         };
         (builder, health)
@@ -139,6 +140,7 @@ impl ServerBuilder {
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
         self.routes.add_service(v1).add_service(v1alpha);
 
+        let http_tls = tls.map(load_http_tls).transpose()?;
         let tls = tls.map(load_tls).transpose()?;
         let grpc_listener = TcpListener::bind(grpc).await.map_err(|source| ServerError::Bind {
             addr: grpc,
@@ -175,6 +177,8 @@ impl ServerBuilder {
             in_process,
             routes,
             http: self.http,
+            health_routes: true,
+            http_tls,
             tls,
             health: self.health,
             auth: self.auth,
@@ -193,6 +197,8 @@ pub struct BoundServer {
     in_process: InProcess,
     routes: Routes,
     http: axum::Router,
+    health_routes: bool,
+    http_tls: Option<Arc<rustls::ServerConfig>>,
     tls: Option<ServerTlsConfig>,
     health: Health,
     auth: AuthLayer,
@@ -232,10 +238,17 @@ impl BoundServer {
         self.in_process.clone()
     }
 
-    /// Merges HTTP routes (the gateway, built from [`BoundServer::in_process`])
-    /// into the HTTP listener.
-    pub fn add_http(&mut self, router: axum::Router) {
+    /// Merges the gateway's routes (built from [`BoundServer::in_process`])
+    /// into the HTTP listener. The gateway answers `/healthz` and `/readyz`
+    /// itself, upstreams included, so the local-only versions are dropped.
+    pub fn add_gateway(&mut self, router: axum::Router) {
         self.http = std::mem::take(&mut self.http).merge(router);
+        self.health_routes = false;
+    }
+
+    /// The health registry, for a gateway's `/healthz` and `/readyz`.
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// Serves until `shutdown` is cancelled, then marks health NOT_SERVING,
@@ -261,12 +274,23 @@ impl BoundServer {
             .layer(ObserveLayer)
             .layer(self.auth)
             .add_routes(self.routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc_listener), draining);
-        let http = axum::serve(
-            self.http_listener,
-            self.http.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(incoming(self.grpc_listener), draining);
+        let router = if self.health_routes {
+            self.http.merge(health_router(self.health.clone()))
+        } else {
+            self.http
+        };
+        let http: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match self.http_tls {
+            Some(tls) => Box::pin(serve_https(self.http_listener, router, tls, shutdown.clone())),
+            None => Box::pin(
+                axum::serve(
+                    self.http_listener,
+                    router.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .into_future(),
+            ),
+        };
 
         let both = async {
             let (g, h) = tokio::join!(grpc, http);
@@ -306,17 +330,105 @@ fn load_tls(cfg: &TlsConfig) -> Result<ServerTlsConfig, ServerError> {
     Ok(tls)
 }
 
-fn admin_router(health: Health) -> axum::Router {
+/// Accepted connections of `listener` with Nagle's algorithm off. tonic sets
+/// `TCP_NODELAY` only on listeners it binds itself; without it small gRPC
+/// responses can wait ~40 ms for a delayed ACK.
+pub fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
+}
+
+/// The HTTP listener's TLS: the same certificate as gRPC (no client
+/// certificates: browsers and `curl` reach the gateway here), HTTP/2 and 1.1.
+fn load_http_tls(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let err = |key: &'static str, path: &std::path::Path, reason: String| ServerError::Tls {
+        key,
+        path: path.display().to_string(),
+        reason,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| err("PLINTH_TLS__CERT", &cfg.cert, e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key).map_err(|e| err("PLINTH_TLS__KEY", &cfg.key, e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err("PLINTH_TLS__CERT", &cfg.cert, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| err("PLINTH_TLS__KEY", &cfg.key, e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves `router` over TLS until `shutdown`, then lets open connections
+/// finish their requests (the caller bounds how long).
+async fn serve_https(
+    listener: TcpListener,
+    router: axum::Router,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "https accept failed");
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let acceptor = acceptor.clone();
+        let service = router.clone().layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+        let watcher = graceful.watcher();
+        connections.spawn(async move {
+            let stream = match acceptor.accept(tcp).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, peer = %peer, "tls handshake failed");
+                    return;
+                }
+            };
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(
+                hyper_util::rt::TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(service),
+            );
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(error = %e, peer = %peer, "https connection ended with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+fn metrics_router() -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        get(|| async {
+            (
+                [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                metrics::render(),
+            )
+        }),
+    )
+}
+
+fn health_router(health: Health) -> axum::Router {
     axum::Router::new()
-        .route(
-            "/metrics",
-            get(|| async {
-                (
-                    [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    metrics::render(),
-                )
-            }),
-        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(health)

@@ -13,7 +13,8 @@ use std::time::Duration;
 use plinth::auth::v1::Jwk;
 use plinth_runtime::auth::jwt::{Claims, TokenSigner};
 use plinth_runtime::auth::{
-    Access, AuthLayer, Authenticator, JwksSource, PermissionMap, Principal, RolePolicy, unix_now,
+    Access, ApiKeyGrant, ApiKeySource, AuthLayer, Authenticator, JwksSource, PermissionMap, Principal, RolePolicy,
+    unix_now,
 };
 use tower::{Layer, Service, ServiceExt};
 
@@ -158,4 +159,76 @@ async fn a_rotated_key_is_fetched_once_and_unknown_keys_do_not_stampede() {
         0,
         "a newly published key is picked up"
     );
+}
+
+/// Keys an issuer vouches for, by secret, counting validations.
+struct IssuedKeys {
+    grants: Vec<(String, ApiKeyGrant)>,
+    validations: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl ApiKeySource for IssuedKeys {
+    async fn validate(&self, key: &str) -> Result<Option<ApiKeyGrant>, String> {
+        self.validations.fetch_add(1, Ordering::SeqCst);
+        Ok(self.grants.iter().find(|(k, _)| k == key).map(|(_, g)| g.clone()))
+    }
+}
+
+#[tokio::test]
+async fn api_keys_are_limited_to_their_scopes_and_their_owners_roles() {
+    let signer = TokenSigner::generate();
+    let keys = Arc::new(Keys {
+        jwks: Mutex::new(vec![signer.jwk()]),
+        fetches: AtomicUsize::new(0),
+    });
+    let grant = |id: &str, roles: &[&str], scopes: &[&str], expires_at: i64| ApiKeyGrant {
+        key_id: id.into(),
+        subject: "owner".into(),
+        roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        expires_at,
+    };
+    let issued = Arc::new(IssuedKeys {
+        grants: vec![
+            ("plk_dev_any".into(), grant("k1", &["developer"], &[], 0)),
+            ("plk_dev_queue".into(), grant("k2", &["developer"], &["queue.*"], 0)),
+            ("plk_dev_config".into(), grant("k3", &["developer"], &["config.*"], 0)),
+            ("plk_viewer_queue".into(), grant("k4", &["viewer"], &["queue.*"], 0)),
+            ("plk_expired".into(), grant("k5", &["developer"], &[], unix_now() - 1)),
+        ],
+        validations: AtomicUsize::new(0),
+    });
+    let authenticator =
+        Arc::new(Authenticator::new(keys, "plinth", "plinth", Duration::from_secs(30)).with_api_keys(issued.clone()));
+    let map = PermissionMap::from_entries([(
+        "/t.v1.T/Write".to_owned(),
+        Access::Permission("queue.messages.write".into()),
+    )]);
+    let layer = AuthLayer::new(Some(authenticator), map, RolePolicy::default());
+    let write = "/t.v1.T/Write";
+
+    let (code, principal) = call(&layer, write, Some("plk_dev_any")).await;
+    assert_eq!(code, 0);
+    assert_eq!(principal.unwrap().api_key.as_deref(), Some("k1"));
+    assert_eq!(call(&layer, write, Some("plk_dev_queue")).await.0, 0);
+    assert_eq!(
+        call(&layer, write, Some("plk_dev_config")).await.0,
+        PERMISSION_DENIED,
+        "outside the key's scopes"
+    );
+    assert_eq!(
+        call(&layer, write, Some("plk_viewer_queue")).await.0,
+        PERMISSION_DENIED,
+        "scopes never exceed the owner's roles"
+    );
+    assert_eq!(call(&layer, write, Some("plk_expired")).await.0, UNAUTHENTICATED);
+    assert_eq!(call(&layer, write, Some("plk_unknown")).await.0, UNAUTHENTICATED);
+
+    // Repeated use is served from the short cache, not the issuer.
+    let before = issued.validations.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        assert_eq!(call(&layer, write, Some("plk_dev_any")).await.0, 0);
+    }
+    assert_eq!(issued.validations.load(Ordering::SeqCst), before);
 }

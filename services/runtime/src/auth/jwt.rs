@@ -57,6 +57,9 @@ pub enum TokenError {
     /// Not three base64url parts of JSON.
     #[error("malformed token")]
     Malformed,
+    /// An API key its issuer does not vouch for (unknown, expired or revoked).
+    #[error("unknown, expired or revoked API key")]
+    UnknownApiKey,
     /// `alg` is anything but EdDSA.
     #[error("algorithm `{0}` is not accepted")]
     Algorithm(String),

@@ -118,6 +118,7 @@ async fn authorize(state: &State, path: &str, token: Option<&str>) -> Result<Opt
     let principal = match (token, &state.authenticator) {
         (None, _) => None,
         (Some(_), None) => return Err(AuthError::KeysUnavailable("no token keys configured".into())),
+        (Some(t), Some(a)) if t.starts_with(super::API_KEY_PREFIX) => Some(Principal::from(a.verify_api_key(t).await?)),
         (Some(t), Some(a)) => Some(Principal::from(a.verify(t).await?)),
     };
     match access {
@@ -125,7 +126,7 @@ async fn authorize(state: &State, path: &str, token: Option<&str>) -> Result<Opt
         Access::Authenticated => principal.map(Some).ok_or(AuthError::Missing),
         Access::Permission(perm) => {
             let p = principal.ok_or(AuthError::Missing)?;
-            if state.policy.allows(&p.roles, perm) {
+            if state.policy.allows(&p.roles, perm) && p.scope_allows(perm) {
                 Ok(Some(p))
             } else {
                 Err(AuthError::Denied(perm.clone()))

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use plinth::auth::v1::Jwk;
 
 pub use layer::{AuthLayer, AuthService};
-pub use policy::{Access, PermissionMap, RolePolicy, UNAUTHENTICATED_METHODS};
+pub use policy::{Access, PermissionMap, RolePolicy, UNAUTHENTICATED_METHODS, pattern_matches};
 pub use revocation::Revocations;
 
 use crate::error::{ErrorCode, ServiceError};
@@ -41,8 +41,21 @@ pub struct Principal {
     pub session: String,
     /// The token's id.
     pub token_id: String,
-    /// When the token expires (seconds since the epoch).
+    /// When the credential expires (seconds since the epoch; 0 for never).
     pub expires_at: i64,
+    /// Permission patterns the credential is limited to (API keys); empty
+    /// means everything the roles grant.
+    pub scopes: Vec<String>,
+    /// The API key used, when the caller presented one instead of a token.
+    pub api_key: Option<String>,
+}
+
+impl Principal {
+    /// Whether the credential's scopes let it use `permission` (its roles
+    /// must grant it too).
+    pub fn scope_allows(&self, permission: &str) -> bool {
+        self.scopes.is_empty() || self.scopes.iter().any(|s| pattern_matches(s, permission))
+    }
 }
 
 impl From<Claims> for Principal {
@@ -53,9 +66,56 @@ impl From<Claims> for Principal {
             session: c.sid,
             token_id: c.jti,
             expires_at: c.exp,
+            scopes: Vec::new(),
+            api_key: None,
         }
     }
 }
+
+/// API keys start with this, so they are told apart from JWTs at a glance
+/// (and by secret scanners).
+pub const API_KEY_PREFIX: &str = "plk_";
+
+/// What an API key grants, as its issuer vouches for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyGrant {
+    /// The key's id.
+    pub key_id: String,
+    /// Its owner.
+    pub subject: String,
+    /// The owner's roles now.
+    pub roles: Vec<String>,
+    /// Permission patterns the key is limited to; empty for none.
+    pub scopes: Vec<String>,
+    /// Expiry (seconds since the epoch); 0 for never.
+    pub expires_at: i64,
+}
+
+impl From<ApiKeyGrant> for Principal {
+    fn from(g: ApiKeyGrant) -> Self {
+        Self {
+            subject: g.subject,
+            roles: g.roles,
+            session: String::new(),
+            token_id: g.key_id.clone(),
+            expires_at: g.expires_at,
+            scopes: g.scopes,
+            api_key: Some(g.key_id),
+        }
+    }
+}
+
+/// Validates API keys: the auth service in this process, or its
+/// `Introspect` over gRPC.
+#[async_trait::async_trait]
+pub trait ApiKeySource: Send + Sync {
+    /// The grant of `key`, `None` when it is unknown, expired or revoked.
+    async fn validate(&self, key: &str) -> Result<Option<ApiKeyGrant>, String>;
+}
+
+/// How long a validated API key is trusted before asking its source again.
+/// Revocation does not wait for it: revoked key ids are denylisted at once.
+pub const API_KEY_CACHE_TTL: Duration = Duration::from_secs(30);
 
 /// Why a call was refused.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +178,9 @@ pub struct Authenticator {
     /// when the key set changes.
     verified: Mutex<HashMap<String, Claims>>,
     revocations: Option<Revocations>,
+    api_keys: Option<Arc<dyn ApiKeySource>>,
+    /// Validated API keys by SHA-256 of the secret, with when they were checked.
+    key_cache: Mutex<HashMap<[u8; 32], (ApiKeyGrant, Instant)>>,
 }
 
 /// Verified tokens remembered at most; the cache is emptied when full.
@@ -139,7 +202,56 @@ impl Authenticator {
             },
             verified: Mutex::new(HashMap::new()),
             revocations: None,
+            api_keys: None,
+            key_cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Also accepts API keys, validated by `source` (cached briefly).
+    pub fn with_api_keys(mut self, source: Arc<dyn ApiKeySource>) -> Self {
+        self.api_keys = Some(source);
+        self
+    }
+
+    /// Verifies an API key: its source's answer (cached for
+    /// [`API_KEY_CACHE_TTL`]), its expiry, and the revocation list.
+    pub async fn verify_api_key(&self, key: &str) -> Result<ApiKeyGrant, AuthError> {
+        use sha2::Digest;
+        let source = self
+            .api_keys
+            .as_ref()
+            .ok_or_else(|| AuthError::KeysUnavailable("API keys are not accepted here".into()))?;
+        let fingerprint: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
+        let cached = self
+            .key_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&fingerprint)
+            .filter(|(_, at)| at.elapsed() < API_KEY_CACHE_TTL)
+            .map(|(g, _)| g.clone());
+        let grant = match cached {
+            Some(g) => g,
+            None => {
+                let grant = source
+                    .validate(key)
+                    .await
+                    .map_err(AuthError::KeysUnavailable)?
+                    .ok_or(AuthError::Invalid(TokenError::UnknownApiKey))?;
+                let mut cache = self.key_cache.lock().unwrap_or_else(PoisonError::into_inner);
+                if cache.len() >= VERIFIED_CACHE {
+                    cache.clear();
+                }
+                cache.insert(fingerprint, (grant.clone(), Instant::now()));
+                grant
+            }
+        };
+        if grant.expires_at != 0 && unix_now() >= grant.expires_at {
+            return Err(AuthError::Invalid(TokenError::Expired));
+        }
+        if let Some(revocations) = &self.revocations {
+            revocations.check_api_key(&grant.key_id).await?;
+        }
+        Ok(grant)
     }
 
     /// Also refuses tokens on the revocation lists (checked on every call).
@@ -220,8 +332,32 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Fetches the key set from the auth service's `GetJwks` over gRPC, for
-/// processes that do not run the auth component.
+/// Validates API keys with the auth service's `Introspect` over gRPC.
+#[async_trait::async_trait]
+impl ApiKeySource for GrpcJwksSource {
+    async fn validate(&self, key: &str) -> Result<Option<ApiKeyGrant>, String> {
+        let mut client = self.client.clone();
+        let resp = client
+            .introspect(plinth::auth::v1::IntrospectRequest { token: key.to_owned() })
+            .await
+            .map_err(|e| e.message().to_owned())?
+            .into_inner();
+        if !resp.active || resp.token_type != "api_key" {
+            return Ok(None);
+        }
+        Ok(Some(ApiKeyGrant {
+            key_id: resp.client_id,
+            subject: resp.sub,
+            roles: resp.roles,
+            scopes: resp.scope.split_whitespace().map(str::to_owned).collect(),
+            expires_at: resp.exp,
+        }))
+    }
+}
+
+/// Fetches the key set from the auth service's `GetJwks` over gRPC (and
+/// validates API keys with its `Introspect`), for processes that do not run
+/// the auth component.
 pub struct GrpcJwksSource {
     client: plinth::auth::v1::auth_service_client::AuthServiceClient<tonic::transport::Channel>,
 }

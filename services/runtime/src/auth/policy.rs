@@ -130,7 +130,8 @@ impl RolePolicy {
     }
 }
 
-fn pattern_matches(pattern: &str, permission: &str) -> bool {
+/// Whether a permission pattern (`queue.messages.write`, `queue.*`, `*`) covers `permission`.
+pub fn pattern_matches(pattern: &str, permission: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => permission.starts_with(prefix),
         None => pattern == permission,

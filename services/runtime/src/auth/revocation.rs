@@ -71,6 +71,25 @@ impl Revocations {
             .map_err(|e| AuthError::RevocationUnavailable(e.to_string()))
     }
 
+    /// Refuses API key `key_id` at once on every replica, for as long as a
+    /// replica may still trust a cached validation of it.
+    pub async fn revoke_api_key(&self, key_id: &str) -> Result<(), AuthError> {
+        let ttl = super::API_KEY_CACHE_TTL + Duration::from_secs(u64::try_from(SKEW_SECS).unwrap_or(60));
+        self.state
+            .set(&format!("revoked:key:{key_id}"), Bytes::from_static(b"1"), Some(ttl))
+            .await
+            .map_err(|e| AuthError::RevocationUnavailable(e.to_string()))
+    }
+
+    /// Fails when API key `key_id` was revoked within the cache window.
+    pub async fn check_api_key(&self, key_id: &str) -> Result<(), AuthError> {
+        match self.state.get(&format!("revoked:key:{key_id}")).await {
+            Ok(Some(_)) => Err(AuthError::Revoked),
+            Ok(None) => Ok(()),
+            Err(e) => Err(AuthError::RevocationUnavailable(e.to_string())),
+        }
+    }
+
     /// Fails when `claims` belong to a revoked token, session or subject.
     pub async fn check(&self, claims: &Claims) -> Result<(), AuthError> {
         let unavailable = |e: crate::state::StateError| AuthError::RevocationUnavailable(e.to_string());
