@@ -188,12 +188,16 @@ impl Generator {
             if let Some(pattern) = variable_pattern(binding, v) {
                 schema["pattern"] = pattern.into();
             }
-            params.push(json!({
-                "name": v.field_path.join("."),
+            let mut param = json!({
+                "name": v.openapi_name(),
                 "in": "path",
                 "required": true,
                 "schema": schema,
-            }));
+            });
+            if v.field_path.len() > 1 {
+                param["description"] = format!("Sets `{}` of the request.", v.field_path.join(".")).into();
+            }
+            params.push(param);
             bound.push(v.field_path.clone());
         }
         match &binding.body {

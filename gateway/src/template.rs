@@ -33,6 +33,13 @@ pub struct Variable {
     end: usize,
 }
 
+impl Variable {
+    /// The parameter name in OpenAPI documents (`book_name` for `book.name`).
+    pub fn openapi_name(&self) -> String {
+        self.field_path.join("_")
+    }
+}
+
 /// A compiled path template.
 #[derive(Debug, Clone)]
 pub struct PathTemplate {
@@ -140,7 +147,9 @@ impl PathTemplate {
     }
 
     /// The template in OpenAPI form: `/v1/{name}` with multi-segment
-    /// variables kept as one parameter, the verb appended.
+    /// variables kept as one parameter, the verb appended. Dotted field paths
+    /// become `a_b`, so `/users/{user.id}` and `/users/{user_id}` are one
+    /// OpenAPI path (matching is positional; the names only document).
     pub fn openapi_path(&self) -> String {
         let mut out = String::new();
         let mut i = 0;
@@ -148,7 +157,7 @@ impl PathTemplate {
             out.push('/');
             if let Some(v) = self.variables.iter().find(|v| v.start == i) {
                 out.push('{');
-                out.push_str(&v.field_path.join("."));
+                out.push_str(&v.openapi_name());
                 out.push('}');
                 i = v.end.max(i + 1);
                 continue;

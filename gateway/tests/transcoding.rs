@@ -534,7 +534,7 @@ async fn openapi_is_generated_from_the_descriptors_and_docs_are_served() {
         get["responses"]["default"]["content"]["application/json"]["schema"]["$ref"],
         "#/components/schemas/google.rpc.Status"
     );
-    let update = &doc["paths"]["/v1/echo/{message.id}"]["patch"];
+    let update = &doc["paths"]["/v1/echo/{message_id}"]["patch"];
     assert!(update["description"].as_str().unwrap().contains("denied to everyone"));
     assert_eq!(
         doc["paths"]["/v1/echo"]["post"]["operationId"], "EchoService_Echo3",

@@ -21,8 +21,8 @@ use plinth_runtime::auth::unix_now;
 use plinth_runtime::config::Config;
 use plinth_runtime::testing::{Backend, backend_url};
 use plinth_tests::{TestApp, with_bearer};
-use tonic::transport::Channel;
 use tonic::Code;
+use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 const PASSWORD: &str = "violet staircase under rain";

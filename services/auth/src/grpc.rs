@@ -4,11 +4,15 @@ use std::sync::Arc;
 
 use plinth::auth::v1::auth_service_server::AuthService;
 use plinth::auth::v1::{
-    ApiKey, CreateApiKeyRequest, CreateApiKeyResponse, GetJwksRequest, GetJwksResponse, GetMeRequest, GetMeResponse,
-    IntrospectRequest, IntrospectResponse, ListApiKeysRequest, ListApiKeysResponse, ListSessionsRequest,
-    ListSessionsResponse, LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, RefreshRequest, RefreshResponse,
-    RegisterRequest, RegisterResponse, RevokeAllSessionsRequest, RevokeAllSessionsResponse, RevokeApiKeyRequest,
-    RevokeApiKeyResponse, RevokeSessionRequest, RevokeSessionResponse, Session, TokenPair, User, UserStatus,
+    ApiKey, ChangePasswordRequest, ChangePasswordResponse, CreateApiKeyRequest, CreateApiKeyResponse,
+    CreateUserRequest, CreateUserResponse, DeleteUserRequest, DeleteUserResponse, GetJwksRequest, GetJwksResponse,
+    GetMeRequest, GetMeResponse, GetUserRequest, GetUserResponse, IntrospectRequest, IntrospectResponse,
+    ListApiKeysRequest, ListApiKeysResponse, ListSessionsRequest, ListSessionsResponse, ListUsersRequest,
+    ListUsersResponse, LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, RefreshRequest, RefreshResponse,
+    RegisterRequest, RegisterResponse, RequestPasswordResetRequest, RequestPasswordResetResponse, ResetPasswordRequest,
+    ResetPasswordResponse, RevokeAllSessionsRequest, RevokeAllSessionsResponse, RevokeApiKeyRequest,
+    RevokeApiKeyResponse, RevokeSessionRequest, RevokeSessionResponse, Session, TokenPair, UpdateUserRequest,
+    UpdateUserResponse, User, UserStatus,
 };
 use plinth_runtime::auth::Principal;
 use plinth_runtime::error::to_status;
@@ -65,6 +69,7 @@ fn user_pb(u: &UserRow) -> User {
         "active" => UserStatus::Active,
         "disabled" => UserStatus::Disabled,
         "locked" => UserStatus::Locked,
+        "deleted" => UserStatus::Deleted,
         _ => UserStatus::Unspecified,
     };
     User {
@@ -289,5 +294,147 @@ impl AuthService for AuthGrpc {
             client_id: i.client_id,
             roles: i.roles,
         }))
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<ChangePasswordRequest>,
+    ) -> Result<Response<ChangePasswordResponse>, Status> {
+        let principal = caller(&request)?;
+        let r = request.into_inner();
+        self.auth
+            .change_password(&principal.subject, r.current_password, r.new_password)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ChangePasswordResponse {}))
+    }
+
+    async fn request_password_reset(
+        &self,
+        request: Request<RequestPasswordResetRequest>,
+    ) -> Result<Response<RequestPasswordResetResponse>, Status> {
+        self.auth
+            .request_password_reset(&request.into_inner().email)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RequestPasswordResetResponse {}))
+    }
+
+    async fn reset_password(
+        &self,
+        request: Request<ResetPasswordRequest>,
+    ) -> Result<Response<ResetPasswordResponse>, Status> {
+        let r = request.into_inner();
+        self.auth
+            .reset_password(&r.token, r.new_password)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ResetPasswordResponse {}))
+    }
+
+    async fn create_user(&self, request: Request<CreateUserRequest>) -> Result<Response<CreateUserResponse>, Status> {
+        let r = request.into_inner();
+        let user = self
+            .auth
+            .admin_create_user(&r.email, r.password, &r.display_name, &r.roles)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(CreateUserResponse {
+            user: Some(user_pb(&user)),
+        }))
+    }
+
+    async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<GetUserResponse>, Status> {
+        let user = self
+            .auth
+            .visible_user(&request.into_inner().user_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(GetUserResponse {
+            user: Some(user_pb(&user)),
+        }))
+    }
+
+    async fn list_users(&self, request: Request<ListUsersRequest>) -> Result<Response<ListUsersResponse>, Status> {
+        let r = request.into_inner();
+        let (rows, next_page_token) = self.auth.list_users(r.page_size, &r.page_token).await.map_err(status)?;
+        Ok(Response::new(ListUsersResponse {
+            users: rows.iter().map(user_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_user(&self, request: Request<UpdateUserRequest>) -> Result<Response<UpdateUserResponse>, Status> {
+        let principal = caller(&request)?;
+        let r = request.into_inner();
+        let user = r.user.ok_or_else(|| status(AuthError::field("user", "is required")))?;
+        // Without a mask, the populated fields (AIP-134).
+        let paths: Vec<String> = match r.update_mask {
+            Some(m) if !m.paths.is_empty() => m.paths,
+            _ => {
+                let mut p = Vec::new();
+                if !user.display_name.is_empty() {
+                    p.push("display_name".to_owned());
+                }
+                if !user.roles.is_empty() {
+                    p.push("roles".to_owned());
+                }
+                if user.status != UserStatus::Unspecified as i32 {
+                    p.push("status".to_owned());
+                }
+                p
+            }
+        };
+        let mut display_name = None;
+        let mut roles = None;
+        let mut new_status = None;
+        for path in &paths {
+            match path.as_str() {
+                "display_name" | "displayName" => display_name = Some(user.display_name.as_str()),
+                "roles" => roles = Some(user.roles.as_slice()),
+                "status" => {
+                    new_status = Some(match UserStatus::try_from(user.status) {
+                        Ok(UserStatus::Active) => "active",
+                        Ok(UserStatus::Disabled) => "disabled",
+                        Ok(UserStatus::Locked) => "locked",
+                        _ => {
+                            return Err(status(AuthError::field(
+                                "user.status",
+                                "must be ACTIVE, DISABLED or LOCKED",
+                            )));
+                        }
+                    })
+                }
+                other => {
+                    return Err(status(AuthError::field(
+                        "update_mask",
+                        format!("{other} cannot be changed (display_name, roles, status)"),
+                    )));
+                }
+            }
+        }
+        let updated = self
+            .auth
+            .update_user(&principal.subject, &user.id, display_name, roles, new_status)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(UpdateUserResponse {
+            user: Some(user_pb(&updated)),
+        }))
+    }
+
+    async fn delete_user(&self, request: Request<DeleteUserRequest>) -> Result<Response<DeleteUserResponse>, Status> {
+        let principal = caller(&request)?;
+        let user_id = request.into_inner().user_id;
+        self.auth
+            .update_user(&principal.subject, &user_id, None, None, Some("deleted"))
+            .await
+            .map_err(|e| match e {
+                AuthError::Invalid(_) if uuid::Uuid::parse_str(&user_id).is_err() => {
+                    status(AuthError::field("user_id", "must be a user id"))
+                }
+                other => status(other),
+            })?;
+        Ok(Response::new(DeleteUserResponse {}))
     }
 }

@@ -8,7 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use plinth::auth::v1::{
     ApiKeyCreatedEvent, ApiKeyRevokedEvent, Jwk, LockoutEvent, LoginFailedEvent, LoginSucceededEvent,
-    SessionRevokedEvent, UserRegisteredEvent,
+    PasswordChangedEvent, PasswordResetRequestedEvent, SessionRevokedEvent, UserRegisteredEvent, UserUpdatedEvent,
 };
 use plinth_runtime::auth::jwt::{self, Claims, Expectations, KeySet, TokenSigner};
 use plinth_runtime::auth::{API_KEY_PREFIX, ApiKeyGrant, Principal, Revocations, RolePolicy, unix_now};
@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::AuthError;
 use crate::password::{PasswordHasher, check_policy};
-use crate::store::{self, ApiKeyRow, NewSession, Rotation, UserRow};
+use crate::store::{self, ApiKeyRow, NewSession, Rotation, UserChange, UserRow};
 use crate::throttle::LoginThrottle;
 
 /// Refresh tokens start with this, so leaked ones are recognisable in scanners and logs.
@@ -86,6 +86,13 @@ pub struct Introspection {
     /// The subject's roles.
     pub roles: Vec<String>,
 }
+
+/// Password reset tokens start with this.
+const RESET_PREFIX: &str = "plp_";
+/// How long a reset token works.
+const RESET_TTL_SECS: i64 = 3600;
+/// Statuses an administrator may set.
+const STATUSES: &[&str] = &["active", "disabled", "locked"];
 
 /// The longest API key display name.
 const MAX_KEY_NAME: usize = 100;
@@ -714,9 +721,256 @@ impl Auth {
         })
     }
 
+    /// Changes `user_id`'s password after checking `current`; every session
+    /// and token of the user ends.
+    pub async fn change_password(&self, user_id: &str, current: String, new: String) -> Result<(), AuthError> {
+        let user = self.user(user_id).await?;
+        if !self.hasher.verify(current, Some(user.password_hash.clone())).await? {
+            return Err(AuthError::field("current_password", "is not the current password"));
+        }
+        check_policy(&new, &user.email).map_err(|e| rename_field(e, "password", "new_password"))?;
+        let hash = self.hasher.hash(new).await?;
+        let now = unix_now();
+        let event = PasswordChangedEvent {
+            user_id: user.id.clone(),
+            how: "CHANGE".into(),
+            time: timestamp(now),
+        };
+        store::update_password(
+            &self.db,
+            &user.id,
+            &hash,
+            now,
+            &OutboxEvent::new("plinth.auth.password_changed", &user.id, &event),
+        )
+        .await?;
+        self.revoke_all_sessions(&user.id).await?;
+        tracing::info!(user_id = %user.id, "password changed");
+        Ok(())
+    }
+
+    /// Emits a single-use reset token for `email`'s user, if there is an
+    /// active one; the caller learns nothing either way.
+    pub async fn request_password_reset(&self, email: &str) -> Result<(), AuthError> {
+        let email = email_of(email)?;
+        let Some(user) = store::user_by_email(&self.db, &email).await? else {
+            return Ok(());
+        };
+        if user.status != "active" {
+            return Ok(());
+        }
+        let token = format!("{RESET_PREFIX}{}", URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>()));
+        let now = unix_now();
+        let expires_at = now + RESET_TTL_SECS;
+        let event = PasswordResetRequestedEvent {
+            user_id: user.id.clone(),
+            email: user.email.clone(),
+            token: token.clone(),
+            expire_time: timestamp(expires_at),
+            time: timestamp(now),
+        };
+        store::insert_reset(
+            &self.db,
+            &digest(&token),
+            &user.id,
+            now,
+            expires_at,
+            &OutboxEvent::new("plinth.auth.password_reset_requested", &user.id, &event),
+        )
+        .await?;
+        self.committed();
+        tracing::info!(user_id = %user.id, "password reset requested");
+        Ok(())
+    }
+
+    /// Sets a new password with a reset token and spends the token.
+    pub async fn reset_password(&self, token: &str, new: String) -> Result<(), AuthError> {
+        let invalid = || AuthError::field("token", "is invalid, expired or already used");
+        if !token.starts_with(RESET_PREFIX) {
+            return Err(invalid());
+        }
+        let key = digest(token);
+        let user_id = store::reset_user(&self.db, &key, unix_now())
+            .await?
+            .ok_or_else(invalid)?;
+        let user = self.user(&user_id).await?;
+        check_policy(&new, &user.email).map_err(|e| rename_field(e, "password", "new_password"))?;
+        let hash = self.hasher.hash(new).await?;
+        let now = unix_now();
+        let event = PasswordChangedEvent {
+            user_id: user.id.clone(),
+            how: "RESET".into(),
+            time: timestamp(now),
+        };
+        let event = OutboxEvent::new("plinth.auth.password_changed", &user.id, &event);
+        if !store::spend_reset(&self.db, &key, &user.id, &hash, now, &event).await? {
+            return Err(invalid());
+        }
+        self.revoke_all_sessions(&user.id).await?;
+        tracing::info!(user_id = %user.id, "password reset");
+        Ok(())
+    }
+
+    fn roles_of(&self, roles: &[String]) -> Result<String, AuthError> {
+        for (i, role) in roles.iter().enumerate() {
+            if !self.policy.has_role(role) {
+                return Err(AuthError::field(
+                    &format!("roles[{i}]"),
+                    "must be one of admin, operator, developer, auditor, viewer, service",
+                ));
+            }
+        }
+        Ok(if roles.is_empty() {
+            DEFAULT_ROLE.to_owned()
+        } else {
+            roles.join(",")
+        })
+    }
+
+    /// An administrator creates a user with `roles`.
+    pub async fn admin_create_user(
+        &self,
+        email: &str,
+        password: String,
+        display_name: &str,
+        roles: &[String],
+    ) -> Result<UserRow, AuthError> {
+        let email = email_of(email)?;
+        let roles = self.roles_of(roles)?;
+        check_policy(&password, &email)?;
+        self.create_user(email, password, display_name.trim(), &roles).await
+    }
+
+    /// A page of users, oldest first.
+    pub async fn list_users(&self, page_size: i32, page_token: &str) -> Result<(Vec<UserRow>, String), AuthError> {
+        let size: usize = match page_size {
+            0 => 50,
+            1..=100 => usize::try_from(page_size).unwrap_or(50),
+            _ => return Err(AuthError::field("page_size", "must be between 0 and 100")),
+        };
+        if !page_token.is_empty() && uuid::Uuid::parse_str(page_token).is_err() {
+            return Err(AuthError::field(
+                "page_token",
+                "is not a token from a previous response",
+            ));
+        }
+        let after = (!page_token.is_empty()).then_some(page_token);
+        let mut rows = store::list_users(&self.db, after, i64::try_from(size + 1).unwrap_or(101)).await?;
+        let next = if rows.len() > size {
+            rows.truncate(size);
+            rows.last().map(|r| r.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((rows, next))
+    }
+
+    /// An administrator changes a user. Any status but active ends the
+    /// user's sessions and revokes their API keys at once.
+    pub async fn update_user(
+        &self,
+        actor: &str,
+        user_id: &str,
+        display_name: Option<&str>,
+        roles: Option<&[String]>,
+        status: Option<&str>,
+    ) -> Result<UserRow, AuthError> {
+        if uuid::Uuid::parse_str(user_id).is_err() {
+            return Err(AuthError::field("user.id", "must be a user id"));
+        }
+        let mut change = UserChange::default();
+        let mut fields = Vec::new();
+        if let Some(name) = display_name {
+            if name.chars().count() > 200 {
+                return Err(AuthError::field("user.display_name", "at most 200 characters"));
+            }
+            change.display_name = Some(name.trim().to_owned());
+            fields.push("display_name".to_owned());
+        }
+        if let Some(roles) = roles {
+            change.roles = Some(
+                self.roles_of(roles)
+                    .map_err(|e| rename_field(e, "roles", "user.roles"))?,
+            );
+            fields.push("roles".to_owned());
+        }
+        if let Some(status) = status {
+            if !STATUSES.contains(&status) && status != "deleted" {
+                return Err(AuthError::field("user.status", "must be ACTIVE, DISABLED or LOCKED"));
+            }
+            if actor == user_id && status != "active" {
+                return Err(AuthError::field(
+                    "user.status",
+                    "you cannot disable, lock or delete yourself",
+                ));
+            }
+            change.status = Some(status.to_owned());
+            fields.push("status".to_owned());
+        }
+        if fields.is_empty() {
+            return Err(AuthError::field(
+                "update_mask",
+                "names no field to change (display_name, roles, status)",
+            ));
+        }
+        let now = unix_now();
+        let event = UserUpdatedEvent {
+            user_id: user_id.to_owned(),
+            actor_id: actor.to_owned(),
+            fields,
+            status: change.status.clone().unwrap_or_default(),
+            time: timestamp(now),
+        };
+        let event = OutboxEvent::new("plinth.auth.user_updated", user_id, &event);
+        let user = store::update_user(&self.db, user_id, &change, now, &event)
+            .await?
+            .ok_or(AuthError::UserNotFound)?;
+        self.committed();
+        if user.status != "active" {
+            self.revoke_all_sessions(user_id).await?;
+            for key_id in store::revoke_all_api_keys(&self.db, user_id, now).await? {
+                self.revocations
+                    .revoke_api_key(&key_id)
+                    .await
+                    .map_err(AuthError::Revocation)?;
+            }
+        } else if change.roles.is_some() {
+            // Tokens carry roles: end sessions so new roles apply now, not at expiry.
+            self.revoke_all_sessions(user_id).await?;
+        }
+        tracing::info!(user_id, actor, status = %user.status, "user updated");
+        Ok(user)
+    }
+
+    /// The user with `id`, unless deleted (for administrators).
+    pub async fn visible_user(&self, id: &str) -> Result<UserRow, AuthError> {
+        if uuid::Uuid::parse_str(id).is_err() {
+            return Err(AuthError::field("user_id", "must be a user id"));
+        }
+        match self.user(id).await? {
+            u if u.status == "deleted" => Err(AuthError::UserNotFound),
+            u => Ok(u),
+        }
+    }
+
     /// The user with `id`.
     pub async fn user(&self, id: &str) -> Result<UserRow, AuthError> {
         store::user_by_id(&self.db, id).await?.ok_or(AuthError::UserNotFound)
+    }
+}
+
+/// The same violations, reported under another field name.
+fn rename_field(e: AuthError, from: &str, to: &str) -> AuthError {
+    match e {
+        AuthError::Invalid(mut v) => {
+            for f in &mut v {
+                if f.field == from {
+                    f.field = to.to_owned();
+                }
+            }
+            AuthError::Invalid(v)
+        }
+        other => other,
     }
 }
 

@@ -458,3 +458,177 @@ pub async fn touch_api_key(db: &Db, key_id: &str, now: i64) -> Result<(), AuthEr
         .map(drop))?;
     Ok(())
 }
+
+/// Sets `user_id`'s password hash, with its event.
+pub async fn update_password(
+    db: &Db,
+    user_id: &str,
+    hash: &str,
+    now: i64,
+    event: &OutboxEvent,
+) -> Result<(), AuthError> {
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin_write().await?;
+        sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3")
+            .bind(hash)
+            .bind(now)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        event.write(&mut *tx).await?;
+        tx.commit().await?;
+        Ok::<(), AuthError>(())
+    }
+    .await)
+}
+
+/// Stores a reset token digest, with the event that carries the token.
+pub async fn insert_reset(
+    db: &Db,
+    digest: &str,
+    user_id: &str,
+    now: i64,
+    expires_at: i64,
+    event: &OutboxEvent,
+) -> Result<(), AuthError> {
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin_write().await?;
+        sqlx::query("INSERT INTO password_resets (digest, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(digest)
+            .bind(user_id)
+            .bind(now)
+            .bind(expires_at)
+            .execute(&mut *tx)
+            .await?;
+        event.write(&mut *tx).await?;
+        tx.commit().await?;
+        Ok::<(), AuthError>(())
+    }
+    .await)
+}
+
+/// The user of a usable (unspent, unexpired) reset token.
+pub async fn reset_user(db: &Db, digest: &str, now: i64) -> Result<Option<String>, AuthError> {
+    let sql = "SELECT user_id FROM password_resets WHERE digest = $1 AND used_at IS NULL AND expires_at > $2";
+    let row: Option<(String,)> = on_db!(db, |pool| sqlx::query_as(sql)
+        .bind(digest)
+        .bind(now)
+        .fetch_optional(pool)
+        .await)?;
+    Ok(row.map(|r| r.0))
+}
+
+/// Spends the reset token and sets the password in one transaction; false
+/// when the token was spent (or expired) meanwhile.
+pub async fn spend_reset(
+    db: &Db,
+    digest: &str,
+    user_id: &str,
+    hash: &str,
+    now: i64,
+    event: &OutboxEvent,
+) -> Result<bool, AuthError> {
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin_write().await?;
+        let spent = sqlx::query(
+            "UPDATE password_resets SET used_at = $1 WHERE digest = $2 AND user_id = $3 AND used_at IS NULL \
+             AND expires_at > $1",
+        )
+        .bind(now)
+        .bind(digest)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !spent {
+            return Ok::<bool, AuthError>(false);
+        }
+        sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3")
+            .bind(hash)
+            .bind(now)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        event.write(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+    .await)
+}
+
+/// A page of users that are not deleted, oldest first, after `after`.
+pub async fn list_users(db: &Db, after: Option<&str>, limit: i64) -> Result<Vec<UserRow>, AuthError> {
+    let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE status <> 'deleted' AND id > $1 ORDER BY id LIMIT $2");
+    Ok(on_db!(db, |pool| sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+        .bind(after.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(pool)
+        .await)?)
+}
+
+/// What an administrator changes of a user; `None` leaves a field as it is.
+#[derive(Debug, Default)]
+pub struct UserChange {
+    pub display_name: Option<String>,
+    pub roles: Option<String>,
+    pub status: Option<String>,
+}
+
+/// Applies `change` to `user_id` with its event; returns the user after, or
+/// `None` when there is no such (undeleted) user.
+pub async fn update_user(
+    db: &Db,
+    user_id: &str,
+    change: &UserChange,
+    now: i64,
+    event: &OutboxEvent,
+) -> Result<Option<UserRow>, AuthError> {
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin_write().await?;
+        let updated = sqlx::query(
+            "UPDATE users SET display_name = COALESCE($1, display_name), roles = COALESCE($2, roles), \
+             status = COALESCE($3, status), updated_at = $4 WHERE id = $5 AND status <> 'deleted'",
+        )
+        .bind(change.display_name.as_deref())
+        .bind(change.roles.as_deref())
+        .bind(change.status.as_deref())
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !updated {
+            return Ok::<Option<UserRow>, AuthError>(None);
+        }
+        event.write(&mut *tx).await?;
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
+        let user: UserRow = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(user_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(user))
+    }
+    .await)
+}
+
+/// Revokes every active API key of `user_id`; returns their ids.
+pub async fn revoke_all_api_keys(db: &Db, user_id: &str, now: i64) -> Result<Vec<String>, AuthError> {
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin_write().await?;
+        let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL")
+            .bind(user_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok::<Vec<String>, AuthError>(ids.into_iter().map(|r| r.0).collect())
+    }
+    .await)
+}

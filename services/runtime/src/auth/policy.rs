@@ -120,6 +120,11 @@ impl Default for RolePolicy {
 }
 
 impl RolePolicy {
+    /// Whether `role` is one this policy knows.
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.contains_key(role)
+    }
+
     /// Whether any of `roles` grants `permission`.
     pub fn allows(&self, roles: &[String], permission: &str) -> bool {
         roles

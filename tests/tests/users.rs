@@ -1,0 +1,361 @@
+//! Accounts over their lifetime, on SQLite and on PostgreSQL: an
+//! administrator creates, lists, changes, disables and deletes users (and a
+//! disabled user's tokens and API keys stop at once); users change their
+//! password; a password reset token travels in an event through NATS and
+//! works exactly once.
+
+#![expect(clippy::unwrap_used, reason = "tests fail loudly")]
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use plinth::auth::v1::auth_service_client::AuthServiceClient;
+use plinth::auth::v1::{
+    ChangePasswordRequest, CreateApiKeyRequest, CreateUserRequest, DeleteUserRequest, GetMeRequest, GetUserRequest,
+    ListUsersRequest, LoginRequest, PasswordResetRequestedEvent, RequestPasswordResetRequest, ResetPasswordRequest,
+    UpdateUserRequest, User, UserStatus,
+};
+use plinth_runtime::config::Config;
+use plinth_runtime::events::{ConsumerSpec, EventBus, NatsBus};
+use plinth_runtime::testing::{Backend, backend_url};
+use plinth_tests::{PASSWORD, TestApp, register_user, unique, with_bearer};
+use prost::Message;
+use secrecy::SecretString;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+const ADMIN_PASSWORD: &str = "correct horse battery staple";
+
+fn field(status: &tonic::Status) -> String {
+    status
+        .get_error_details()
+        .bad_request()
+        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
+        .unwrap_or_default()
+}
+
+async fn login(client: &mut AuthServiceClient<Channel>, email: &str, password: &str) -> Result<String, tonic::Status> {
+    let resp = client
+        .login(LoginRequest {
+            email: email.into(),
+            password: password.into(),
+        })
+        .await?
+        .into_inner();
+    Ok(resp.tokens.unwrap().access_token)
+}
+
+fn with_admin(mut config: Config) -> Config {
+    config.auth.bootstrap_admin_password = Some(SecretString::from(ADMIN_PASSWORD));
+    config
+}
+
+async fn administration_contract(config: Config) {
+    let app = TestApp::spawn(with_admin(config)).await.unwrap();
+    let mut client = app.auth().await.unwrap();
+    let admin = login(&mut client, "admin@plinth.local", ADMIN_PASSWORD).await.unwrap();
+
+    // Create with roles; a bad role names the field and creates nothing.
+    let email = format!("dev-{}@example.com", unique());
+    let err = client
+        .create_user(with_bearer(
+            CreateUserRequest {
+                email: email.clone(),
+                password: PASSWORD.into(),
+                display_name: "Dev".into(),
+                roles: vec!["developer".into(), "wizard".into()],
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), field(&err)),
+        (Code::InvalidArgument, "roles[1]".to_owned())
+    );
+    let dev = client
+        .create_user(with_bearer(
+            CreateUserRequest {
+                email: email.clone(),
+                password: PASSWORD.into(),
+                display_name: "Dev".into(),
+                roles: vec!["developer".into()],
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(dev.roles, vec!["developer".to_owned()]);
+
+    // Only administrators manage users.
+    let dev_token = login(&mut client, &email, PASSWORD).await.unwrap();
+    let err = client
+        .list_users(with_bearer(ListUsersRequest::default(), &dev_token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Pages.
+    let page = client
+        .list_users(with_bearer(
+            ListUsersRequest {
+                page_size: 1,
+                page_token: String::new(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.users.len(), 1);
+    assert!(!page.next_page_token.is_empty());
+    let rest = client
+        .list_users(with_bearer(
+            ListUsersRequest {
+                page_size: 100,
+                page_token: page.next_page_token,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rest.users.iter().any(|u| u.id == dev.id));
+    assert!(rest.users.iter().all(|u| u.id != page.users[0].id));
+
+    // Disabling ends the user's tokens and API keys at once, and blocks login.
+    let key = client
+        .create_api_key(with_bearer(
+            CreateApiKeyRequest {
+                display_name: "laptop".into(),
+                scopes: vec![],
+                expire_time: None,
+            },
+            &dev_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    assert!(client.get_me(with_bearer(GetMeRequest {}, &key)).await.is_ok());
+    let status_change = |status: UserStatus| UpdateUserRequest {
+        user: Some(User {
+            id: dev.id.clone(),
+            status: status as i32,
+            ..User::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["status".into()],
+        }),
+    };
+    let updated = client
+        .update_user(with_bearer(status_change(UserStatus::Disabled), &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(updated.status, UserStatus::Disabled as i32);
+    for credential in [&dev_token, &key] {
+        let err = client
+            .get_me(with_bearer(GetMeRequest {}, credential))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    assert_eq!(
+        login(&mut client, &email, PASSWORD).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    client
+        .update_user(with_bearer(status_change(UserStatus::Active), &admin))
+        .await
+        .unwrap();
+    // Tokens issued in the second of the revocation are refused too (`iat` resolution).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let again = login(&mut client, &email, PASSWORD).await.unwrap();
+    assert!(client.get_me(with_bearer(GetMeRequest {}, &again)).await.is_ok());
+    assert!(
+        client.get_me(with_bearer(GetMeRequest {}, &key)).await.is_err(),
+        "a key revoked by disabling stays revoked"
+    );
+
+    // An administrator cannot lock themselves out.
+    let me = client
+        .get_me(with_bearer(GetMeRequest {}, &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let err = client
+        .update_user(with_bearer(
+            UpdateUserRequest {
+                user: Some(User {
+                    id: me.id.clone(),
+                    status: UserStatus::Disabled as i32,
+                    ..User::default()
+                }),
+                update_mask: None,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), field(&err)),
+        (Code::InvalidArgument, "user.status".to_owned())
+    );
+
+    // Deleting hides the user and ends everything.
+    client
+        .delete_user(with_bearer(
+            DeleteUserRequest {
+                user_id: dev.id.clone(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let err = client
+        .get_user(with_bearer(
+            GetUserRequest {
+                user_id: dev.id.clone(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(login(&mut client, &email, PASSWORD).await.is_err());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn administration_on_sqlite() {
+    administration_contract(TestApp::config()).await;
+}
+
+#[tokio::test]
+async fn administration_on_postgres() {
+    let Some(url) = backend_url(Backend::Postgres, "administration_on_postgres").unwrap() else {
+        return;
+    };
+    administration_contract(TestApp::config_on(Some(&url))).await;
+}
+
+#[tokio::test]
+async fn changing_a_password_checks_the_old_one_and_ends_every_session() {
+    let app = TestApp::spawn(TestApp::config()).await.unwrap();
+    let mut client = app.auth().await.unwrap();
+    let email = register_user(&mut client, "change").await.unwrap();
+    let token = login(&mut client, &email, PASSWORD).await.unwrap();
+    let change = |current: &str, new: &str| ChangePasswordRequest {
+        current_password: current.into(),
+        new_password: new.into(),
+    };
+    let err = client
+        .change_password(with_bearer(change("not it at all", "a brand new passphrase"), &token))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&err), "current_password");
+    let err = client
+        .change_password(with_bearer(change(PASSWORD, "short"), &token))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&err), "new_password");
+    client
+        .change_password(with_bearer(change(PASSWORD, "a brand new passphrase"), &token))
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .get_me(with_bearer(GetMeRequest {}, &token))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    // `iat` has one-second resolution: the revocation covers the current second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(login(&mut client, &email, PASSWORD).await.is_err());
+    assert!(login(&mut client, &email, "a brand new passphrase").await.is_ok());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_reset_token_arrives_as_an_event_and_works_once() {
+    let Some(nats) = backend_url(Backend::Nats, "a_reset_token_arrives_as_an_event_and_works_once").unwrap() else {
+        return;
+    };
+    let mut config = TestApp::config();
+    config.nats_url = Some(SecretString::from(nats.clone()));
+    let stream = config.events.stream.clone();
+    let app = TestApp::spawn(config).await.unwrap();
+    let mut client = app.auth().await.unwrap();
+    let email = register_user(&mut client, "reset").await.unwrap();
+
+    let bus = NatsBus::connect(&SecretString::from(nats), &stream, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let mut deliveries = bus
+        .subscribe(&ConsumerSpec::new(
+            format!("reset-test-{}", unique()),
+            "plinth.auth.password_reset_requested",
+        ))
+        .await
+        .unwrap();
+
+    // An unknown email gets the same answer and emits nothing we could see.
+    client
+        .request_password_reset(RequestPasswordResetRequest {
+            email: format!("nobody-{}@example.com", unique()),
+        })
+        .await
+        .unwrap();
+    client
+        .request_password_reset(RequestPasswordResetRequest { email: email.clone() })
+        .await
+        .unwrap();
+    let token = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let delivery = deliveries.next().await.unwrap().unwrap();
+            let event = PasswordResetRequestedEvent::decode(delivery.event.payload.clone()).unwrap();
+            delivery.ack().await.unwrap();
+            if event.email == email {
+                return event.token;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(token.starts_with("plp_"));
+
+    let reset = |token: &str, password: &str| ResetPasswordRequest {
+        token: token.into(),
+        new_password: password.into(),
+    };
+    let err = client
+        .reset_password(reset(&format!("{token}x"), "another fine passphrase"))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&err), "token");
+    let err = client.reset_password(reset(&token, "short")).await.unwrap_err();
+    assert_eq!(field(&err), "new_password", "a weak password does not spend the token");
+    client
+        .reset_password(reset(&token, "another fine passphrase"))
+        .await
+        .unwrap();
+    let err = client
+        .reset_password(reset(&token, "yet another passphrase"))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&err), "token", "a reset token works once");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(login(&mut client, &email, "another fine passphrase").await.is_ok());
+    app.stop().await;
+}
