@@ -25,6 +25,11 @@ use plinth_runtime::storage::{Db, DbTarget, Migrations};
 use plinth_runtime::{Component, Tasks};
 use tokio_util::sync::CancellationToken;
 
+/// How often each auth replica rereads the signing keys (and checks the
+/// rotation schedule); below the default publish lead, so every replica
+/// knows a new key before it signs.
+const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+
 /// How often backends are probed for health.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -114,6 +119,10 @@ impl Plinth {
                         plinth::FILE_DESCRIPTOR_SET,
                     );
                     health.register("plinth.auth.v1.AuthService", &required).await;
+                    tasks.spawn(
+                        "signing-keys",
+                        auth.clone().maintain_keys(KEY_RELOAD_INTERVAL, tasks.token()),
+                    );
                     jwks = Some(auth.clone());
                     api_keys = Some(auth);
                 }
@@ -186,7 +195,8 @@ impl Plinth {
             api_keys = Some(remote);
         }
         let authenticator = jwks.map(|source| {
-            let mut a = Authenticator::new(source, &cfg.auth.issuer, &cfg.auth.audience, Duration::from_secs(30))
+            let refresh = Duration::from_secs(cfg.auth.jwks_refresh_secs);
+            let mut a = Authenticator::new(source, &cfg.auth.issuer, &cfg.auth.audience, refresh)
                 .with_revocations(Revocations::new(state.clone()));
             if let Some(keys) = api_keys {
                 a = a.with_api_keys(keys);

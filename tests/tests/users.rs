@@ -2,7 +2,7 @@
 //! administrator creates, lists, changes, disables and deletes users (and a
 //! disabled user's tokens and API keys stop at once); users change their
 //! password; a password reset token travels in an event through NATS and
-//! works exactly once.
+//! works exactly once; signing keys rotate without breaking issued tokens.
 
 #![expect(clippy::unwrap_used, reason = "tests fail loudly")]
 
@@ -11,9 +11,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use plinth::auth::v1::auth_service_client::AuthServiceClient;
 use plinth::auth::v1::{
-    ChangePasswordRequest, CreateApiKeyRequest, CreateUserRequest, DeleteUserRequest, GetMeRequest, GetUserRequest,
-    ListUsersRequest, LoginRequest, PasswordResetRequestedEvent, RequestPasswordResetRequest, ResetPasswordRequest,
-    UpdateUserRequest, User, UserStatus,
+    ChangePasswordRequest, CreateApiKeyRequest, CreateUserRequest, DeleteUserRequest, GetJwksRequest, GetMeRequest,
+    GetUserRequest, ListUsersRequest, LoginRequest, PasswordResetRequestedEvent, RequestPasswordResetRequest,
+    ResetPasswordRequest, RotateSigningKeyRequest, UpdateUserRequest, User, UserStatus,
 };
 use plinth_runtime::config::Config;
 use plinth_runtime::events::{ConsumerSpec, EventBus, NatsBus};
@@ -357,5 +357,58 @@ async fn a_reset_token_arrives_as_an_event_and_works_once() {
     assert_eq!(field(&err), "token", "a reset token works once");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert!(login(&mut client, &email, "another fine passphrase").await.is_ok());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn signing_keys_rotate_on_demand_without_breaking_issued_tokens() {
+    let mut config = with_admin(TestApp::config());
+    config.auth.key_publish_lead_secs = 1;
+    config.auth.jwks_refresh_secs = 1;
+    let app = TestApp::spawn(config).await.unwrap();
+    let mut client = app.auth().await.unwrap();
+    let admin = login(&mut client, "admin@plinth.local", ADMIN_PASSWORD).await.unwrap();
+    let old_kid = plinth_runtime::auth::jwt::peek_kid(&admin).unwrap();
+
+    let email = register_user(&mut client, "rotate").await.unwrap();
+    let viewer = login(&mut client, &email, PASSWORD).await.unwrap();
+    let err = client
+        .rotate_signing_key(with_bearer(RotateSigningKeyRequest {}, &viewer))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let rotated = client
+        .rotate_signing_key(with_bearer(RotateSigningKeyRequest {}, &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(rotated.kid, old_kid);
+    let kids: Vec<String> = client
+        .get_jwks(GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| k.kid)
+        .collect();
+    assert!(kids.contains(&old_kid) && kids.contains(&rotated.kid), "{kids:?}");
+    let during_lead = login(&mut client, &email, PASSWORD).await.unwrap();
+    assert_eq!(
+        plinth_runtime::auth::jwt::peek_kid(&during_lead).unwrap(),
+        old_kid,
+        "a new key is published before it signs"
+    );
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = login(&mut client, &email, PASSWORD).await.unwrap();
+    assert_eq!(plinth_runtime::auth::jwt::peek_kid(&after).unwrap(), rotated.kid);
+    for token in [&viewer, &during_lead, &after] {
+        assert!(
+            client.get_me(with_bearer(GetMeRequest {}, token)).await.is_ok(),
+            "tokens of the old key keep working until they expire"
+        );
+    }
     app.stop().await;
 }

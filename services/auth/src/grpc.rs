@@ -11,8 +11,8 @@ use plinth::auth::v1::{
     ListUsersResponse, LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, RefreshRequest, RefreshResponse,
     RegisterRequest, RegisterResponse, RequestPasswordResetRequest, RequestPasswordResetResponse, ResetPasswordRequest,
     ResetPasswordResponse, RevokeAllSessionsRequest, RevokeAllSessionsResponse, RevokeApiKeyRequest,
-    RevokeApiKeyResponse, RevokeSessionRequest, RevokeSessionResponse, Session, TokenPair, UpdateUserRequest,
-    UpdateUserResponse, User, UserStatus,
+    RevokeApiKeyResponse, RevokeSessionRequest, RevokeSessionResponse, RotateSigningKeyRequest,
+    RotateSigningKeyResponse, Session, TokenPair, UpdateUserRequest, UpdateUserResponse, User, UserStatus,
 };
 use plinth_runtime::auth::Principal;
 use plinth_runtime::error::to_status;
@@ -436,5 +436,21 @@ impl AuthService for AuthGrpc {
                 other => status(other),
             })?;
         Ok(Response::new(DeleteUserResponse {}))
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        _request: Request<RotateSigningKeyRequest>,
+    ) -> Result<Response<RotateSigningKeyResponse>, Status> {
+        let (kid, activates_at) = self
+            .auth
+            .rotate_signing_key(false)
+            .await
+            .map_err(status)?
+            .ok_or_else(|| Status::internal("rotation did not happen"))?;
+        Ok(Response::new(RotateSigningKeyResponse {
+            kid,
+            activate_time: Some(ts(activates_at)),
+        }))
     }
 }

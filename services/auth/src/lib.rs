@@ -5,6 +5,7 @@
 
 mod error;
 mod grpc;
+mod keys;
 mod password;
 mod service;
 mod store;

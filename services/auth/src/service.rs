@@ -8,9 +8,10 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use plinth::auth::v1::{
     ApiKeyCreatedEvent, ApiKeyRevokedEvent, Jwk, LockoutEvent, LoginFailedEvent, LoginSucceededEvent,
-    PasswordChangedEvent, PasswordResetRequestedEvent, SessionRevokedEvent, UserRegisteredEvent, UserUpdatedEvent,
+    PasswordChangedEvent, PasswordResetRequestedEvent, SessionRevokedEvent, SigningKeyRotatedEvent,
+    UserRegisteredEvent, UserUpdatedEvent,
 };
-use plinth_runtime::auth::jwt::{self, Claims, Expectations, KeySet, TokenSigner};
+use plinth_runtime::auth::jwt::{self, Claims, Expectations, TokenSigner};
 use plinth_runtime::auth::{API_KEY_PREFIX, ApiKeyGrant, Principal, Revocations, RolePolicy, unix_now};
 use plinth_runtime::config::AuthSettings;
 use plinth_runtime::events::outbox::{OutboxEvent, Relay};
@@ -19,6 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use crate::AuthError;
+use crate::keys::SigningKeys;
 use crate::password::{PasswordHasher, check_policy};
 use crate::store::{self, ApiKeyRow, NewSession, Rotation, UserChange, UserRow};
 use crate::throttle::LoginThrottle;
@@ -55,10 +57,8 @@ pub struct Auth {
     db: Db,
     settings: AuthSettings,
     hasher: PasswordHasher,
-    signer: TokenSigner,
-    jwks: Vec<Jwk>,
-    /// The same keys, for introspecting access tokens.
-    keyset: KeySet,
+    /// The signing key ring, reloaded from the database.
+    keys: SigningKeys,
     relay: Option<Relay>,
     throttle: LoginThrottle,
     revocations: Revocations,
@@ -146,22 +146,7 @@ impl Auth {
         relay: Option<Relay>,
     ) -> Result<Arc<Self>, AuthError> {
         let hasher = PasswordHasher::new(settings.hash_concurrency as usize)?;
-        let mut keys = store::active_keys(&db).await?;
-        if keys.is_empty() {
-            let signer = TokenSigner::generate();
-            store::insert_key(&db, signer.kid(), &signer.seed(), unix_now()).await?;
-            tracing::info!(kid = signer.kid(), "created the first token signing key");
-            keys = store::active_keys(&db).await?;
-        }
-        let signers: Vec<TokenSigner> = keys
-            .into_iter()
-            .filter_map(|(kid, seed, _)| Some(TokenSigner::from_seed(kid, seed.try_into().ok()?)))
-            .collect();
-        let signer = signers
-            .first()
-            .cloned()
-            .ok_or_else(|| AuthError::Hashing("no usable signing key".into()))?;
-        let jwks: Vec<Jwk> = signers.iter().map(TokenSigner::jwk).collect();
+        let keys = SigningKeys::load(&db, secs(settings.access_ttl_secs), unix_now()).await?;
         let bootstrap = (
             settings.bootstrap_admin_email.clone(),
             settings.bootstrap_admin_password.clone(),
@@ -171,9 +156,7 @@ impl Auth {
             db,
             settings,
             hasher,
-            signer,
-            keyset: KeySet::from_jwks(&jwks),
-            jwks,
+            keys,
             relay,
             throttle,
             revocations,
@@ -225,7 +208,76 @@ impl Auth {
 
     /// The public keys of every token that may still be valid.
     pub fn jwks(&self) -> Vec<Jwk> {
-        self.jwks.clone()
+        self.keys.current().jwks().to_vec()
+    }
+
+    /// Rotates the signing key: the new one is published now and signs after
+    /// the publish lead. With `scheduled`, only when the newest key is older
+    /// than the rotation period (and no other replica rotated meanwhile).
+    /// Returns the new key id and when it activates.
+    pub async fn rotate_signing_key(&self, scheduled: bool) -> Result<Option<(String, i64)>, AuthError> {
+        let now = unix_now();
+        let period = secs(self.settings.key_rotation_days).saturating_mul(86_400);
+        let unless_newer_than = if scheduled {
+            if period == 0 {
+                return Ok(None);
+            }
+            let newest = self.keys.current().newest_created().unwrap_or(0);
+            if newest > now - period {
+                return Ok(None);
+            }
+            Some(now - period)
+        } else {
+            None
+        };
+        let signer = TokenSigner::generate();
+        let activates_at = now + secs(self.settings.key_publish_lead_secs);
+        let event = SigningKeyRotatedEvent {
+            kid: signer.kid().to_owned(),
+            activate_time: timestamp(activates_at),
+            trigger: if scheduled { "SCHEDULE" } else { "ON_DEMAND" }.into(),
+            time: timestamp(now),
+        };
+        let event = OutboxEvent::new("plinth.auth.signing_key_rotated", signer.kid(), &event);
+        if !store::rotate_key(
+            &self.db,
+            signer.kid(),
+            &signer.seed(),
+            now,
+            activates_at,
+            unless_newer_than,
+            &event,
+        )
+        .await?
+        {
+            return Ok(None);
+        }
+        self.committed();
+        self.keys.reload(&self.db, now).await?;
+        tracing::info!(kid = signer.kid(), activates_at, scheduled, "signing key rotated");
+        Ok(Some((signer.kid().to_owned(), activates_at)))
+    }
+
+    /// Reloads the key ring every `interval` (following rotations made by
+    /// other replicas and retiring old keys from the JWKS) and rotates on
+    /// schedule, until `token` is cancelled.
+    pub async fn maintain_keys(
+        self: Arc<Self>,
+        interval: std::time::Duration,
+        token: tokio_util::sync::CancellationToken,
+    ) -> Result<(), std::convert::Infallible> {
+        loop {
+            tokio::select! {
+                () = token.cancelled() => return Ok(()),
+                () = tokio::time::sleep(interval) => {}
+            }
+            if let Err(e) = self.rotate_signing_key(true).await {
+                tracing::warn!(error = %e, "scheduled signing key rotation failed, will retry");
+            }
+            if let Err(e) = self.keys.reload(&self.db, unix_now()).await {
+                tracing::warn!(error = %e, "signing keys could not be reloaded, keeping the current ring");
+            }
+        }
     }
 
     /// Creates a user.
@@ -375,10 +427,19 @@ impl Auth {
             roles: user.role_list(),
         };
         TokenPair {
-            access_token: self.signer.sign(&claims),
+            access_token: self.sign(&claims),
             expires_in: ttl,
             refresh_token: refresh,
             refresh_expires_in: refresh_ttl,
+        }
+    }
+
+    fn sign(&self, claims: &Claims) -> String {
+        let ring = self.keys.current();
+        match ring.signer(claims.iat) {
+            Some(signer) => signer.sign(claims),
+            // `SigningKeys::reload` never installs an empty ring.
+            None => String::new(),
         }
     }
 
@@ -703,7 +764,8 @@ impl Auth {
             audience: self.settings.audience.clone(),
             leeway_secs: 30,
         };
-        let verified = match jwt::verify(token, &self.keyset, &expect, unix_now()) {
+        let ring = self.keys.current();
+        let verified = match jwt::verify(token, ring.keyset(), &expect, unix_now()) {
             Ok(c) => self.revocations.check(&c).await.map(|()| c).ok(),
             Err(_) => None,
         };

@@ -314,11 +314,61 @@ pub async fn revoke_session(
     .await)
 }
 
-/// Signing key seeds not retired, newest first.
-pub async fn active_keys(db: &Db) -> Result<Vec<(String, Vec<u8>, i64)>, AuthError> {
-    let sql =
-        "SELECT kid, seed, created_at FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC, kid DESC";
+/// A stored signing key.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SigningKeyRow {
+    pub kid: String,
+    pub seed: Vec<u8>,
+    pub created_at: i64,
+    pub activates_at: i64,
+    pub retired_at: Option<i64>,
+}
+
+/// Every signing key (a handful; the ring filters what is published).
+pub async fn signing_key_rows(db: &Db) -> Result<Vec<SigningKeyRow>, AuthError> {
+    let sql = "SELECT kid, seed, created_at, activates_at, retired_at FROM signing_keys";
     Ok(on_db!(db, |pool| sqlx::query_as(sql).fetch_all(pool).await)?)
+}
+
+/// Adds a key that signs from `activates_at` and retires the others at that
+/// moment, with its event. With `unless_newer_than`, does nothing (false) when
+/// a key was created after that time (another replica rotated already).
+pub async fn rotate_key(
+    db: &Db,
+    kid: &str,
+    seed: &[u8],
+    now: i64,
+    activates_at: i64,
+    unless_newer_than: Option<i64>,
+    event: &OutboxEvent,
+) -> Result<bool, AuthError> {
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin_write().await?;
+        if let Some(since) = unless_newer_than {
+            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM signing_keys WHERE created_at > $1")
+                .bind(since)
+                .fetch_one(&mut *tx)
+                .await?;
+            if n > 0 {
+                return Ok::<bool, AuthError>(false);
+            }
+        }
+        sqlx::query("UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL")
+            .bind(activates_at)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO signing_keys (kid, seed, created_at, activates_at) VALUES ($1, $2, $3, $4)")
+            .bind(kid)
+            .bind(seed)
+            .bind(now)
+            .bind(activates_at)
+            .execute(&mut *tx)
+            .await?;
+        event.write(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+    .await)
 }
 
 pub async fn insert_key(db: &Db, kid: &str, seed: &[u8], now: i64) -> Result<(), AuthError> {

@@ -196,6 +196,16 @@ pub struct AuthSettings {
     /// (`PLINTH_AUTH__BOOTSTRAP_ADMIN_PASSWORD`).
     #[serde(serialize_with = "redact_opt")]
     pub bootstrap_admin_password: Option<SecretString>,
+    /// Days between automatic signing-key rotations; 0 turns them off
+    /// (`PLINTH_AUTH__KEY_ROTATION_DAYS`).
+    pub key_rotation_days: u64,
+    /// Seconds a new signing key is published before it signs, so verifiers
+    /// learn it first (`PLINTH_AUTH__KEY_PUBLISH_LEAD_SECS`); at least
+    /// `jwks_refresh_secs`.
+    pub key_publish_lead_secs: u64,
+    /// Verifiers refetch the JWKS on an unknown key id at most this often
+    /// (`PLINTH_AUTH__JWKS_REFRESH_SECS`).
+    pub jwks_refresh_secs: u64,
 }
 
 impl Default for AuthSettings {
@@ -210,6 +220,9 @@ impl Default for AuthSettings {
             url: None,
             bootstrap_admin_email: "admin@plinth.local".into(),
             bootstrap_admin_password: None,
+            key_rotation_days: 30,
+            key_publish_lead_secs: 60,
+            jwks_refresh_secs: 30,
         }
     }
 }
@@ -342,6 +355,15 @@ impl Config {
             return Err(ConfigError::Rejected {
                 key: "PLINTH_AUTH__ACCESS_TTL_SECS",
                 reason: "must be between 1 second and 1 day".into(),
+            });
+        }
+        if self.auth.jwks_refresh_secs == 0 || self.auth.key_publish_lead_secs < self.auth.jwks_refresh_secs {
+            return Err(ConfigError::Rejected {
+                key: "PLINTH_AUTH__KEY_PUBLISH_LEAD_SECS",
+                reason: format!(
+                    "must be at least PLINTH_AUTH__JWKS_REFRESH_SECS ({}, itself at least 1), so verifiers know a new key before it signs",
+                    self.auth.jwks_refresh_secs
+                ),
             });
         }
         let prefix = &self.storage.schema_prefix;
@@ -567,6 +589,19 @@ mod tests {
         let msg = Config::load(None, &e, &BTreeMap::new()).unwrap_err().to_string();
         assert!(msg.contains("PLINTH_STORAGE__MAX_CONNECTIONS"), "{msg}");
         assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn a_key_publish_lead_shorter_than_the_jwks_refresh_is_rejected() {
+        let e = env(&[
+            ("PLINTH_AUTH__KEY_PUBLISH_LEAD_SECS", "10"),
+            ("PLINTH_AUTH__JWKS_REFRESH_SECS", "30"),
+        ]);
+        let msg = Config::load(None, &e, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(msg.contains("PLINTH_AUTH__KEY_PUBLISH_LEAD_SECS"), "{msg}");
+        let e = env(&[("PLINTH_GATEWAY__UPSTREAMS__AUTH", "auth:50051")]);
+        let msg = Config::load(None, &e, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(msg.contains("PLINTH_GATEWAY__UPSTREAMS"), "{msg}");
     }
 
     #[test]

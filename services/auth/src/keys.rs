@@ -1,0 +1,160 @@
+//! The signing key ring. A new key is published (in the JWKS) before it
+//! signs anything, so verifiers that refetch on an unknown `kid` already know
+//! it; a retired key stays published until every token it signed has expired.
+//! Every replica reloads the ring from the database periodically, so a
+//! rotation made anywhere is followed everywhere.
+
+use std::sync::{Arc, PoisonError, RwLock};
+
+use plinth::auth::v1::Jwk;
+use plinth_runtime::auth::jwt::{KeySet, TokenSigner};
+use plinth_runtime::storage::Db;
+
+use crate::AuthError;
+use crate::store::{self, SigningKeyRow};
+
+/// Tolerated clock skew between replicas and verifiers.
+const SKEW_SECS: i64 = 60;
+
+/// One key of the ring.
+#[derive(Debug, Clone)]
+struct RingKey {
+    signer: TokenSigner,
+    created_at: i64,
+    activates_at: i64,
+    retired_at: Option<i64>,
+}
+
+/// The keys published now, and which one signs.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRing {
+    keys: Vec<RingKey>,
+    jwks: Vec<Jwk>,
+    keyset: KeySet,
+}
+
+impl KeyRing {
+    /// The ring of `rows` at `now`: keys retired longer ago than a token
+    /// lives (plus skew) are no longer published.
+    pub fn from_rows(rows: Vec<SigningKeyRow>, now: i64, token_lifetime: i64) -> Self {
+        let mut keys: Vec<RingKey> = rows
+            .into_iter()
+            .filter(|r| r.retired_at.is_none_or(|at| at + token_lifetime + SKEW_SECS > now))
+            .filter_map(|r| {
+                Some(RingKey {
+                    signer: TokenSigner::from_seed(r.kid, r.seed.try_into().ok()?),
+                    created_at: r.created_at,
+                    activates_at: r.activates_at,
+                    retired_at: r.retired_at,
+                })
+            })
+            .collect();
+        keys.sort_by_key(|k| std::cmp::Reverse((k.activates_at, k.created_at)));
+        let jwks: Vec<Jwk> = keys.iter().map(|k| k.signer.jwk()).collect();
+        Self {
+            keyset: KeySet::from_jwks(&jwks),
+            jwks,
+            keys,
+        }
+    }
+
+    /// The key that signs at `now`: the newest one already active and not
+    /// retired; failing that, the newest active one.
+    pub fn signer(&self, now: i64) -> Option<&TokenSigner> {
+        let active = |k: &&RingKey| k.activates_at <= now;
+        self.keys
+            .iter()
+            .filter(active)
+            .find(|k| k.retired_at.is_none_or(|at| at > now))
+            .or_else(|| self.keys.iter().find(active))
+            .or_else(|| self.keys.last())
+            .map(|k| &k.signer)
+    }
+
+    /// The published public keys.
+    pub fn jwks(&self) -> &[Jwk] {
+        &self.jwks
+    }
+
+    /// The published keys, for verifying.
+    pub fn keyset(&self) -> &KeySet {
+        &self.keyset
+    }
+
+    /// When the newest key was created.
+    pub fn newest_created(&self) -> Option<i64> {
+        self.keys.iter().map(|k| k.created_at).max()
+    }
+}
+
+/// The ring shared by the service, reloaded from the database.
+pub struct SigningKeys {
+    ring: RwLock<Arc<KeyRing>>,
+    token_lifetime: i64,
+}
+
+impl SigningKeys {
+    /// Loads the ring, creating the first key on a new deployment.
+    pub async fn load(db: &Db, token_lifetime: i64, now: i64) -> Result<Self, AuthError> {
+        if store::signing_key_rows(db).await?.is_empty() {
+            let signer = TokenSigner::generate();
+            store::insert_key(db, signer.kid(), &signer.seed(), now).await?;
+            tracing::info!(kid = signer.kid(), "created the first token signing key");
+        }
+        let keys = Self {
+            ring: RwLock::new(Arc::default()),
+            token_lifetime,
+        };
+        keys.reload(db, now).await?;
+        Ok(keys)
+    }
+
+    /// Rereads the ring from the database.
+    pub async fn reload(&self, db: &Db, now: i64) -> Result<(), AuthError> {
+        let ring = KeyRing::from_rows(store::signing_key_rows(db).await?, now, self.token_lifetime);
+        if ring.keys.is_empty() {
+            return Err(AuthError::Hashing("no usable signing key".into()));
+        }
+        *self.ring.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(ring);
+        Ok(())
+    }
+
+    /// The ring now.
+    pub fn current(&self) -> Arc<KeyRing> {
+        self.ring.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(kid: &str, created_at: i64, activates_at: i64, retired_at: Option<i64>) -> SigningKeyRow {
+        SigningKeyRow {
+            kid: kid.into(),
+            seed: TokenSigner::generate().seed().to_vec(),
+            created_at,
+            activates_at,
+            retired_at,
+        }
+    }
+
+    #[test]
+    fn a_new_key_is_published_before_it_signs() {
+        let ring = KeyRing::from_rows(vec![row("old", 0, 0, Some(160)), row("new", 100, 160, None)], 120, 900);
+        assert_eq!(ring.jwks().len(), 2, "both published during the lead time");
+        assert_eq!(ring.signer(120).unwrap().kid(), "old", "the new key does not sign yet");
+        assert_eq!(ring.signer(160).unwrap().kid(), "new");
+    }
+
+    #[test]
+    fn a_retired_key_stays_published_until_its_tokens_expire() {
+        let rows = || vec![row("old", 0, 0, Some(160)), row("new", 100, 160, None)];
+        let lifetime = 900;
+        let still = KeyRing::from_rows(rows(), 160 + lifetime + SKEW_SECS - 1, lifetime);
+        assert!(still.keyset().contains("old"));
+        let gone = KeyRing::from_rows(rows(), 160 + lifetime + SKEW_SECS, lifetime);
+        assert!(!gone.keyset().contains("old"));
+        assert!(gone.keyset().contains("new"));
+    }
+}
