@@ -14,6 +14,7 @@ use plinth_gateway::{Gateway, GatewayOptions, Upstreams};
 use plinth_runtime::auth::{
     ApiKeySource, AuthLayer, Authenticator, GrpcJwksSource, JwksSource, PermissionMap, Revocations, RolePolicy,
 };
+use plinth_runtime::client_address::TrustedProxies;
 use plinth_runtime::config::Config;
 use plinth_runtime::events::outbox::Relay;
 use plinth_runtime::events::{InProcessBus, NatsBus, SharedBus};
@@ -115,7 +116,10 @@ impl Plinth {
                     )
                     .await?;
                     builder = builder.add_service(
-                        AuthServiceServer::new(plinth_auth::AuthGrpc::new(auth.clone())),
+                        AuthServiceServer::new(plinth_auth::AuthGrpc::new(
+                            auth.clone(),
+                            TrustedProxies::parse(&cfg.trusted_proxies)?,
+                        )),
                         plinth::FILE_DESCRIPTOR_SET,
                     );
                     health.register("plinth.auth.v1.AuthService", &required).await;

@@ -459,3 +459,47 @@ async fn sessions_list_and_revoke_on_postgres() {
     };
     sessions_contract(TestApp::config_on(Some(&url))).await;
 }
+
+#[tokio::test]
+async fn hashes_made_with_older_parameters_are_upgraded_at_login() {
+    use argon2::password_hash::{PasswordHasher as _, SaltString};
+    let config = TestApp::config();
+    let db_file = config.data_dir.join("auth.db");
+    let app = TestApp::spawn(config).await.unwrap();
+    let mut client = app.auth().await.unwrap();
+    let email = plinth_tests::register_user(&mut client, "rehash").await.unwrap();
+
+    // What an older deployment (weaker settings) would have stored.
+    let weak = argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        argon2::Params::new(8 * 1024, 1, 1, None).unwrap(),
+    );
+    let salt = SaltString::encode_b64(b"sixteen byte slt").unwrap();
+    let old_hash = weak
+        .hash_password(plinth_tests::PASSWORD.as_bytes(), &salt)
+        .unwrap()
+        .to_string();
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db_file.display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE users SET password_hash = $1 WHERE email = $2")
+        .bind(&old_hash)
+        .bind(&email)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    login(&mut client, &email, plinth_tests::PASSWORD).await.unwrap();
+    let (stored,): (String,) = sqlx::query_as("SELECT password_hash FROM users WHERE email = $1")
+        .bind(&email)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_ne!(stored, old_hash);
+    assert!(stored.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{stored}");
+    login(&mut client, &email, plinth_tests::PASSWORD).await.unwrap();
+    assert!(login(&mut client, &email, "not the password at all").await.is_err());
+    pool.close().await;
+    app.stop().await;
+}

@@ -32,6 +32,21 @@ async fn call(
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
+/// The production shape: an auth-only process (trusting `trusted_proxies`)
+/// and a gateway-only process dialling it.
+async fn split(base: &Config, trusted_proxies: &str) -> (TestApp, TestApp) {
+    let mut auth_config = TestApp::replica_of(base, "auth").unwrap();
+    auth_config.trusted_proxies = trusted_proxies.into();
+    let auth = TestApp::spawn(auth_config).await.unwrap();
+    let mut gateway_config = TestApp::replica_of(base, "gateway").unwrap();
+    gateway_config
+        .gateway
+        .upstreams
+        .insert("auth".into(), format!("http://{}", auth.grpc));
+    let gateway = TestApp::spawn(gateway_config).await.unwrap();
+    (auth, gateway)
+}
+
 /// Register → login → me → refresh → logout → refresh refused, over HTTP at `base`.
 async fn session_flow(base: &str) {
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -168,14 +183,7 @@ async fn auth_over_http_in_one_process() {
 #[tokio::test]
 async fn auth_over_http_through_a_separate_gateway_process() {
     let base_config = TestApp::config();
-    let auth_config = TestApp::replica_of(&base_config, "auth").unwrap();
-    let auth = TestApp::spawn(auth_config).await.unwrap();
-    let mut gateway_config: Config = TestApp::replica_of(&base_config, "gateway").unwrap();
-    gateway_config
-        .gateway
-        .upstreams
-        .insert("auth".into(), format!("http://{}", auth.grpc));
-    let gateway = TestApp::spawn(gateway_config).await.unwrap();
+    let (auth, gateway) = split(&base_config, "").await;
     session_flow(&format!("http://{}", gateway.http)).await;
 
     // Health through the edge: names it does not know are asked of the upstream.
@@ -282,4 +290,57 @@ async fn the_http_listener_speaks_tls_when_configured() {
     );
     app.stop().await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn behind_a_split_gateway_logins_are_throttled_per_client_not_per_gateway() {
+    let base_config = TestApp::config();
+    // The gateway process connects from loopback: trust it to report clients.
+    let (auth, gateway) = split(&base_config, "127.0.0.1").await;
+    let g = format!("http://{}", gateway.http);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let email = format!("nat-{}@example.com", plinth_tests::unique());
+    let (s, _) = call(
+        &http,
+        "POST",
+        format!("{g}/v1/auth/register"),
+        None,
+        Some(json!({"email": email, "password": PASSWORD})),
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    // One client guesses across many accounts until its address is locked out.
+    let attempt = |from: &'static str, email: String, password: &'static str| {
+        let http = http.clone();
+        let url = format!("{g}/v1/auth/login");
+        async move {
+            http.post(url)
+                .header("x-forwarded-for", from)
+                .json(&json!({"email": email, "password": password}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let guesses = (0..50).map(|i| {
+        attempt(
+            "10.0.0.7",
+            format!("guess-{i}-{}@example.com", plinth_tests::unique()),
+            "wrong password guess",
+        )
+    });
+    let statuses = futures::future::join_all(guesses).await;
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    assert_eq!(
+        attempt("10.0.0.7", email.clone(), PASSWORD).await,
+        429,
+        "that client is locked out"
+    );
+    // Another client behind the same gateway is not.
+    assert_eq!(attempt("10.0.0.8", email.clone(), PASSWORD).await, 200);
+    gateway.stop().await;
+    auth.stop().await;
 }

@@ -283,7 +283,19 @@ async fn changing_a_password_checks_the_old_one_and_ends_every_session() {
     // `iat` has one-second resolution: the revocation covers the current second.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert!(login(&mut client, &email, PASSWORD).await.is_err());
-    assert!(login(&mut client, &email, "a brand new passphrase").await.is_ok());
+    let token = login(&mut client, &email, "a brand new passphrase").await.unwrap();
+
+    // Guessing the current password with a token is throttled like logins.
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let err = client
+            .change_password(with_bearer(change("a wrong guess here", "whatever passphrase"), &token))
+            .await
+            .unwrap_err();
+        codes.push(err.code());
+    }
+    assert_eq!(codes[..5], [Code::InvalidArgument; 5]);
+    assert_eq!(codes[5], Code::ResourceExhausted, "{codes:?}");
     app.stop().await;
 }
 
@@ -355,6 +367,21 @@ async fn a_reset_token_arrives_as_an_event_and_works_once() {
         .await
         .unwrap_err();
     assert_eq!(field(&err), "token", "a reset token works once");
+
+    // At most three reset mails an hour per account; the answer stays the same.
+    for _ in 0..5 {
+        client
+            .request_password_reset(RequestPasswordResetRequest { email: email.clone() })
+            .await
+            .unwrap();
+    }
+    let mut sent = 0;
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_secs(2), deliveries.next()).await {
+        let event = PasswordResetRequestedEvent::decode(delivery.event.payload.clone()).unwrap();
+        delivery.ack().await.unwrap();
+        sent += usize::from(event.email == email);
+    }
+    assert_eq!(sent, 2, "the first request plus two more fill the hour's three");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert!(login(&mut client, &email, "another fine passphrase").await.is_ok());
     app.stop().await;

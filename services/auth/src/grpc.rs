@@ -15,6 +15,7 @@ use plinth::auth::v1::{
     RotateSigningKeyResponse, Session, TokenPair, UpdateUserRequest, UpdateUserResponse, User, UserStatus,
 };
 use plinth_runtime::auth::Principal;
+use plinth_runtime::client_address::TrustedProxies;
 use plinth_runtime::error::to_status;
 use tonic::{Request, Response, Status};
 
@@ -26,12 +27,17 @@ use crate::store::{ApiKeyRow, UserRow};
 #[derive(Clone)]
 pub struct AuthGrpc {
     auth: Arc<Auth>,
+    proxies: Arc<TrustedProxies>,
 }
 
 impl AuthGrpc {
-    /// Serves `auth`.
-    pub fn new(auth: Arc<Auth>) -> Self {
-        Self { auth }
+    /// Serves `auth`; client addresses (for login throttling) are read
+    /// through `proxies`.
+    pub fn new(auth: Arc<Auth>, proxies: TrustedProxies) -> Self {
+        Self {
+            auth,
+            proxies: Arc::new(proxies),
+        }
     }
 }
 
@@ -114,9 +120,13 @@ impl AuthService for AuthGrpc {
     }
 
     async fn login(&self, request: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
-        // The peer address; behind the gateway, the client address it forwards
-        // will be used once the gateway can vouch for it.
-        let address = request.remote_addr().map(|a| a.ip().to_string());
+        // The client's address: the peer, or behind a trusted proxy (the split
+        // gateway) the address that proxy saw.
+        let forwarded = request.metadata().get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        let address = self
+            .proxies
+            .client(request.remote_addr(), forwarded)
+            .map(|ip| ip.to_string());
         let r = request.into_inner();
         let out = self
             .auth

@@ -68,6 +68,8 @@ pub struct PasswordHasher {
     /// A real hash of a random password: unknown users are verified against
     /// it so they cost the same time as known ones.
     dummy: Arc<str>,
+    /// The parameters new hashes use.
+    params: Params,
 }
 
 impl PasswordHasher {
@@ -75,7 +77,7 @@ impl PasswordHasher {
     pub fn new(concurrency: usize) -> Result<Self, AuthError> {
         let params = Params::new(19 * 1024, 2, 1, Some(OUTPUT_LEN)).map_err(|e| AuthError::Hashing(e.to_string()))?;
         let blocks = params.block_count();
-        let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+        let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
         let (jobs, queue) = sync_channel::<Job>(QUEUE);
         let queue = Arc::new(Mutex::new(queue));
         for n in 0..concurrency.max(1) {
@@ -90,6 +92,7 @@ impl PasswordHasher {
         Ok(Self {
             jobs,
             dummy: dummy.into(),
+            params,
         })
     }
 
@@ -107,6 +110,12 @@ impl PasswordHasher {
             Err(TrySendError::Disconnected(_)) => return Err(AuthError::Hashing("hashing threads stopped".into())),
         }
         rx.await.map_err(|e| AuthError::Hashing(e.to_string()))
+    }
+
+    /// Whether `stored` was made with other parameters than new hashes use
+    /// (older settings, another algorithm): rehash it at the next login.
+    pub fn needs_rehash(&self, stored: &str) -> bool {
+        PasswordHash::new(stored).map_or(true, |parsed| !uses_params(&parsed, &self.params))
     }
 
     /// A PHC-format argon2id hash of `password` with a fresh salt.
@@ -155,12 +164,7 @@ fn phc_verify(argon: &Argon2<'static>, password: &[u8], stored: &str, memory: &m
     let (Some(expected), Some(salt)) = (parsed.hash, parsed.salt) else {
         return Err(AuthError::Hashing("stored hash has no salt or output".into()));
     };
-    let same_params = Params::try_from(&parsed).is_ok_and(|p| {
-        let ours = argon.params();
-        p.m_cost() == ours.m_cost() && p.t_cost() == ours.t_cost() && p.p_cost() == ours.p_cost()
-    }) && parsed.algorithm.as_str() == "argon2id"
-        && expected.len() == OUTPUT_LEN;
-    if !same_params {
+    if !uses_params(&parsed, argon.params()) {
         return Ok(argon.verify_password(password, &parsed).is_ok());
     }
     let mut salt_bytes = [0u8; 64];
@@ -173,6 +177,15 @@ fn phc_verify(argon: &Argon2<'static>, password: &[u8], stored: &str, memory: &m
         .map_err(|e| AuthError::Hashing(e.to_string()))?;
     // Output's equality is constant-time.
     Ok(Output::new(&out).is_ok_and(|computed| computed == expected))
+}
+
+/// Whether `parsed` is argon2id with exactly `params` and our output length.
+fn uses_params(parsed: &PasswordHash<'_>, params: &Params) -> bool {
+    parsed.algorithm.as_str() == "argon2id"
+        && parsed.hash.is_some_and(|h| h.len() == OUTPUT_LEN)
+        && Params::try_from(parsed).is_ok_and(|p| {
+            p.m_cost() == params.m_cost() && p.t_cost() == params.t_cost() && p.p_cost() == params.p_cost()
+        })
 }
 
 /// Runs jobs with this thread's memory until the hasher is dropped.

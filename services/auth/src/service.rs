@@ -360,10 +360,20 @@ impl Auth {
             return Err(error);
         }
         let user = store::user_by_email(&self.db, &email).await?;
+        let rehash = user
+            .as_ref()
+            .is_some_and(|u| self.hasher.needs_rehash(&u.password_hash))
+            .then(|| password.clone());
         let matches = self
             .hasher
             .verify(password, user.as_ref().map(|u| u.password_hash.clone()))
             .await?;
+        if matches && let (Some(password), Some(u)) = (rehash, &user) {
+            // Hashed with older parameters: upgrade it now that we know the password.
+            let hash = self.hasher.hash(password).await?;
+            store::set_password_hash(&self.db, &u.id, &hash, unix_now()).await?;
+            tracing::info!(user_id = %u.id, "password rehashed with the current parameters");
+        }
         let now = unix_now();
         let failure = match &user {
             None => Some("UNKNOWN_USER"),
@@ -787,9 +797,12 @@ impl Auth {
     /// and token of the user ends.
     pub async fn change_password(&self, user_id: &str, current: String, new: String) -> Result<(), AuthError> {
         let user = self.user(user_id).await?;
+        // Guessing the current password with a stolen token counts as login attempts.
+        self.throttle.reserve(&user.email, None).await.map_err(|(e, _)| e)?;
         if !self.hasher.verify(current, Some(user.password_hash.clone())).await? {
             return Err(AuthError::field("current_password", "is not the current password"));
         }
+        self.throttle.succeeded(&user.email, None).await;
         check_policy(&new, &user.email).map_err(|e| rename_field(e, "password", "new_password"))?;
         let hash = self.hasher.hash(new).await?;
         let now = unix_now();
@@ -819,6 +832,10 @@ impl Auth {
             return Ok(());
         };
         if user.status != "active" {
+            return Ok(());
+        }
+        if !self.throttle.allow_reset(&email).await? {
+            tracing::warn!(user_id = %user.id, "password reset not sent: too many requests for this account");
             return Ok(());
         }
         let token = format!("{RESET_PREFIX}{}", URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>()));

@@ -532,6 +532,20 @@ pub async fn update_password(
     .await)
 }
 
+/// Replaces `user_id`'s password hash with an equivalent one (a rehash with
+/// current parameters); no event, nothing about the account changed.
+pub async fn set_password_hash(db: &Db, user_id: &str, hash: &str, now: i64) -> Result<(), AuthError> {
+    let sql = "UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3";
+    on_db!(db, |pool| sqlx::query(sql)
+        .bind(hash)
+        .bind(now)
+        .bind(user_id)
+        .execute(pool)
+        .await
+        .map(drop))?;
+    Ok(())
+}
+
 /// Stores a reset token digest, with the event that carries the token.
 pub async fn insert_reset(
     db: &Db,

@@ -41,6 +41,9 @@ impl Default for Limits {
     }
 }
 
+/// Password reset emails per account per hour.
+pub const RESETS_PER_HOUR: i64 = 3;
+
 /// Reserves login attempts against [`Limits`].
 #[derive(Clone)]
 pub struct LoginThrottle {
@@ -91,6 +94,18 @@ impl LoginThrottle {
             }
         }
         Ok(())
+    }
+
+    /// Whether another password reset may be sent for `email`: at most
+    /// three an hour, so nobody can flood a mailbox. Kept apart
+    /// from login attempts, so reset requests never lock anyone out.
+    pub async fn allow_reset(&self, email: &str) -> Result<bool, AuthError> {
+        let n = self
+            .state
+            .incr(&format!("reset:requests:{email}"), 1, Duration::from_secs(3600))
+            .await
+            .map_err(unavailable)?;
+        Ok(n <= RESETS_PER_HOUR)
     }
 
     /// After a successful login: forgets the account's failed attempts and

@@ -58,6 +58,10 @@ pub struct Config {
     pub auth: AuthSettings,
     /// The HTTP/JSON edge (`PLINTH_GATEWAY__*`).
     pub gateway: GatewaySettings,
+    /// Comma-separated addresses or CIDR ranges of proxies (the split
+    /// gateway, load balancers) whose `X-Forwarded-For` is believed when
+    /// deciding a client's address (`PLINTH_TRUSTED_PROXIES`).
+    pub trusted_proxies: String,
     /// gRPC TLS (`PLINTH_TLS__*`); plaintext when unset.
     pub tls: Option<TlsConfig>,
     /// Seconds in-flight calls get to finish after SIGTERM (`PLINTH_SHUTDOWN_GRACE_SECS`).
@@ -81,6 +85,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             auth: AuthSettings::default(),
             gateway: GatewaySettings::default(),
+            trusted_proxies: String::new(),
             tls: None,
             shutdown_grace_secs: 10,
         }
@@ -375,6 +380,12 @@ impl Config {
             return Err(ConfigError::Rejected {
                 key: "PLINTH_STORAGE__SCHEMA_PREFIX",
                 reason: "must be lowercase letters, digits and underscores".into(),
+            });
+        }
+        if let Err(e) = crate::client_address::TrustedProxies::parse(&self.trusted_proxies) {
+            return Err(ConfigError::Rejected {
+                key: "PLINTH_TRUSTED_PROXIES",
+                reason: e.to_string(),
             });
         }
         for (component, url) in &self.gateway.upstreams {

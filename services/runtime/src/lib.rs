@@ -6,6 +6,7 @@
 //! logic of a particular service never lives here.
 
 pub mod auth;
+pub mod client_address;
 pub mod component;
 pub mod config;
 pub mod error;
