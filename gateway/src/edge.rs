@@ -110,10 +110,13 @@ async fn rate_limit(State(gw): State<Arc<Inner>>, req: Request, next: Next) -> R
     let Some(limiter) = &gw.options.rate_limit else {
         return next.run(req).await;
     };
-    let client = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string());
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let forwarded = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let client = gw
+        .options
+        .trusted_proxies
+        .client(peer, forwarded)
+        .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
     match limiter.check(&client, 1).await {
         Ok(d) if !d.allowed => {
             let status = tonic::Status::with_error_details(

@@ -45,6 +45,9 @@ pub struct GatewayOptions {
     /// This process's health registry, for `/healthz` and `/readyz`; names it
     /// does not know are asked of the upstreams.
     pub health: Option<plinth_runtime::health::Health>,
+    /// Proxies (load balancers) whose `X-Forwarded-For` names the client the
+    /// rate limit counts.
+    pub trusted_proxies: plinth_runtime::client_address::TrustedProxies,
 }
 
 impl Default for GatewayOptions {
@@ -56,6 +59,7 @@ impl Default for GatewayOptions {
             rate_limit: None,
             compression: true,
             health: None,
+            trusted_proxies: plinth_runtime::client_address::TrustedProxies::default(),
         }
     }
 }

@@ -635,4 +635,30 @@ async fn clients_over_their_rate_get_429_with_retry_after() {
     assert!((1..=2).contains(&retry), "{retry}");
     let b: Value = resp.json().await.unwrap();
     assert_eq!(b["code"], 8);
+
+    // Behind a trusted proxy, each forwarded client has its own bucket.
+    let options = GatewayOptions {
+        rate_limit: Some(RateLimiter::new(
+            Arc::new(InProcessState::new()),
+            "gw-test-proxied",
+            0.5,
+            2.0,
+        )),
+        trusted_proxies: plinth_runtime::client_address::TrustedProxies::parse("127.0.0.1").unwrap(),
+        ..GatewayOptions::default()
+    };
+    let edge = Edge::start(false, options).await;
+    let from = |client: &str| {
+        edge.req("GET", "/v1/echo/x")
+            .header("x-forwarded-for", client.to_owned())
+    };
+    for _ in 0..2 {
+        assert_eq!(from("10.0.0.1").send().await.unwrap().status(), 200);
+    }
+    assert_eq!(from("10.0.0.1").send().await.unwrap().status(), 429);
+    assert_eq!(
+        from("10.0.0.2").send().await.unwrap().status(),
+        200,
+        "another client behind the proxy"
+    );
 }

@@ -292,6 +292,7 @@ fn gateway(cfg: &Config, server: &BoundServer, state: SharedStateRef) -> anyhow:
             .then(|| RateLimiter::new(state, "gateway", g.rate_limit_per_sec, g.rate_limit_burst)),
         compression: g.compression,
         health: Some(server.health()),
+        trusted_proxies: TrustedProxies::parse(&cfg.trusted_proxies)?,
     };
     Ok(Gateway::new(plinth::FILE_DESCRIPTOR_SET, upstreams, options)?)
 }
