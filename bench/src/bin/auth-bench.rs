@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plinth::auth::v1::auth_service_client::AuthServiceClient;
-use plinth::auth::v1::{GetJwksRequest, GetMeRequest, LoginRequest, RegisterRequest};
+use plinth::auth::v1::{
+    CreateServiceAccountRequest, GetJwksRequest, GetMeRequest, IssueServiceTokenRequest, LoginRequest, RegisterRequest,
+};
 use plinth_bench::{arg, closed_loop, memory_kib};
 use plinth_runtime::auth::jwt::{Expectations, KeySet, verify};
 use plinth_runtime::auth::{Authenticator, JwksSource, unix_now};
@@ -27,6 +29,7 @@ impl JwksSource for StaticKeys {
 }
 
 const PASSWORD: &str = "violet staircase under rain";
+const ADMIN_PASSWORD: &str = "correct horse battery staple";
 
 fn out(line: &str) {
     let _ = writeln!(std::io::stdout(), "{line}");
@@ -36,7 +39,9 @@ fn out(line: &str) {
 async fn main() -> anyhow::Result<()> {
     let seconds: u64 = arg("--seconds", 10);
     let duration = Duration::from_secs(seconds);
-    let app = TestApp::spawn(TestApp::config()).await?;
+    let mut config = TestApp::config();
+    config.auth.bootstrap_admin_password = Some(secrecy::SecretString::from(ADMIN_PASSWORD));
+    let app = TestApp::spawn(config).await?;
     let (rss_start, _) = memory_kib();
     out(&format!(
         "{:<44} {} MiB",
@@ -44,6 +49,18 @@ async fn main() -> anyhow::Result<()> {
         rss_start / 1024
     ));
     let client = app.auth().await?;
+    // Before the login storm locks this address out.
+    let admin = client
+        .clone()
+        .login(LoginRequest {
+            email: "admin@plinth.local".into(),
+            password: ADMIN_PASSWORD.into(),
+        })
+        .await?
+        .into_inner()
+        .tokens
+        .ok_or_else(|| anyhow::anyhow!("no tokens"))?
+        .access_token;
 
     let users = 64;
     let mut emails = Vec::new();
@@ -177,6 +194,34 @@ async fn main() -> anyhow::Result<()> {
         move |_, _| {
             let mut c: AuthServiceClient<_> = c.clone();
             async move { c.get_jwks(GetJwksRequest {}).await.map(drop) }
+        },
+    )
+    .await;
+    out(&report.line());
+
+    // 5. Client credentials: a service account's id and secret for a token.
+    let mut create = Request::new(CreateServiceAccountRequest {
+        display_name: "bench".into(),
+        roles: vec![],
+    });
+    create
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {admin}").parse()?);
+    let account = client.clone().create_service_account(create).await?.into_inner();
+    let id = account.service_account.ok_or_else(|| anyhow::anyhow!("no account"))?.id;
+    let secret = account.client_secret;
+    let c = client.clone();
+    let report = closed_loop(
+        "IssueServiceToken (client credentials), 32 callers",
+        32,
+        duration,
+        move |_, _| {
+            let mut c: AuthServiceClient<_> = c.clone();
+            let request = IssueServiceTokenRequest {
+                client_id: id.clone(),
+                client_secret: secret.clone(),
+            };
+            async move { c.issue_service_token(request).await.map(drop) }
         },
     )
     .await;

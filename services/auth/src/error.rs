@@ -28,6 +28,12 @@ pub enum AuthError {
     /// The caller's user no longer exists or is not active.
     #[error("user not found")]
     UserNotFound,
+    /// No such live service account.
+    #[error("service account not found")]
+    ServiceAccountNotFound,
+    /// Unknown service account or wrong secret (the same answer for both).
+    #[error("invalid client credentials")]
+    BadClientCredentials,
     /// No such active API key of the caller.
     #[error("API key not found")]
     ApiKeyNotFound,
@@ -77,9 +83,12 @@ impl ServiceError for AuthError {
             AuthError::BadCredentials | AuthError::BadRefreshToken | AuthError::RefreshReused => {
                 ErrorCode::Unauthenticated
             }
-            AuthError::Unauthenticated => ErrorCode::Unauthenticated,
+            AuthError::Unauthenticated | AuthError::BadClientCredentials => ErrorCode::Unauthenticated,
             AuthError::EmailTaken => ErrorCode::AlreadyExists,
-            AuthError::UserNotFound | AuthError::SessionNotFound | AuthError::ApiKeyNotFound => ErrorCode::NotFound,
+            AuthError::UserNotFound
+            | AuthError::SessionNotFound
+            | AuthError::ApiKeyNotFound
+            | AuthError::ServiceAccountNotFound => ErrorCode::NotFound,
             AuthError::LoginThrottled { .. } => ErrorCode::ResourceExhausted,
             AuthError::StateUnavailable(_) | AuthError::Busy | AuthError::Revocation(_) => ErrorCode::Unavailable,
             AuthError::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
@@ -97,6 +106,8 @@ impl ServiceError for AuthError {
             AuthError::UserNotFound => "USER_NOT_FOUND",
             AuthError::SessionNotFound => "SESSION_NOT_FOUND",
             AuthError::ApiKeyNotFound => "API_KEY_NOT_FOUND",
+            AuthError::BadClientCredentials => "BAD_CLIENT_CREDENTIALS",
+            AuthError::ServiceAccountNotFound => "SERVICE_ACCOUNT_NOT_FOUND",
             AuthError::Unauthenticated => "CREDENTIALS_MISSING",
             AuthError::LoginThrottled { .. } => "LOGIN_THROTTLED",
             AuthError::StateUnavailable(_) => "STATE_UNAVAILABLE",

@@ -5,14 +5,17 @@ use std::sync::Arc;
 use plinth::auth::v1::auth_service_server::AuthService;
 use plinth::auth::v1::{
     ApiKey, ChangePasswordRequest, ChangePasswordResponse, CreateApiKeyRequest, CreateApiKeyResponse,
-    CreateUserRequest, CreateUserResponse, DeleteUserRequest, DeleteUserResponse, GetJwksRequest, GetJwksResponse,
-    GetMeRequest, GetMeResponse, GetUserRequest, GetUserResponse, IntrospectRequest, IntrospectResponse,
-    ListApiKeysRequest, ListApiKeysResponse, ListSessionsRequest, ListSessionsResponse, ListUsersRequest,
-    ListUsersResponse, LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, RefreshRequest, RefreshResponse,
-    RegisterRequest, RegisterResponse, RequestPasswordResetRequest, RequestPasswordResetResponse, ResetPasswordRequest,
-    ResetPasswordResponse, RevokeAllSessionsRequest, RevokeAllSessionsResponse, RevokeApiKeyRequest,
-    RevokeApiKeyResponse, RevokeSessionRequest, RevokeSessionResponse, RotateSigningKeyRequest,
-    RotateSigningKeyResponse, Session, TokenPair, UpdateUserRequest, UpdateUserResponse, User, UserStatus,
+    CreateServiceAccountRequest, CreateServiceAccountResponse, CreateUserRequest, CreateUserResponse,
+    DeleteServiceAccountRequest, DeleteServiceAccountResponse, DeleteUserRequest, DeleteUserResponse, GetJwksRequest,
+    GetJwksResponse, GetMeRequest, GetMeResponse, GetUserRequest, GetUserResponse, IntrospectRequest,
+    IntrospectResponse, IssueServiceTokenRequest, IssueServiceTokenResponse, ListApiKeysRequest, ListApiKeysResponse,
+    ListServiceAccountsRequest, ListServiceAccountsResponse, ListSessionsRequest, ListSessionsResponse,
+    ListUsersRequest, ListUsersResponse, LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, RefreshRequest,
+    RefreshResponse, RegisterRequest, RegisterResponse, RequestPasswordResetRequest, RequestPasswordResetResponse,
+    ResetPasswordRequest, ResetPasswordResponse, RevokeAllSessionsRequest, RevokeAllSessionsResponse,
+    RevokeApiKeyRequest, RevokeApiKeyResponse, RevokeSessionRequest, RevokeSessionResponse, RotateSigningKeyRequest,
+    RotateSigningKeyResponse, ServiceAccount, Session, TokenPair, UpdateUserRequest, UpdateUserResponse, User,
+    UserStatus,
 };
 use plinth_runtime::auth::Principal;
 use plinth_runtime::client_address::TrustedProxies;
@@ -21,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::AuthError;
 use crate::service::{self, Auth};
-use crate::store::{ApiKeyRow, UserRow};
+use crate::store::{ApiKeyRow, ServiceAccountRow, UserRow};
 
 /// The tonic service over [`Auth`].
 #[derive(Clone)]
@@ -67,6 +70,15 @@ fn api_key_pb(k: ApiKeyRow) -> ApiKey {
         expire_time: k.expires_at.map(ts),
         last_use_time: k.last_used_at.map(ts),
         revoke_time: k.revoked_at.map(ts),
+    }
+}
+
+fn service_account_pb(a: &ServiceAccountRow) -> ServiceAccount {
+    ServiceAccount {
+        id: a.id.clone(),
+        display_name: a.display_name.clone(),
+        roles: a.role_list(),
+        create_time: Some(ts(a.created_at)),
     }
 }
 
@@ -461,6 +473,60 @@ impl AuthService for AuthGrpc {
         Ok(Response::new(RotateSigningKeyResponse {
             kid,
             activate_time: Some(ts(activates_at)),
+        }))
+    }
+
+    async fn create_service_account(
+        &self,
+        request: Request<CreateServiceAccountRequest>,
+    ) -> Result<Response<CreateServiceAccountResponse>, Status> {
+        let r = request.into_inner();
+        let (row, client_secret) = self
+            .auth
+            .create_service_account(&r.display_name, &r.roles)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(CreateServiceAccountResponse {
+            service_account: Some(service_account_pb(&row)),
+            client_secret,
+        }))
+    }
+
+    async fn list_service_accounts(
+        &self,
+        _request: Request<ListServiceAccountsRequest>,
+    ) -> Result<Response<ListServiceAccountsResponse>, Status> {
+        let rows = self.auth.service_accounts().await.map_err(status)?;
+        Ok(Response::new(ListServiceAccountsResponse {
+            service_accounts: rows.iter().map(service_account_pb).collect(),
+        }))
+    }
+
+    async fn delete_service_account(
+        &self,
+        request: Request<DeleteServiceAccountRequest>,
+    ) -> Result<Response<DeleteServiceAccountResponse>, Status> {
+        self.auth
+            .delete_service_account(&request.into_inner().service_account_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(DeleteServiceAccountResponse {}))
+    }
+
+    async fn issue_service_token(
+        &self,
+        request: Request<IssueServiceTokenRequest>,
+    ) -> Result<Response<IssueServiceTokenResponse>, Status> {
+        let r = request.into_inner();
+        let (access_token, expires_in) = self
+            .auth
+            .issue_service_token(&r.client_id, &r.client_secret)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(IssueServiceTokenResponse {
+            access_token,
+            token_type: "Bearer".into(),
+            expires_in,
         }))
     }
 }

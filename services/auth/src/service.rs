@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::AuthError;
 use crate::keys::SigningKeys;
 use crate::password::{PasswordHasher, check_policy};
-use crate::store::{self, ApiKeyRow, NewSession, Rotation, UserChange, UserRow};
+use crate::store::{self, ApiKeyRow, NewSession, Rotation, ServiceAccountRow, UserChange, UserRow};
 use crate::throttle::LoginThrottle;
 
 /// Refresh tokens start with this, so leaked ones are recognisable in scanners and logs.
@@ -87,6 +87,8 @@ pub struct Introspection {
     pub roles: Vec<String>,
 }
 
+/// Service account client secrets start with this.
+const SERVICE_SECRET_PREFIX: &str = "pls_";
 /// Password reset tokens start with this.
 const RESET_PREFIX: &str = "plp_";
 /// How long a reset token works.
@@ -1019,6 +1021,92 @@ impl Auth {
         }
         tracing::info!(user_id, actor, status = %user.status, "user updated");
         Ok(user)
+    }
+
+    /// Creates a service account with `roles` (default `service`); returns it
+    /// and its client secret, shown once.
+    pub async fn create_service_account(
+        &self,
+        display_name: &str,
+        roles: &[String],
+    ) -> Result<(ServiceAccountRow, String), AuthError> {
+        let name = display_name.trim();
+        if name.is_empty() || name.chars().count() > MAX_KEY_NAME {
+            return Err(AuthError::field("display_name", "must be 1 to 100 characters"));
+        }
+        let roles = if roles.is_empty() {
+            "service".to_owned()
+        } else {
+            self.roles_of(roles)?
+        };
+        let secret = format!(
+            "{SERVICE_SECRET_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
+        );
+        let row = ServiceAccountRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            display_name: name.to_owned(),
+            roles,
+            secret_digest: self.key_digest(&secret),
+            created_at: unix_now(),
+            deleted_at: None,
+        };
+        store::insert_service_account(&self.db, &row).await?;
+        tracing::info!(service_account = %row.id, roles = %row.roles, "service account created");
+        Ok((row, secret))
+    }
+
+    /// Service accounts not deleted.
+    pub async fn service_accounts(&self) -> Result<Vec<ServiceAccountRow>, AuthError> {
+        store::service_accounts(&self.db).await
+    }
+
+    /// Deletes a service account; its tokens stop at once.
+    pub async fn delete_service_account(&self, id: &str) -> Result<(), AuthError> {
+        if uuid::Uuid::parse_str(id).is_err() {
+            return Err(AuthError::field("service_account_id", "must be a service account id"));
+        }
+        let lifetime = std::time::Duration::from_secs(self.settings.access_ttl_secs);
+        // Deny first: if that fails the account is still there to retry.
+        self.revocations
+            .revoke_subject(id, unix_now() + 1, lifetime)
+            .await
+            .map_err(AuthError::Revocation)?;
+        if !store::delete_service_account(&self.db, id, unix_now()).await? {
+            return Err(AuthError::ServiceAccountNotFound);
+        }
+        tracing::info!(service_account = %id, "service account deleted");
+        Ok(())
+    }
+
+    /// The client-credentials grant: an access token for a live service
+    /// account whose secret matches (compared in constant time).
+    pub async fn issue_service_token(&self, client_id: &str, secret: &str) -> Result<(String, i64), AuthError> {
+        let account = match uuid::Uuid::parse_str(client_id) {
+            Ok(_) => store::service_account(&self.db, client_id).await?,
+            Err(_) => None,
+        };
+        let Some(account) = account.filter(|a| a.deleted_at.is_none()) else {
+            return Err(AuthError::BadClientCredentials);
+        };
+        let tag = URL_SAFE_NO_PAD.decode(&account.secret_digest).unwrap_or_default();
+        if ring::hmac::verify(&self.api_key_hmac, secret.as_bytes(), &tag).is_err() {
+            return Err(AuthError::BadClientCredentials);
+        }
+        let now = unix_now();
+        let ttl = secs(self.settings.access_ttl_secs);
+        let claims = Claims {
+            iss: self.settings.issuer.clone(),
+            sub: account.id.clone(),
+            aud: self.settings.audience.clone(),
+            exp: now.saturating_add(ttl),
+            iat: now,
+            nbf: now,
+            jti: uuid::Uuid::now_v7().to_string(),
+            sid: String::new(),
+            roles: account.role_list(),
+        };
+        Ok((self.sign(&claims), ttl))
     }
 
     /// The user with `id`, unless deleted (for administrators).

@@ -696,3 +696,71 @@ pub async fn revoke_all_api_keys(db: &Db, user_id: &str, now: i64) -> Result<Vec
     }
     .await)
 }
+
+/// A stored service account.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ServiceAccountRow {
+    pub id: String,
+    pub display_name: String,
+    pub roles: String,
+    pub secret_digest: String,
+    pub created_at: i64,
+    pub deleted_at: Option<i64>,
+}
+
+impl ServiceAccountRow {
+    pub fn role_list(&self) -> Vec<String> {
+        self.roles
+            .split(',')
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+const SERVICE_ACCOUNT_COLUMNS: &str = "id, display_name, roles, secret_digest, created_at, deleted_at";
+
+/// Inserts `account`.
+pub async fn insert_service_account(db: &Db, account: &ServiceAccountRow) -> Result<(), AuthError> {
+    let sql = "INSERT INTO service_accounts (id, display_name, roles, secret_digest, created_at) \
+               VALUES ($1, $2, $3, $4, $5)";
+    on_db!(db, |pool| sqlx::query(sql)
+        .bind(&account.id)
+        .bind(&account.display_name)
+        .bind(&account.roles)
+        .bind(&account.secret_digest)
+        .bind(account.created_at)
+        .execute(pool)
+        .await
+        .map(drop))?;
+    Ok(())
+}
+
+/// The account with `id`, deleted or not.
+pub async fn service_account(db: &Db, id: &str) -> Result<Option<ServiceAccountRow>, AuthError> {
+    let sql = format!("SELECT {SERVICE_ACCOUNT_COLUMNS} FROM service_accounts WHERE id = $1");
+    Ok(on_db!(db, |pool| sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+        .bind(id)
+        .fetch_optional(pool)
+        .await)?)
+}
+
+/// Accounts not deleted, oldest first.
+pub async fn service_accounts(db: &Db) -> Result<Vec<ServiceAccountRow>, AuthError> {
+    let sql = format!("SELECT {SERVICE_ACCOUNT_COLUMNS} FROM service_accounts WHERE deleted_at IS NULL ORDER BY id");
+    Ok(on_db!(db, |pool| sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+        .fetch_all(pool)
+        .await)?)
+}
+
+/// Marks `id` deleted; false when there is no such live account.
+pub async fn delete_service_account(db: &Db, id: &str, now: i64) -> Result<bool, AuthError> {
+    let sql = "UPDATE service_accounts SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL";
+    let n = on_db!(db, |pool| sqlx::query(sql)
+        .bind(now)
+        .bind(id)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
+    Ok(n == 1)
+}
