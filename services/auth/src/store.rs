@@ -22,12 +22,13 @@ pub struct UserRow {
 
 impl UserRow {
     pub fn role_list(&self) -> Vec<String> {
-        self.roles
-            .split(',')
-            .filter(|r| !r.is_empty())
-            .map(str::to_owned)
-            .collect()
+        split_roles(&self.roles)
     }
+}
+
+/// Roles are stored comma-separated.
+fn split_roles(roles: &str) -> Vec<String> {
+    roles.split(',').filter(|r| !r.is_empty()).map(str::to_owned).collect()
 }
 
 const USER_COLUMNS: &str = "id, email, password_hash, display_name, status, roles, created_at";
@@ -710,11 +711,7 @@ pub struct ServiceAccountRow {
 
 impl ServiceAccountRow {
     pub fn role_list(&self) -> Vec<String> {
-        self.roles
-            .split(',')
-            .filter(|r| !r.is_empty())
-            .map(str::to_owned)
-            .collect()
+        split_roles(&self.roles)
     }
 }
 
