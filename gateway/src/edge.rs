@@ -161,17 +161,17 @@ async fn observe(req: Request, next: Next) -> Response {
     let route = response
         .extensions()
         .get::<RouteLabel>()
-        .map_or_else(|| path.clone(), |r| r.0.clone());
+        .map_or_else(|| Arc::from(path.as_str()), |r| r.0.clone());
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     let status_label = status.to_string();
     METRICS
         .requests
-        .with_label_values(&[route.as_str(), method.as_str(), status_label.as_str()])
+        .with_label_values(&[&*route, method.as_str(), status_label.as_str()])
         .inc();
     METRICS
         .duration
-        .with_label_values(&[route.as_str()])
+        .with_label_values(&[&*route])
         .observe(elapsed.as_secs_f64());
     let request_id = response
         .headers()

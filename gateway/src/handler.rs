@@ -31,9 +31,12 @@ pub(crate) struct Inner {
     pub options: GatewayOptions,
 }
 
+/// The label of requests no binding matched.
+static UNMATCHED: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("unmatched"));
+
 /// What the access log and metrics record of a request.
 #[derive(Debug, Clone)]
-pub(crate) struct RouteLabel(pub String);
+pub(crate) struct RouteLabel(pub Arc<str>);
 
 /// The fallback handler: every path that is not `/openapi.json` or `/docs`.
 pub(crate) async fn handle(State(gw): State<Arc<Inner>>, req: Request) -> Response {
@@ -43,7 +46,7 @@ pub(crate) async fn handle(State(gw): State<Arc<Inner>>, req: Request) -> Respon
         Lookup::NotFound => {
             let status = Status::not_found(format!("no route for {} {}", req.method(), req.uri().path()));
             let mut r = status_response(&status, gw.table.pool(), None);
-            r.extensions_mut().insert(RouteLabel("unmatched".into()));
+            r.extensions_mut().insert(RouteLabel(UNMATCHED.clone()));
             r
         }
         Lookup::WrongMethod(allowed) => {
@@ -52,11 +55,11 @@ pub(crate) async fn handle(State(gw): State<Arc<Inner>>, req: Request) -> Respon
             if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
                 r.headers_mut().insert(header::ALLOW, v);
             }
-            r.extensions_mut().insert(RouteLabel("unmatched".into()));
+            r.extensions_mut().insert(RouteLabel(UNMATCHED.clone()));
             r
         }
         Lookup::Found(binding, captures) => {
-            let label = RouteLabel(format!("{} {}", binding.method.as_str(), binding.template.as_str()));
+            let label = RouteLabel(binding.label.clone());
             let mut r = match call(&gw, binding, captures, req, peer, &request_id).await {
                 Ok(r) => r,
                 Err((status, http)) => {

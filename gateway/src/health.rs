@@ -18,6 +18,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::error::status_response;
 use crate::handler::Inner;
+use plinth_runtime::health::status_name;
 
 /// How long a readiness probe waits for an upstream.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -26,14 +27,6 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 pub(crate) struct HealthQuery {
     #[serde(default)]
     service: String,
-}
-
-fn name(status: ServingStatus) -> &'static str {
-    match status {
-        ServingStatus::Serving => "SERVING",
-        ServingStatus::NotServing => "NOT_SERVING",
-        ServingStatus::Unknown => "UNKNOWN",
-    }
 }
 
 /// `GET /healthz?service=X`.
@@ -46,7 +39,7 @@ pub(crate) async fn healthz(State(gw): State<Arc<Inner>>, Query(q): Query<Health
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
-        return (code, axum::Json(json!({"status": name(status)}))).into_response();
+        return (code, axum::Json(json!({"status": status_name(status)}))).into_response();
     }
     let Some(upstream) = gw.upstreams.for_service(&q.service) else {
         let status = tonic::Status::not_found(format!("unknown service {}", q.service));
@@ -69,11 +62,9 @@ pub(crate) async fn readyz(State(gw): State<Arc<Inner>>) -> Response {
     let mut body = serde_json::Map::new();
     let mut ready = true;
     if let Some(health) = &gw.options.health {
-        for (k, v) in health.statuses() {
-            ready &= v == ServingStatus::Serving;
-            let key = if k.is_empty() { "plinthd".to_owned() } else { k };
-            body.insert(key, Value::from(name(v)));
-        }
+        let (local_ready, names) = health.readiness();
+        ready &= local_ready;
+        body.extend(names.into_iter().map(|(k, v)| (k, Value::from(v))));
     }
     let probes = gw
         .upstreams

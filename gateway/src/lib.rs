@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use codec::DynamicCodec;
-pub use error::http_status;
 pub use routes::{RouteError, RouteTable};
 pub use upstream::{CallError, GrpcService, UpstreamError, Upstreams, component_of};
 

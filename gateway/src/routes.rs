@@ -126,6 +126,12 @@ pub struct Binding {
     pub rpc: Arc<Rpc>,
     /// Whether this is the implicit `POST /pkg.Svc/Method` binding.
     pub implicit: bool,
+    /// `METHOD /template`, the label of its logs and metrics (built once).
+    pub label: Arc<str>,
+}
+
+fn label(method: &MethodMatch, template: &PathTemplate) -> Arc<str> {
+    format!("{} {}", method.as_str(), template.as_str()).into()
 }
 
 /// The outcome of looking a request up.
@@ -195,12 +201,14 @@ impl RouteTable {
                         bindings.push(binding(&rpc, extra)?);
                     }
                 }
+                let template = PathTemplate::parse(rpc.grpc_path.path()).map_err(|source| RouteError::Template {
+                    rpc: method.full_name().to_owned(),
+                    source,
+                })?;
                 bindings.push(Binding {
+                    label: label(&MethodMatch::Exact(Method::POST), &template),
                     method: MethodMatch::Exact(Method::POST),
-                    template: PathTemplate::parse(rpc.grpc_path.path()).map_err(|source| RouteError::Template {
-                        rpc: method.full_name().to_owned(),
-                        source,
-                    })?,
+                    template,
                     body: BodyTarget::Whole,
                     response_body: None,
                     patch_mask: None,
@@ -315,6 +323,7 @@ fn binding(rpc: &Arc<Rpc>, rule: &HttpRule) -> Result<Binding, RouteError> {
         _ => None,
     };
     Ok(Binding {
+        label: label(&method, &template),
         method,
         template,
         body,

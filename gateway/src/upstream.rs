@@ -100,12 +100,6 @@ impl Upstreams {
             .collect()
     }
 
-    /// Sends `component`'s RPCs to `service` (tests, custom wiring).
-    pub fn service(mut self, component: &str, service: GrpcService) -> Self {
-        self.by_component.insert(component.to_owned(), service);
-        self
-    }
-
     /// The upstream for a service's full name (`plinth.auth.v1.AuthService`
     /// belongs to component `auth`).
     pub fn for_service(&self, service: &str) -> Option<GrpcService> {

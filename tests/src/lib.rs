@@ -206,3 +206,61 @@ pub async fn register_user(client: &mut AuthServiceClient<Channel>, label: &str)
         .await?;
     Ok(email)
 }
+
+/// The bootstrap administrator's password in tests that need an admin.
+pub const ADMIN_PASSWORD: &str = "correct horse battery staple";
+
+/// The email of the bootstrap administrator.
+pub const ADMIN_EMAIL: &str = "admin@plinth.local";
+
+/// `config` with the bootstrap administrator's password set to [`ADMIN_PASSWORD`].
+pub fn with_admin(mut config: Config) -> Config {
+    config.auth.bootstrap_admin_password = Some(secrecy::SecretString::from(ADMIN_PASSWORD));
+    config
+}
+
+/// [`TestApp::config_on`] PostgreSQL for `test`, or `None` (with a notice)
+/// when `PLINTH_TEST_DATABASE_URL` is unset; an error when backends are required.
+pub fn postgres_config(test: &str) -> anyhow::Result<Option<Config>> {
+    let url = plinth_runtime::testing::backend_url(plinth_runtime::testing::Backend::Postgres, test)?;
+    Ok(url.map(|u| TestApp::config_on(Some(&u))))
+}
+
+/// Logs in and returns the access token.
+pub async fn access_token(
+    client: &mut AuthServiceClient<Channel>,
+    email: &str,
+    password: &str,
+) -> Result<String, tonic::Status> {
+    let login = client
+        .login(plinth::auth::v1::LoginRequest {
+            email: email.into(),
+            password: password.into(),
+        })
+        .await?
+        .into_inner();
+    login
+        .tokens
+        .map(|t| t.access_token)
+        .ok_or_else(|| tonic::Status::internal("login returned no tokens"))
+}
+
+/// The field the first `BadRequest` violation of `status` names ("" if none).
+pub fn violated_field(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .bad_request()
+        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
+        .unwrap_or_default()
+}
+
+/// The `ErrorInfo` reason of `status` ("" if none).
+pub fn error_reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}

@@ -10,37 +10,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use plinth::auth::v1::auth_service_client::AuthServiceClient;
-use plinth::auth::v1::{
-    CreateApiKeyRequest, GetMeRequest, IntrospectRequest, ListApiKeysRequest, LoginRequest, RevokeApiKeyRequest,
-};
+use plinth::auth::v1::{CreateApiKeyRequest, GetMeRequest, IntrospectRequest, ListApiKeysRequest, RevokeApiKeyRequest};
 use plinth_runtime::auth::{AuthError, Authenticator, GrpcJwksSource, Revocations};
 use plinth_runtime::config::Config;
 use plinth_runtime::state::RedisState;
 use plinth_runtime::testing::{Backend, backend_url};
-use plinth_tests::{PASSWORD, TestApp, register_user, with_bearer};
+use plinth_tests::{PASSWORD, TestApp, access_token, postgres_config, register_user, violated_field, with_bearer};
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
 async fn user_token(client: &mut AuthServiceClient<Channel>) -> String {
     let email = register_user(client, "keys").await.unwrap();
-    let login = client
-        .login(LoginRequest {
-            email,
-            password: PASSWORD.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    login.tokens.unwrap().access_token
-}
-
-fn field(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .bad_request()
-        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
-        .unwrap_or_default()
+    access_token(client, &email, PASSWORD).await.unwrap()
 }
 
 async fn api_key_contract(config: Config) {
@@ -171,7 +152,10 @@ async fn api_key_contract(config: Config) {
         ),
     ] {
         let err = client.create_api_key(with_bearer(req, &token)).await.unwrap_err();
-        assert_eq!((err.code(), field(&err)), (Code::InvalidArgument, want.to_owned()));
+        assert_eq!(
+            (err.code(), violated_field(&err)),
+            (Code::InvalidArgument, want.to_owned())
+        );
     }
     let err = client
         .create_api_key(with_bearer(
@@ -227,10 +211,9 @@ async fn api_keys_on_sqlite() {
 
 #[tokio::test]
 async fn api_keys_on_postgres() {
-    let Some(url) = backend_url(Backend::Postgres, "api_keys_on_postgres").unwrap() else {
-        return;
-    };
-    api_key_contract(TestApp::config_on(Some(&url))).await;
+    if let Some(config) = postgres_config("api_keys_on_postgres").unwrap() {
+        api_key_contract(config).await;
+    }
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use plinth::auth::v1::LoginRequest;
 use plinth::auth::v1::auth_service_client::AuthServiceClient;
 use plinth_runtime::testing::{Backend, backend_url};
-use plinth_tests::{PASSWORD, TestApp, register_user, unique};
+use plinth_tests::{PASSWORD, TestApp, error_reason, register_user, unique};
 use secrecy::SecretString;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -27,14 +27,6 @@ async fn attempt(client: &AuthServiceClient<Channel>, email: &str, password: &st
         .map(drop)
 }
 
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
-}
-
 /// Fires `n` wrong guesses at once (spread over `clients`) and returns how many got a password check.
 async fn storm(clients: &[AuthServiceClient<Channel>], email: &str, n: usize) -> usize {
     let guesses = (0..n).map(|i| attempt(&clients[i % clients.len()], email, "wrong guess of a password"));
@@ -42,7 +34,7 @@ async fn storm(clients: &[AuthServiceClient<Channel>], email: &str, n: usize) ->
     let mut checked = 0;
     for r in results {
         let e = r.unwrap_err();
-        match reason(&e).as_str() {
+        match error_reason(&e).as_str() {
             "BAD_CREDENTIALS" => checked += 1,
             "LOGIN_THROTTLED" => {
                 assert_eq!(e.code(), Code::ResourceExhausted);
@@ -69,7 +61,7 @@ async fn parallel_guesses_cannot_beat_the_limit_and_lockout_holds_the_right_pass
     );
     let locked = attempt(&client, &email, PASSWORD).await.unwrap_err();
     assert_eq!(
-        reason(&locked),
+        error_reason(&locked),
         "LOGIN_THROTTLED",
         "even the right password waits for the lockout"
     );
@@ -102,7 +94,7 @@ async fn replicas_sharing_redis_share_the_limit() {
     let checked = storm(&[ca.clone(), cb.clone()], &email, 16).await;
     assert_eq!(checked, 5, "guesses spread over two replicas still meet one limit");
     assert_eq!(
-        reason(&attempt(&cb, &email, PASSWORD).await.unwrap_err()),
+        error_reason(&attempt(&cb, &email, PASSWORD).await.unwrap_err()),
         "LOGIN_THROTTLED"
     );
     b.stop().await;
@@ -120,14 +112,14 @@ async fn unknown_email_and_wrong_password_take_the_same_time() {
         let email = register_user(&mut client, "guess").await.unwrap();
         let started = Instant::now();
         assert_eq!(
-            reason(&attempt(&client, &email, "not the password").await.unwrap_err()),
+            error_reason(&attempt(&client, &email, "not the password").await.unwrap_err()),
             "BAD_CREDENTIALS"
         );
         known.push(started.elapsed());
         let started = Instant::now();
         let missing = format!("missing-{}@example.com", unique());
         assert_eq!(
-            reason(&attempt(&client, &missing, "not the password").await.unwrap_err()),
+            error_reason(&attempt(&client, &missing, "not the password").await.unwrap_err()),
             "BAD_CREDENTIALS"
         );
         unknown.push(started.elapsed());

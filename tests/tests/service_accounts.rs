@@ -8,17 +8,15 @@
 use plinth::auth::v1::auth_service_client::AuthServiceClient;
 use plinth::auth::v1::{
     CreateServiceAccountRequest, DeleteServiceAccountRequest, IssueServiceTokenRequest, ListServiceAccountsRequest,
-    ListUsersRequest, LoginRequest,
+    ListUsersRequest,
 };
 use plinth_runtime::config::Config;
-use plinth_runtime::testing::{Backend, backend_url};
-use plinth_tests::{TestApp, with_bearer};
-use secrecy::SecretString;
+use plinth_tests::{
+    ADMIN_EMAIL, ADMIN_PASSWORD, TestApp, access_token, error_reason, postgres_config, violated_field, with_admin,
+    with_bearer,
+};
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
-
-const ADMIN_PASSWORD: &str = "correct horse battery staple";
 
 async fn issue(client: &mut AuthServiceClient<Channel>, id: &str, secret: &str) -> Result<String, tonic::Status> {
     Ok(client
@@ -31,21 +29,10 @@ async fn issue(client: &mut AuthServiceClient<Channel>, id: &str, secret: &str) 
         .access_token)
 }
 
-async fn contract(mut config: Config) {
-    config.auth.bootstrap_admin_password = Some(SecretString::from(ADMIN_PASSWORD));
-    let app = TestApp::spawn(config).await.unwrap();
+async fn contract(config: Config) {
+    let app = TestApp::spawn(with_admin(config)).await.unwrap();
     let mut client = app.auth().await.unwrap();
-    let admin = client
-        .login(LoginRequest {
-            email: "admin@plinth.local".into(),
-            password: ADMIN_PASSWORD.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens
-        .unwrap()
-        .access_token;
+    let admin = access_token(&mut client, ADMIN_EMAIL, ADMIN_PASSWORD).await.unwrap();
 
     let create = |name: &str, roles: &[&str]| CreateServiceAccountRequest {
         display_name: name.into(),
@@ -55,12 +42,10 @@ async fn contract(mut config: Config) {
         .create_service_account(with_bearer(create("bad", &["root"]), &admin))
         .await
         .unwrap_err();
-    let field = err
-        .get_error_details()
-        .bad_request()
-        .map(|b| b.field_violations[0].field.clone())
-        .unwrap_or_default();
-    assert_eq!((err.code(), field.as_str()), (Code::InvalidArgument, "roles[0]"));
+    assert_eq!(
+        (err.code(), violated_field(&err)),
+        (Code::InvalidArgument, "roles[0]".to_owned())
+    );
 
     let worker = client
         .create_service_account(with_bearer(create("nightly job", &[]), &admin))
@@ -112,10 +97,7 @@ async fn contract(mut config: Config) {
     ] {
         let err = issue(&mut client, id, secret).await.unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
-        assert_eq!(
-            err.get_error_details().error_info().unwrap().reason,
-            "BAD_CLIENT_CREDENTIALS"
-        );
+        assert_eq!(error_reason(&err), "BAD_CLIENT_CREDENTIALS");
     }
 
     // Deleting stops issued tokens at once and refuses new ones.
@@ -154,8 +136,7 @@ async fn service_accounts_on_sqlite() {
 
 #[tokio::test]
 async fn service_accounts_on_postgres() {
-    let Some(url) = backend_url(Backend::Postgres, "service_accounts_on_postgres").unwrap() else {
-        return;
-    };
-    contract(TestApp::config_on(Some(&url))).await;
+    if let Some(config) = postgres_config("service_accounts_on_postgres").unwrap() {
+        contract(config).await;
+    }
 }

@@ -16,7 +16,7 @@ use plinth::auth::v1::{
 use plinth_bench::{arg, closed_loop, memory_kib};
 use plinth_runtime::auth::jwt::{Expectations, KeySet, verify};
 use plinth_runtime::auth::{Authenticator, JwksSource, unix_now};
-use plinth_tests::{TestApp, unique};
+use plinth_tests::{ADMIN_EMAIL, ADMIN_PASSWORD, TestApp, unique, with_admin};
 use tonic::Request;
 
 struct StaticKeys(Vec<plinth::auth::v1::Jwk>);
@@ -29,7 +29,6 @@ impl JwksSource for StaticKeys {
 }
 
 const PASSWORD: &str = "violet staircase under rain";
-const ADMIN_PASSWORD: &str = "correct horse battery staple";
 
 fn out(line: &str) {
     let _ = writeln!(std::io::stdout(), "{line}");
@@ -39,9 +38,7 @@ fn out(line: &str) {
 async fn main() -> anyhow::Result<()> {
     let seconds: u64 = arg("--seconds", 10);
     let duration = Duration::from_secs(seconds);
-    let mut config = TestApp::config();
-    config.auth.bootstrap_admin_password = Some(secrecy::SecretString::from(ADMIN_PASSWORD));
-    let app = TestApp::spawn(config).await?;
+    let app = TestApp::spawn(with_admin(TestApp::config())).await?;
     let (rss_start, _) = memory_kib();
     out(&format!(
         "{:<44} {} MiB",
@@ -53,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
     let admin = client
         .clone()
         .login(LoginRequest {
-            email: "admin@plinth.local".into(),
+            email: ADMIN_EMAIL.into(),
             password: ADMIN_PASSWORD.into(),
         })
         .await?

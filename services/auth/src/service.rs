@@ -373,7 +373,7 @@ impl Auth {
         if matches && let (Some(password), Some(u)) = (rehash, &user) {
             // Hashed with older parameters: upgrade it now that we know the password.
             let hash = self.hasher.hash(password).await?;
-            store::set_password_hash(&self.db, &u.id, &hash, unix_now()).await?;
+            store::update_password(&self.db, &u.id, &hash, unix_now(), None).await?;
             tracing::info!(user_id = %u.id, "password rehashed with the current parameters");
         }
         let now = unix_now();
@@ -534,10 +534,8 @@ impl Auth {
         let now = unix_now();
         // Deny the tokens first: if this fails nothing claims to be revoked.
         let lifetime = std::time::Duration::from_secs(self.settings.access_ttl_secs);
-        // `iat` has one-second resolution: tokens issued in this very second
-        // are revoked too, so a login right now must wait for the next second.
         self.revocations
-            .revoke_subject(user_id, now + 1, lifetime)
+            .revoke_subject(user_id, lifetime)
             .await
             .map_err(AuthError::Revocation)?;
         let event = Self::revoked_event("REVOKE_ALL")(user_id, "");
@@ -818,7 +816,7 @@ impl Auth {
             &user.id,
             &hash,
             now,
-            &OutboxEvent::new("plinth.auth.password_changed", &user.id, &event),
+            Some(&OutboxEvent::new("plinth.auth.password_changed", &user.id, &event)),
         )
         .await?;
         self.revoke_all_sessions(&user.id).await?;
@@ -1069,7 +1067,7 @@ impl Auth {
         let lifetime = std::time::Duration::from_secs(self.settings.access_ttl_secs);
         // Deny first: if that fails the account is still there to retry.
         self.revocations
-            .revoke_subject(id, unix_now() + 1, lifetime)
+            .revoke_subject(id, lifetime)
             .await
             .map_err(AuthError::Revocation)?;
         if !store::delete_service_account(&self.db, id, unix_now()).await? {

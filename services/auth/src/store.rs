@@ -510,41 +510,32 @@ pub async fn touch_api_key(db: &Db, key_id: &str, now: i64) -> Result<(), AuthEr
     Ok(())
 }
 
-/// Sets `user_id`'s password hash, with its event.
+const SET_PASSWORD: &str = "UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3";
+
+/// Sets `user_id`'s password hash, with its event when the change is one
+/// (none for a rehash with current parameters: nothing about the account changed).
 pub async fn update_password(
     db: &Db,
     user_id: &str,
     hash: &str,
     now: i64,
-    event: &OutboxEvent,
+    event: Option<&OutboxEvent>,
 ) -> Result<(), AuthError> {
     on_db!(db, |pool| async {
         let mut tx = pool.begin_write().await?;
-        sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3")
+        sqlx::query(SET_PASSWORD)
             .bind(hash)
             .bind(now)
             .bind(user_id)
             .execute(&mut *tx)
             .await?;
-        event.write(&mut *tx).await?;
+        if let Some(event) = event {
+            event.write(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok::<(), AuthError>(())
     }
     .await)
-}
-
-/// Replaces `user_id`'s password hash with an equivalent one (a rehash with
-/// current parameters); no event, nothing about the account changed.
-pub async fn set_password_hash(db: &Db, user_id: &str, hash: &str, now: i64) -> Result<(), AuthError> {
-    let sql = "UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3";
-    on_db!(db, |pool| sqlx::query(sql)
-        .bind(hash)
-        .bind(now)
-        .bind(user_id)
-        .execute(pool)
-        .await
-        .map(drop))?;
-    Ok(())
 }
 
 /// Stores a reset token digest, with the event that carries the token.
@@ -609,7 +600,7 @@ pub async fn spend_reset(
         if !spent {
             return Ok::<bool, AuthError>(false);
         }
-        sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3")
+        sqlx::query(SET_PASSWORD)
             .bind(hash)
             .bind(now)
             .bind(user_id)

@@ -97,6 +97,18 @@ impl Health {
         self.statuses().remove(service)
     }
 
+    /// Every entry by name (the process as `plinthd`) with its status name,
+    /// and whether all of them serve: what `/readyz` reports.
+    pub fn readiness(&self) -> (bool, BTreeMap<String, &'static str>) {
+        let statuses = self.statuses();
+        let ready = statuses.values().all(|s| *s == ServingStatus::Serving);
+        let names = statuses
+            .into_iter()
+            .map(|(k, v)| (if k.is_empty() { "plinthd".to_owned() } else { k }, status_name(v)))
+            .collect();
+        (ready, names)
+    }
+
     /// Every entry: the process (""), each service, and `plinth.backend.<name>`.
     pub fn statuses(&self) -> BTreeMap<String, ServingStatus> {
         let st = self.lock();
@@ -151,5 +163,14 @@ impl Health {
                 () = tokio::time::sleep(interval) => {}
             }
         }
+    }
+}
+
+/// The `grpc.health.v1` name of a status (`SERVING`, `NOT_SERVING`, `UNKNOWN`).
+pub fn status_name(status: ServingStatus) -> &'static str {
+    match status {
+        ServingStatus::Serving => "SERVING",
+        ServingStatus::NotServing => "NOT_SERVING",
+        ServingStatus::Unknown => "UNKNOWN",
     }
 }

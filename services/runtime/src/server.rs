@@ -442,41 +442,23 @@ struct HealthQuery {
 
 /// `GET /healthz?service=X`: 200 SERVING, 503 NOT_SERVING, 404 unknown service.
 async fn healthz(State(health): State<Health>, Query(q): Query<HealthQuery>) -> impl IntoResponse {
-    match health.status(&q.service) {
-        Some(ServingStatus::Serving) => (StatusCode::OK, axum::Json(serde_json::json!({"status": "SERVING"}))),
-        Some(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "NOT_SERVING"})),
-        ),
-        None => (
-            StatusCode::NOT_FOUND,
-            axum::Json(serde_json::json!({"status": "SERVICE_UNKNOWN"})),
-        ),
-    }
+    let (code, name) = match health.status(&q.service) {
+        Some(ServingStatus::Serving) => (StatusCode::OK, "SERVING"),
+        Some(other) => (StatusCode::SERVICE_UNAVAILABLE, crate::health::status_name(other)),
+        None => (StatusCode::NOT_FOUND, "SERVICE_UNKNOWN"),
+    };
+    (code, axum::Json(serde_json::json!({ "status": name })))
 }
 
 /// `GET /readyz`: every entry's status; 503 if any is not serving.
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
-    let statuses = health.statuses();
-    let ready = statuses.values().all(|s| *s == ServingStatus::Serving);
-    let body: serde_json::Map<String, serde_json::Value> = statuses
-        .into_iter()
-        .map(|(k, v)| {
-            let name = if k.is_empty() { "plinthd".to_owned() } else { k };
-            let status = if v == ServingStatus::Serving {
-                "SERVING"
-            } else {
-                "NOT_SERVING"
-            };
-            (name, serde_json::Value::from(status))
-        })
-        .collect();
+    let (ready, names) = health.readiness();
     let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, axum::Json(serde_json::Value::Object(body)))
+    (code, axum::Json(names))
 }
 
 /// The caller's `x-request-id` when it is sensible (1–128 bytes of visible

@@ -43,19 +43,16 @@ impl Revocations {
             .map_err(|e| AuthError::RevocationUnavailable(e.to_string()))
     }
 
-    /// Refuses every token of `subject` issued before `not_before`, for as long
-    /// as such a token could live (`token_lifetime`).
-    pub async fn revoke_subject(
-        &self,
-        subject: &str,
-        not_before: i64,
-        token_lifetime: Duration,
-    ) -> Result<(), AuthError> {
+    /// Refuses every token of `subject` issued until now, for as long as such
+    /// a token could live (`token_lifetime`). Issue times are compared in
+    /// milliseconds (from the UUIDv7 `jti`), so a login right after the
+    /// revocation is not caught by it.
+    pub async fn revoke_subject(&self, subject: &str, token_lifetime: Duration) -> Result<(), AuthError> {
         let ttl = token_lifetime + Duration::from_secs(u64::try_from(SKEW_SECS).unwrap_or(60));
         self.state
             .set(
-                &format!("revoked:sub:{subject}"),
-                Bytes::from(not_before.to_string()),
+                &format!("revoked:sub-ms:{subject}"),
+                Bytes::from(unix_now_ms().to_string()),
                 Some(ttl),
             )
             .await
@@ -101,15 +98,36 @@ impl Revocations {
                 return Err(AuthError::Revoked);
             }
         }
-        let not_before = self
+        let revoked_at = self
             .state
-            .get(&format!("revoked:sub:{}", claims.sub))
+            .get(&format!("revoked:sub-ms:{}", claims.sub))
             .await
             .map_err(unavailable)?;
-        let not_before: Option<i64> = not_before.and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok());
-        if not_before.is_some_and(|nb| claims.iat < nb) {
+        let revoked_at: Option<i64> = revoked_at.and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok());
+        if revoked_at.is_some_and(|at| issued_ms(claims) <= at) {
             return Err(AuthError::Revoked);
         }
         Ok(())
     }
+}
+
+/// Milliseconds since the epoch.
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// When a token was issued, in milliseconds: from its UUIDv7 `jti` (our
+/// tokens), else from `iat` at the start of its second.
+fn issued_ms(claims: &Claims) -> i64 {
+    uuid::Uuid::parse_str(&claims.jti)
+        .ok()
+        .and_then(|id| id.get_timestamp())
+        .map(|ts| {
+            let (secs, nanos) = ts.to_unix();
+            i64::try_from(secs).unwrap_or(i64::MAX) * 1000 + i64::from(nanos / 1_000_000)
+        })
+        .unwrap_or(claims.iat.saturating_mul(1000))
 }
