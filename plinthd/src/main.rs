@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use plinth_runtime::config::Config;
-use plinth_runtime::{shutdown, telemetry};
+use plinth_runtime::{Component, shutdown, telemetry};
 use plinthd::Plinth;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 /// Every setting can also come from plinth.toml or a PLINTH_* variable
 /// (`__` separates nested keys); flags win. `--dump-config` shows the result.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = "Environment variables and components: see --help.", after_long_help = env_help())]
 struct Args {
     /// TOML configuration file (optional).
     #[arg(long, value_name = "FILE")]
@@ -61,6 +61,21 @@ impl Args {
         put("data_dir", &self.data_dir);
         o
     }
+}
+
+/// The components and every variable the loader reads, from the runtime's own
+/// lists: deployment files are checked against this text.
+fn env_help() -> String {
+    let components: Vec<&str> = Component::ALL.iter().map(|c| c.name()).collect();
+    let vars: Vec<String> = Config::env_vars()
+        .into_iter()
+        .map(|(name, default)| format!("  {name} ({})", if default.is_empty() { "unset" } else { &default }))
+        .collect();
+    format!(
+        "Components (--only, PLINTH_ONLY): {}\n\nEnvironment variables (default):\n{}",
+        components.join(","),
+        vars.join("\n")
+    )
 }
 
 fn main() -> ExitCode {

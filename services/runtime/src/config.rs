@@ -429,6 +429,40 @@ impl Config {
         }
         lines
     }
+
+    /// Every environment variable the loader reads, with its default (empty
+    /// when unset), sorted: `PLINTH_*` names (`<COMPONENT>` stands for a map
+    /// key) and the standard names Plinth honours. Derived from [`Config`]
+    /// itself, so `plinthd --help` and the deployment checks that compare
+    /// against it cannot drift from what is parsed.
+    pub fn env_vars() -> Vec<(String, String)> {
+        // Optional sections and maps dump nothing when empty; fill them.
+        let mut gateway = GatewaySettings::default();
+        gateway.upstreams.insert("<component>".into(), String::new());
+        let sample = Config {
+            tls: Some(TlsConfig {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+                client_ca: Some(PathBuf::new()),
+            }),
+            gateway,
+            ..Config::default()
+        };
+        let mut vars: Vec<(String, String)> = sample
+            .dump()
+            .into_iter()
+            .filter_map(|line| {
+                let (name, default) = line.split_once('=')?;
+                let standard = STANDARD_ENV
+                    .iter()
+                    .find(|(_, key)| name == format!("{ENV_PREFIX}{}", key.replace('.', "__").to_uppercase()));
+                let name = standard.map_or(name, |(standard, _)| *standard);
+                Some((name.to_owned(), default.to_owned()))
+            })
+            .collect();
+        vars.sort();
+        vars
+    }
 }
 
 fn flatten_env(out: &mut Vec<String>, prefix: &str, value: &serde_json::Value) {
@@ -637,5 +671,26 @@ mod tests {
         assert!(dump.contains("PLINTH_DATABASE_URL=<redacted>"), "{dump}");
         assert!(!dump.contains("hunter2"));
         assert!(dump.contains("PLINTH_STORAGE__MAX_CONNECTIONS=10"), "{dump}");
+    }
+
+    #[test]
+    fn env_vars_list_every_name_the_loader_accepts() {
+        let vars = Config::env_vars();
+        let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+        for expected in [
+            "PLINTH_DATABASE_URL",
+            "PLINTH_TLS__CLIENT_CA",
+            "PLINTH_GATEWAY__UPSTREAMS__<COMPONENT>",
+            "PLINTH_AUTH__BOOTSTRAP_ADMIN_PASSWORD",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            assert!(names.contains(&expected), "{expected} missing from {names:?}");
+        }
+        assert!(!names.contains(&"PLINTH_OTLP_ENDPOINT"), "{names:?}");
+        // Each name with its default loads: the list holds no name the loader refuses.
+        for (name, default) in vars.iter().filter(|(_, d)| !d.is_empty()) {
+            let e = env(&[(name.as_str(), default.as_str())]);
+            assert!(Config::load(None, &e, &BTreeMap::new()).is_ok(), "{name}={default}");
+        }
     }
 }
