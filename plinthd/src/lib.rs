@@ -10,9 +10,10 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::FutureExt;
 use plinth::auth::v1::auth_service_server::AuthServiceServer;
+use plinth::auth::v1::authorization_service_server::AuthorizationServiceServer;
 use plinth_gateway::{Gateway, GatewayOptions, Upstreams};
 use plinth_runtime::auth::{
-    ApiKeySource, AuthLayer, Authenticator, GrpcJwksSource, JwksSource, PermissionMap, Revocations, RolePolicy,
+    ApiKeySource, AuthLayer, Authenticator, GrpcJwksSource, JwksSource, PermissionMap, Revocations,
 };
 use plinth_runtime::client_address::TrustedProxies;
 use plinth_runtime::config::Config;
@@ -30,6 +31,10 @@ use tokio_util::sync::CancellationToken;
 /// rotation schedule); below the default publish lead, so every replica
 /// knows a new key before it signs.
 const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How often each auth replica checks for policy changes made by others;
+/// a check that passes a version token never waits for it.
+const POLICY_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often backends are probed for health.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
@@ -122,7 +127,13 @@ impl Plinth {
                         )),
                         plinth::FILE_DESCRIPTOR_SET,
                     );
+                    builder = builder.add_service(
+                        AuthorizationServiceServer::new(plinth_auth::AuthzGrpc::new(auth.rbac())),
+                        plinth::FILE_DESCRIPTOR_SET,
+                    );
                     health.register("plinth.auth.v1.AuthService", &required).await;
+                    health.register("plinth.auth.v1.AuthorizationService", &required).await;
+                    tasks.spawn("policy-view", auth.rbac().follow(POLICY_SYNC_INTERVAL, tasks.token()));
                     tasks.spawn(
                         "signing-keys",
                         auth.clone().maintain_keys(KEY_RELOAD_INTERVAL, tasks.token()),
@@ -208,7 +219,7 @@ impl Plinth {
             Arc::new(a)
         });
         let permissions = PermissionMap::from_descriptor_set(plinth::FILE_DESCRIPTOR_SET)?;
-        builder = builder.with_auth(AuthLayer::new(authenticator, permissions, RolePolicy::default()));
+        builder = builder.with_auth(AuthLayer::new(authenticator, permissions));
 
         let mut server = builder.bind(cfg.grpc_listen, cfg.http_listen, cfg.tls.as_ref()).await?;
         if cfg.only.contains(Component::Gateway) {

@@ -37,6 +37,27 @@ pub enum AuthError {
     /// No such active API key of the caller.
     #[error("API key not found")]
     ApiKeyNotFound,
+    /// No such role.
+    #[error("role not found")]
+    RoleNotFound,
+    /// A role with this name exists (built-in names included).
+    #[error("a role with this name already exists")]
+    RoleExists,
+    /// Built-in roles cannot change.
+    #[error("built-in roles cannot be changed or deleted; create a custom role that inherits it")]
+    RoleBuiltin,
+    /// The role is still inherited or bound.
+    #[error("the role is in use: {0}")]
+    RoleInUse(String),
+    /// No such binding.
+    #[error("role binding not found")]
+    BindingNotFound,
+    /// No live user or service account with this id.
+    #[error("no user or service account with this id")]
+    SubjectNotFound,
+    /// The caller may not hand out what it asked to.
+    #[error("not allowed: {0}")]
+    Forbidden(String),
     /// No authenticated caller where one is needed.
     #[error("authentication required")]
     Unauthenticated,
@@ -84,11 +105,16 @@ impl ServiceError for AuthError {
                 ErrorCode::Unauthenticated
             }
             AuthError::Unauthenticated | AuthError::BadClientCredentials => ErrorCode::Unauthenticated,
-            AuthError::EmailTaken => ErrorCode::AlreadyExists,
+            AuthError::EmailTaken | AuthError::RoleExists => ErrorCode::AlreadyExists,
+            AuthError::RoleBuiltin | AuthError::RoleInUse(_) => ErrorCode::FailedPrecondition,
+            AuthError::Forbidden(_) => ErrorCode::PermissionDenied,
             AuthError::UserNotFound
             | AuthError::SessionNotFound
             | AuthError::ApiKeyNotFound
-            | AuthError::ServiceAccountNotFound => ErrorCode::NotFound,
+            | AuthError::ServiceAccountNotFound
+            | AuthError::RoleNotFound
+            | AuthError::BindingNotFound
+            | AuthError::SubjectNotFound => ErrorCode::NotFound,
             AuthError::LoginThrottled { .. } => ErrorCode::ResourceExhausted,
             AuthError::StateUnavailable(_) | AuthError::Busy | AuthError::Revocation(_) => ErrorCode::Unavailable,
             AuthError::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
@@ -109,6 +135,13 @@ impl ServiceError for AuthError {
             AuthError::BadClientCredentials => "BAD_CLIENT_CREDENTIALS",
             AuthError::ServiceAccountNotFound => "SERVICE_ACCOUNT_NOT_FOUND",
             AuthError::Unauthenticated => "CREDENTIALS_MISSING",
+            AuthError::RoleNotFound => "ROLE_NOT_FOUND",
+            AuthError::RoleExists => "ROLE_EXISTS",
+            AuthError::RoleBuiltin => "ROLE_BUILTIN",
+            AuthError::RoleInUse(_) => "ROLE_IN_USE",
+            AuthError::BindingNotFound => "ROLE_BINDING_NOT_FOUND",
+            AuthError::SubjectNotFound => "SUBJECT_NOT_FOUND",
+            AuthError::Forbidden(_) => "GRANT_EXCEEDS_CALLER",
             AuthError::LoginThrottled { .. } => "LOGIN_THROTTLED",
             AuthError::StateUnavailable(_) => "STATE_UNAVAILABLE",
             AuthError::Busy => "HASHING_BUSY",

@@ -45,7 +45,7 @@ impl AuthGrpc {
 }
 
 /// The authenticated caller, put there by the auth layer.
-fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
+pub(crate) fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
     request
         .extensions()
         .get::<Principal>()
@@ -53,7 +53,7 @@ fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
         .ok_or_else(|| status(AuthError::Unauthenticated))
 }
 
-fn ts(secs: i64) -> prost_types::Timestamp {
+pub(crate) fn ts(secs: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: secs,
         nanos: 0,
@@ -113,7 +113,7 @@ fn tokens_pb(t: service::TokenPair) -> TokenPair {
     }
 }
 
-fn status(e: AuthError) -> Status {
+pub(crate) fn status(e: AuthError) -> Status {
     to_status(&e)
 }
 
@@ -315,6 +315,7 @@ impl AuthService for AuthGrpc {
             exp: i.expires_at,
             client_id: i.client_id,
             roles: i.roles,
+            permissions: i.permissions,
         }))
     }
 
@@ -355,10 +356,11 @@ impl AuthService for AuthGrpc {
     }
 
     async fn create_user(&self, request: Request<CreateUserRequest>) -> Result<Response<CreateUserResponse>, Status> {
+        let principal = caller(&request)?;
         let r = request.into_inner();
         let user = self
             .auth
-            .admin_create_user(&r.email, r.password, &r.display_name, &r.roles)
+            .admin_create_user(&principal, &r.email, r.password, &r.display_name, &r.roles)
             .await
             .map_err(status)?;
         Ok(Response::new(CreateUserResponse {
@@ -437,7 +439,7 @@ impl AuthService for AuthGrpc {
         }
         let updated = self
             .auth
-            .update_user(&principal.subject, &user.id, display_name, roles, new_status)
+            .update_user(&principal, &user.id, display_name, roles, new_status)
             .await
             .map_err(status)?;
         Ok(Response::new(UpdateUserResponse {
@@ -449,7 +451,7 @@ impl AuthService for AuthGrpc {
         let principal = caller(&request)?;
         let user_id = request.into_inner().user_id;
         self.auth
-            .update_user(&principal.subject, &user_id, None, None, Some("deleted"))
+            .update_user(&principal, &user_id, None, None, Some("deleted"))
             .await
             .map_err(|e| match e {
                 AuthError::Invalid(_) if uuid::Uuid::parse_str(&user_id).is_err() => {
@@ -480,10 +482,11 @@ impl AuthService for AuthGrpc {
         &self,
         request: Request<CreateServiceAccountRequest>,
     ) -> Result<Response<CreateServiceAccountResponse>, Status> {
+        let principal = caller(&request)?;
         let r = request.into_inner();
         let (row, client_secret) = self
             .auth
-            .create_service_account(&r.display_name, &r.roles)
+            .create_service_account(&principal, &r.display_name, &r.roles)
             .await
             .map_err(status)?;
         Ok(Response::new(CreateServiceAccountResponse {

@@ -3,10 +3,12 @@
 //! and permission enforcement for every service live in
 //! `plinth_runtime::auth`; this crate issues what that layer checks.
 
+mod authz_grpc;
 mod error;
 mod grpc;
 mod keys;
 mod password;
+pub mod rbac;
 mod service;
 mod store;
 mod throttle;
@@ -14,6 +16,7 @@ mod throttle;
 use plinth_runtime::storage::Migrations;
 use sqlx::migrate::Migrator;
 
+pub use authz_grpc::AuthzGrpc;
 pub use error::AuthError;
 pub use grpc::AuthGrpc;
 pub use password::PasswordHasher;

@@ -12,7 +12,9 @@ use plinth::auth::v1::{
     UserRegisteredEvent, UserUpdatedEvent,
 };
 use plinth_runtime::auth::jwt::{self, Claims, Expectations, TokenSigner};
-use plinth_runtime::auth::{API_KEY_PREFIX, ApiKeyGrant, Principal, Revocations, RolePolicy, unix_now};
+use plinth_runtime::auth::{
+    API_KEY_PREFIX, ApiKeyGrant, PermissionMap, Principal, Revocations, pattern_matches, unix_now,
+};
 use plinth_runtime::config::AuthSettings;
 use plinth_runtime::events::outbox::{OutboxEvent, Relay};
 use plinth_runtime::storage::Db;
@@ -22,6 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::AuthError;
 use crate::keys::SigningKeys;
 use crate::password::{PasswordHasher, check_policy};
+use crate::rbac::Rbac;
 use crate::store::{self, ApiKeyRow, NewSession, Rotation, ServiceAccountRow, UserChange, UserRow};
 use crate::throttle::LoginThrottle;
 
@@ -64,8 +67,8 @@ pub struct Auth {
     revocations: Revocations,
     /// Keys the HMAC digests of API keys.
     api_key_hmac: ring::hmac::Key,
-    /// Which permissions roles grant, to keep API key scopes within them.
-    policy: RolePolicy,
+    /// Roles, bindings and checks.
+    rbac: Arc<Rbac>,
 }
 
 /// What `Introspect` says of a token (RFC 7662).
@@ -85,6 +88,8 @@ pub struct Introspection {
     pub client_id: String,
     /// The subject's roles.
     pub roles: Vec<String>,
+    /// Permission patterns those roles grant.
+    pub permissions: Vec<String>,
 }
 
 /// Service account client secrets start with this.
@@ -154,6 +159,17 @@ impl Auth {
             settings.bootstrap_admin_password.clone(),
         );
         let secret = store::hmac_secret(&db, &rand::random::<[u8; 32]>(), unix_now()).await?;
+        let catalog = PermissionMap::from_descriptor_set(plinth::FILE_DESCRIPTOR_SET)
+            .map_err(|e| AuthError::Hashing(e.to_string()))?
+            .declared_permissions();
+        let rbac = Rbac::load(
+            db.clone(),
+            catalog,
+            revocations.clone(),
+            std::time::Duration::from_secs(settings.access_ttl_secs),
+            relay.clone(),
+        )
+        .await?;
         let auth = Arc::new(Self {
             db,
             settings,
@@ -163,7 +179,7 @@ impl Auth {
             throttle,
             revocations,
             api_key_hmac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
-            policy: RolePolicy::default(),
+            rbac: Arc::new(rbac),
         });
         auth.bootstrap_admin(&bootstrap.0, bootstrap.1).await?;
         Ok(auth)
@@ -200,6 +216,11 @@ impl Auth {
             tracing::info!(email = %user.email, "created the bootstrap administrator");
         }
         Ok(())
+    }
+
+    /// The policy engine (roles, bindings, checks).
+    pub fn rbac(&self) -> Arc<Rbac> {
+        self.rbac.clone()
     }
 
     fn committed(&self) {
@@ -436,6 +457,7 @@ impl Auth {
             nbf: now,
             jti: uuid::Uuid::now_v7().to_string(),
             sid: session_id.to_owned(),
+            perms: self.rbac.token_permissions(&user.role_list()),
             roles: user.role_list(),
         };
         TokenPair {
@@ -634,7 +656,7 @@ impl Auth {
         // A key never carries more than its owner may do: with roles that
         // grant `*`, anything goes; otherwise each exact scope must be granted.
         for (i, scope) in scopes.iter().enumerate() {
-            if !scope.contains('*') && !self.policy.allows(&caller.roles, scope) {
+            if !scope.contains('*') && !caller.permissions.iter().any(|p| pattern_matches(p, scope)) {
                 return Err(AuthError::field(
                     &format!("scopes[{i}]"),
                     "is not granted by your roles",
@@ -748,6 +770,7 @@ impl Auth {
             scopes: row.scope_list(),
             key_id: row.id,
             subject: row.user_id,
+            permissions: self.rbac.token_permissions(&user.role_list()),
             roles: user.role_list(),
             expires_at: row.expires_at.unwrap_or(0),
         }))
@@ -765,6 +788,7 @@ impl Auth {
                     expires_at: g.expires_at,
                     client_id: g.key_id,
                     roles: g.roles,
+                    permissions: g.permissions,
                 },
                 _ => Introspection::default(),
             });
@@ -788,6 +812,7 @@ impl Auth {
                 expires_at: c.exp,
                 client_id: c.sid,
                 roles: c.roles,
+                permissions: c.perms,
             },
             None => Introspection::default(),
         })
@@ -890,32 +915,34 @@ impl Auth {
         Ok(())
     }
 
-    fn roles_of(&self, roles: &[String]) -> Result<String, AuthError> {
-        for (i, role) in roles.iter().enumerate() {
-            if !self.policy.has_role(role) {
-                return Err(AuthError::field(
-                    &format!("roles[{i}]"),
-                    "must be one of admin, operator, developer, auditor, viewer, service",
-                ));
+    /// The stored form of `roles` (default viewer), once `caller` is
+    /// allowed to hand each of them out.
+    fn roles_of(&self, caller: &Principal, roles: &[String]) -> Result<String, AuthError> {
+        self.rbac.check_grantable(caller, roles, "roles")?;
+        let mut unique: Vec<&str> = Vec::new();
+        for role in roles {
+            if !unique.contains(&role.as_str()) {
+                unique.push(role);
             }
         }
-        Ok(if roles.is_empty() {
+        Ok(if unique.is_empty() {
             DEFAULT_ROLE.to_owned()
         } else {
-            roles.join(",")
+            unique.join(",")
         })
     }
 
     /// An administrator creates a user with `roles`.
     pub async fn admin_create_user(
         &self,
+        caller: &Principal,
         email: &str,
         password: String,
         display_name: &str,
         roles: &[String],
     ) -> Result<UserRow, AuthError> {
         let email = email_of(email)?;
-        let roles = self.roles_of(roles)?;
+        let roles = self.roles_of(caller, roles)?;
         check_policy(&password, &email)?;
         self.create_user(email, password, display_name.trim(), &roles).await
     }
@@ -948,7 +975,7 @@ impl Auth {
     /// user's sessions and revokes their API keys at once.
     pub async fn update_user(
         &self,
-        actor: &str,
+        caller: &Principal,
         user_id: &str,
         display_name: Option<&str>,
         roles: Option<&[String]>,
@@ -967,8 +994,11 @@ impl Auth {
             fields.push("display_name".to_owned());
         }
         if let Some(roles) = roles {
+            // Nobody changes the roles of someone above them.
+            let current = self.visible_user(user_id).await?.role_list();
+            self.rbac.check_grantable(caller, &current, "user.roles")?;
             change.roles = Some(
-                self.roles_of(roles)
+                self.roles_of(caller, roles)
                     .map_err(|e| rename_field(e, "roles", "user.roles"))?,
             );
             fields.push("roles".to_owned());
@@ -977,7 +1007,7 @@ impl Auth {
             if !STATUSES.contains(&status) && status != "deleted" {
                 return Err(AuthError::field("user.status", "must be ACTIVE, DISABLED or LOCKED"));
             }
-            if actor == user_id && status != "active" {
+            if caller.subject == user_id && status != "active" {
                 return Err(AuthError::field(
                     "user.status",
                     "you cannot disable, lock or delete yourself",
@@ -995,7 +1025,7 @@ impl Auth {
         let now = unix_now();
         let event = UserUpdatedEvent {
             user_id: user_id.to_owned(),
-            actor_id: actor.to_owned(),
+            actor_id: caller.subject.clone(),
             fields,
             status: change.status.clone().unwrap_or_default(),
             time: timestamp(now),
@@ -1014,10 +1044,11 @@ impl Auth {
                     .map_err(AuthError::Revocation)?;
             }
         } else if change.roles.is_some() {
-            // Tokens carry roles: end sessions so new roles apply now, not at expiry.
-            self.revoke_all_sessions(user_id).await?;
+            // Tokens carry what roles grant: make them refresh now, not at expiry.
+            self.rbac.expire_tokens(user_id).await?;
         }
-        tracing::info!(user_id, actor, status = %user.status, "user updated");
+        self.rbac.sync().await?;
+        tracing::info!(user_id, actor = %caller.subject, status = %user.status, "user updated");
         Ok(user)
     }
 
@@ -1025,6 +1056,7 @@ impl Auth {
     /// and its client secret, shown once.
     pub async fn create_service_account(
         &self,
+        caller: &Principal,
         display_name: &str,
         roles: &[String],
     ) -> Result<(ServiceAccountRow, String), AuthError> {
@@ -1033,9 +1065,10 @@ impl Auth {
             return Err(AuthError::field("display_name", "must be 1 to 100 characters"));
         }
         let roles = if roles.is_empty() {
+            self.rbac.check_grantable(caller, &["service".to_owned()], "roles")?;
             "service".to_owned()
         } else {
-            self.roles_of(roles)?
+            self.roles_of(caller, roles)?
         };
         let secret = format!(
             "{SERVICE_SECRET_PREFIX}{}",
@@ -1073,6 +1106,7 @@ impl Auth {
         if !store::delete_service_account(&self.db, id, unix_now()).await? {
             return Err(AuthError::ServiceAccountNotFound);
         }
+        self.rbac.sync().await?;
         tracing::info!(service_account = %id, "service account deleted");
         Ok(())
     }
@@ -1102,6 +1136,7 @@ impl Auth {
             nbf: now,
             jti: uuid::Uuid::now_v7().to_string(),
             sid: String::new(),
+            perms: self.rbac.token_permissions(&account.role_list()),
             roles: account.role_list(),
         };
         Ok((self.sign(&claims), ttl))

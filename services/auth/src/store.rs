@@ -642,6 +642,8 @@ pub async fn update_user(
 ) -> Result<Option<UserRow>, AuthError> {
     on_db!(db, |pool| async {
         let mut tx = pool.begin_write().await?;
+        // Roles and status decide what the user may do: a policy change.
+        sqlx::query(crate::rbac::BUMP_VERSION).fetch_one(&mut *tx).await?;
         let updated = sqlx::query(
             "UPDATE users SET display_name = COALESCE($1, display_name), roles = COALESCE($2, roles), \
              status = COALESCE($3, status), updated_at = $4 WHERE id = $5 AND status <> 'deleted'",
@@ -741,14 +743,27 @@ pub async fn service_accounts(db: &Db) -> Result<Vec<ServiceAccountRow>, AuthErr
         .await)?)
 }
 
-/// Marks `id` deleted; false when there is no such live account.
+/// Marks `id` deleted (a policy change: it holds nothing any more); false
+/// when there is no such live account.
 pub async fn delete_service_account(db: &Db, id: &str, now: i64) -> Result<bool, AuthError> {
     let sql = "UPDATE service_accounts SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL";
-    let n = on_db!(db, |pool| sqlx::query(sql)
-        .bind(now)
-        .bind(id)
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected()))?;
-    Ok(n == 1)
+    on_db!(db, |pool| async {
+        let mut tx = pool.begin_write().await?;
+        sqlx::query(crate::rbac::BUMP_VERSION).fetch_one(&mut *tx).await?;
+        let n = sqlx::query(sql)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 1 {
+            sqlx::query("DELETE FROM role_bindings WHERE subject = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
+        Ok::<bool, AuthError>(n == 1)
+    }
+    .await)
 }

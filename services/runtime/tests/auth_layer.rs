@@ -1,7 +1,7 @@
 //! The shared auth layer in front of a service: deny by default, bearer
 //! tokens verified against the JWKS (refetched once on an unknown key, no
 //! more often than the interval), and the contract's permission enforced
-//! through the roles in the token.
+//! through the permission patterns the token (or API key) carries.
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
 
@@ -13,8 +13,7 @@ use std::time::Duration;
 use plinth::auth::v1::Jwk;
 use plinth_runtime::auth::jwt::{Claims, TokenSigner};
 use plinth_runtime::auth::{
-    Access, ApiKeyGrant, ApiKeySource, AuthLayer, Authenticator, JwksSource, PermissionMap, Principal, RolePolicy,
-    unix_now,
+    Access, ApiKeyGrant, ApiKeySource, AuthLayer, Authenticator, JwksSource, PermissionMap, Principal, unix_now,
 };
 use tower::{Layer, Service, ServiceExt};
 
@@ -32,6 +31,20 @@ impl JwksSource for Keys {
     }
 }
 
+/// What the test roles grant, as the auth service would put it in a token.
+fn perms_of(roles: &[&str]) -> Vec<String> {
+    roles
+        .iter()
+        .flat_map(|r| match *r {
+            "admin" => vec!["*"],
+            "developer" => vec!["config.values.*", "queue.messages.*"],
+            "viewer" => vec!["config.values.read"],
+            _ => vec![],
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
 fn token(signer: &TokenSigner, roles: &[&str]) -> String {
     let now = unix_now();
     signer.sign(&Claims {
@@ -44,6 +57,7 @@ fn token(signer: &TokenSigner, roles: &[&str]) -> String {
         jti: "t1".into(),
         sid: "s1".into(),
         roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        perms: perms_of(roles),
     })
 }
 
@@ -91,11 +105,7 @@ fn setup(refresh_interval: Duration) -> (TokenSigner, Arc<Keys>, AuthLayer) {
             Access::Permission("queue.messages.write".into()),
         ),
     ]);
-    (
-        signer,
-        keys,
-        AuthLayer::new(Some(authenticator), map, RolePolicy::default()),
-    )
+    (signer, keys, AuthLayer::new(Some(authenticator), map))
 }
 
 #[tokio::test]
@@ -186,6 +196,7 @@ async fn api_keys_are_limited_to_their_scopes_and_their_owners_roles() {
         key_id: id.into(),
         subject: "owner".into(),
         roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        permissions: perms_of(roles),
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         expires_at,
     };
@@ -205,7 +216,7 @@ async fn api_keys_are_limited_to_their_scopes_and_their_owners_roles() {
         "/t.v1.T/Write".to_owned(),
         Access::Permission("queue.messages.write".into()),
     )]);
-    let layer = AuthLayer::new(Some(authenticator), map, RolePolicy::default());
+    let layer = AuthLayer::new(Some(authenticator), map);
     let write = "/t.v1.T/Write";
 
     let (code, principal) = call(&layer, write, Some("plk_dev_any")).await;

@@ -40,6 +40,11 @@ pub struct Claims {
     /// Roles bound to the subject when the token was issued.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// Permission patterns those roles granted when the token was issued
+    /// (after inheritance). A role change revokes the subject's tokens, so
+    /// this is never staler than the policy.
+    #[serde(default)]
+    pub perms: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -274,6 +279,7 @@ mod tests {
             jti: "jti-1".into(),
             sid: "session-1".into(),
             roles: vec!["viewer".into()],
+            perms: vec!["config.values.read".into()],
         }
     }
 

@@ -10,13 +10,12 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower::{Layer, Service};
 
-use super::{Access, AuthError, Authenticator, PermissionMap, Principal, RolePolicy, UNAUTHENTICATED_METHODS};
+use super::{Access, AuthError, Authenticator, PermissionMap, Principal, UNAUTHENTICATED_METHODS};
 use crate::error::to_status;
 
 struct State {
     authenticator: Option<Arc<Authenticator>>,
     permissions: PermissionMap,
-    policy: RolePolicy,
 }
 
 /// Authenticates callers and enforces per-RPC permissions.
@@ -27,20 +26,20 @@ pub struct AuthLayer {
 
 impl AuthLayer {
     /// A layer verifying tokens with `authenticator` (none: every token is
-    /// refused as unverifiable) and enforcing `permissions` through `policy`.
-    pub fn new(authenticator: Option<Arc<Authenticator>>, permissions: PermissionMap, policy: RolePolicy) -> Self {
+    /// refused as unverifiable) and enforcing `permissions` against what the
+    /// caller's credential grants.
+    pub fn new(authenticator: Option<Arc<Authenticator>>, permissions: PermissionMap) -> Self {
         Self {
             state: Arc::new(State {
                 authenticator,
                 permissions,
-                policy,
             }),
         }
     }
 
     /// A layer that admits only the runtime's own endpoints.
     pub fn deny_all() -> Self {
-        Self::new(None, PermissionMap::default(), RolePolicy::default())
+        Self::new(None, PermissionMap::default())
     }
 }
 
@@ -126,7 +125,7 @@ async fn authorize(state: &State, path: &str, token: Option<&str>) -> Result<Opt
         Access::Authenticated => principal.map(Some).ok_or(AuthError::Missing),
         Access::Permission(perm) => {
             let p = principal.ok_or(AuthError::Missing)?;
-            if state.policy.allows(&p.roles, perm) && p.scope_allows(perm) {
+            if p.allows(perm) {
                 Ok(Some(p))
             } else {
                 Err(AuthError::Denied(perm.clone()))

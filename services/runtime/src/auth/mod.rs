@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use plinth::auth::v1::Jwk;
 
 pub use layer::{AuthLayer, AuthService};
-pub use policy::{Access, PermissionMap, RolePolicy, UNAUTHENTICATED_METHODS, pattern_matches};
+pub use policy::{Access, PermissionMap, UNAUTHENTICATED_METHODS, pattern_matches};
 pub use revocation::Revocations;
 
 use crate::error::{ErrorCode, ServiceError};
@@ -37,6 +37,8 @@ pub struct Principal {
     pub subject: String,
     /// Roles from the token.
     pub roles: Vec<String>,
+    /// Permission patterns the roles grant (`queue.*`, `auth.users.read`, `*`).
+    pub permissions: Vec<String>,
     /// Session (refresh-token family) the token belongs to.
     pub session: String,
     /// The token's id.
@@ -56,6 +58,12 @@ impl Principal {
     pub fn scope_allows(&self, permission: &str) -> bool {
         self.scopes.is_empty() || self.scopes.iter().any(|s| pattern_matches(s, permission))
     }
+
+    /// Whether the caller may use `permission`: granted by its roles and
+    /// within its credential's scopes.
+    pub fn allows(&self, permission: &str) -> bool {
+        self.permissions.iter().any(|p| pattern_matches(p, permission)) && self.scope_allows(permission)
+    }
 }
 
 impl From<Claims> for Principal {
@@ -63,6 +71,7 @@ impl From<Claims> for Principal {
         Self {
             subject: c.sub,
             roles: c.roles,
+            permissions: c.perms,
             session: c.sid,
             token_id: c.jti,
             expires_at: c.exp,
@@ -85,6 +94,8 @@ pub struct ApiKeyGrant {
     pub subject: String,
     /// The owner's roles now.
     pub roles: Vec<String>,
+    /// Permission patterns those roles grant now.
+    pub permissions: Vec<String>,
     /// Permission patterns the key is limited to; empty for none.
     pub scopes: Vec<String>,
     /// Expiry (seconds since the epoch); 0 for never.
@@ -96,6 +107,7 @@ impl From<ApiKeyGrant> for Principal {
         Self {
             subject: g.subject,
             roles: g.roles,
+            permissions: g.permissions,
             session: String::new(),
             token_id: g.key_id.clone(),
             expires_at: g.expires_at,
@@ -349,6 +361,7 @@ impl ApiKeySource for GrpcJwksSource {
             key_id: resp.client_id,
             subject: resp.sub,
             roles: resp.roles,
+            permissions: resp.permissions,
             scopes: resp.scope.split_whitespace().map(str::to_owned).collect(),
             expires_at: resp.exp,
         }))

@@ -1,7 +1,6 @@
-//! What each RPC requires (read once from the contracts' descriptors) and
-//! which roles grant which permissions. The role table is the default role
-//! set; role bindings and hierarchy managed at run time belong to the auth
-//! service and arrive through the token's roles.
+//! What each RPC requires, read once from the contracts' descriptors. Which
+//! roles grant which permissions is data the auth service owns; a caller's
+//! credential carries the permission patterns it was granted.
 
 use std::collections::HashMap;
 
@@ -74,64 +73,20 @@ impl PermissionMap {
     pub fn access(&self, path: &str) -> Option<&Access> {
         self.methods.get(path)
     }
-}
 
-/// Role → permission patterns (`queue.messages.write`, `queue.*`, `*`).
-#[derive(Debug, Clone)]
-pub struct RolePolicy {
-    roles: HashMap<String, Vec<String>>,
-}
-
-impl Default for RolePolicy {
-    /// The default role set every deployment starts with.
-    fn default() -> Self {
-        let table: &[(&str, &[&str])] = &[
-            ("admin", &["*"]),
-            (
-                "operator",
-                &["config.*", "queue.*", "audit.events.read", "ai.*", "auth.users.read"],
-            ),
-            (
-                "developer",
-                &["config.values.*", "queue.messages.*", "ai.generate.*", "ai.usage.read"],
-            ),
-            (
-                "auditor",
-                &["audit.*", "config.values.read", "queue.queues.read", "auth.users.read"],
-            ),
-            ("viewer", &["config.values.read", "queue.queues.read", "ai.usage.read"]),
-            (
-                "service",
-                &[
-                    "audit.events.write",
-                    "config.values.read",
-                    "queue.messages.*",
-                    "ai.generate.*",
-                ],
-            ),
-        ];
-        Self {
-            roles: table
-                .iter()
-                .map(|(role, perms)| ((*role).to_owned(), perms.iter().map(|p| (*p).to_owned()).collect()))
-                .collect(),
-        }
-    }
-}
-
-impl RolePolicy {
-    /// Whether `role` is one this policy knows.
-    pub fn has_role(&self, role: &str) -> bool {
-        self.roles.contains_key(role)
-    }
-
-    /// Whether any of `roles` grants `permission`.
-    pub fn allows(&self, roles: &[String], permission: &str) -> bool {
-        roles
-            .iter()
-            .filter_map(|r| self.roles.get(r))
-            .flatten()
-            .any(|pattern| pattern_matches(pattern, permission))
+    /// Every permission some RPC requires, sorted, without repeats.
+    pub fn declared_permissions(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .methods
+            .values()
+            .filter_map(|a| match a {
+                Access::Permission(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect();
+        all.sort();
+        all.dedup();
+        all
     }
 }
 
@@ -160,13 +115,22 @@ mod tests {
 
     #[test]
     fn wildcards_grant_by_prefix_only() {
-        let policy = RolePolicy::default();
-        let roles = |r: &str| vec![r.to_owned()];
-        assert!(policy.allows(&roles("admin"), "auth.roles.write"));
-        assert!(policy.allows(&roles("developer"), "queue.messages.write"));
-        assert!(!policy.allows(&roles("developer"), "queue.queues.delete"));
-        assert!(!policy.allows(&roles("viewer"), "config.values.write"));
-        assert!(!policy.allows(&roles("nobody"), "config.values.read"));
-        assert!(!policy.allows(&[], "config.values.read"));
+        assert!(pattern_matches("*", "auth.roles.write"));
+        assert!(pattern_matches("queue.*", "queue.messages.write"));
+        assert!(pattern_matches("queue.messages.write", "queue.messages.write"));
+        assert!(!pattern_matches("queue.messages.write", "queue.messages.delete"));
+        assert!(!pattern_matches("queue.*", "queues.list.read"));
+        assert!(!pattern_matches("config.values.read", "config.values.readx"));
+    }
+
+    #[test]
+    fn declared_permissions_are_listed_once() {
+        let map = PermissionMap::from_descriptor_set(plinth::FILE_DESCRIPTOR_SET).unwrap();
+        let all = map.declared_permissions();
+        assert!(all.contains(&"auth.users.read".to_owned()));
+        assert!(!all.iter().any(|p| p == "public" || p == "authenticated"));
+        let mut sorted = all.clone();
+        sorted.dedup();
+        assert_eq!(sorted, all);
     }
 }
