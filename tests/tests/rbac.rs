@@ -358,7 +358,7 @@ async fn rbac_contract(config: Config) {
     let err = authz
         .delete_role(with_bearer(
             DeleteRoleRequest {
-                name: "user-reader".into(),
+                role_name: "user-reader".into(),
             },
             &admin,
         ))
@@ -372,7 +372,7 @@ async fn rbac_contract(config: Config) {
     let err = authz
         .delete_role(with_bearer(
             DeleteRoleRequest {
-                name: "user-reader-plus".into(),
+                role_name: "user-reader-plus".into(),
             },
             &admin,
         ))
@@ -416,7 +416,7 @@ async fn rbac_contract(config: Config) {
     let v4 = authz
         .delete_role(with_bearer(
             DeleteRoleRequest {
-                name: "user-reader-plus".into(),
+                role_name: "user-reader-plus".into(),
             },
             &admin,
         ))
@@ -428,7 +428,7 @@ async fn rbac_contract(config: Config) {
     let err = authz
         .get_role(with_bearer(
             GetRoleRequest {
-                name: "user-reader-plus".into(),
+                role_name: "user-reader-plus".into(),
             },
             &admin,
         ))

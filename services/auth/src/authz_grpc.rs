@@ -102,7 +102,7 @@ impl AuthorizationService for AuthzGrpc {
     }
 
     async fn get_role(&self, request: Request<GetRoleRequest>) -> Result<Response<GetRoleResponse>, Status> {
-        let name = request.into_inner().name;
+        let name = request.into_inner().role_name;
         let set = self.rbac.roles();
         let role = set.get(&name).ok_or_else(|| status(AuthError::RoleNotFound))?;
         Ok(Response::new(GetRoleResponse {
@@ -180,7 +180,7 @@ impl AuthorizationService for AuthzGrpc {
 
     async fn delete_role(&self, request: Request<DeleteRoleRequest>) -> Result<Response<DeleteRoleResponse>, Status> {
         let principal = caller(&request)?;
-        let name = request.into_inner().name;
+        let name = request.into_inner().role_name;
         let version = self.rbac.delete_role(&principal, &name).await.map_err(status)?;
         Ok(Response::new(DeleteRoleResponse {
             version_token: version_token(version),
