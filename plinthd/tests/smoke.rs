@@ -289,6 +289,7 @@ async fn starts_with_no_setup_serves_health_reflection_metrics_and_stops_on_sigt
         .login(plinth::auth::v1::LoginRequest {
             email: v["email"].as_str().unwrap().to_owned(),
             password: v["password"].as_str().unwrap().to_owned(),
+            phone: String::new(),
         })
         .await
         .unwrap()

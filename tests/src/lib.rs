@@ -202,6 +202,7 @@ pub async fn register_user(client: &mut AuthServiceClient<Channel>, label: &str)
             email: email.clone(),
             password: PASSWORD.into(),
             display_name: String::new(),
+            phone: String::new(),
         })
         .await?;
     Ok(email)
@@ -236,6 +237,7 @@ pub async fn access_token(
         .login(plinth::auth::v1::LoginRequest {
             email: email.into(),
             password: password.into(),
+            phone: String::new(),
         })
         .await?
         .into_inner();

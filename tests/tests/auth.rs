@@ -40,6 +40,7 @@ async fn login(
         .login(LoginRequest {
             email: email.into(),
             password: password.into(),
+            phone: String::new(),
         })
         .await?
         .into_inner();
@@ -68,6 +69,7 @@ async fn auth_contract(mut config: Config) {
             email: "not-an-email".into(),
             password: "short".into(),
             display_name: String::new(),
+            phone: String::new(),
         })
         .await
         .unwrap_err();
@@ -88,6 +90,7 @@ async fn auth_contract(mut config: Config) {
             email: email.clone(),
             password: PASSWORD.into(),
             display_name: "Ada".into(),
+            phone: String::new(),
         })
         .await
         .unwrap()
@@ -100,6 +103,7 @@ async fn auth_contract(mut config: Config) {
             email: email.to_uppercase(),
             password: PASSWORD.into(),
             display_name: String::new(),
+            phone: String::new(),
         })
         .await
         .unwrap_err();
@@ -287,6 +291,7 @@ async fn revocation_reaches_every_replica_through_redis() {
         email: email.clone(),
         password: PASSWORD.into(),
         display_name: String::new(),
+        phone: String::new(),
     })
     .await
     .unwrap();
@@ -338,6 +343,7 @@ async fn sessions_contract(config: Config) {
                 email: e.clone(),
                 password: PASSWORD.into(),
                 display_name: String::new(),
+                phone: String::new(),
             })
             .await
             .unwrap();

@@ -22,6 +22,7 @@ async fn attempt(client: &AuthServiceClient<Channel>, email: &str, password: &st
         .login(LoginRequest {
             email: email.into(),
             password: password.into(),
+            phone: String::new(),
         })
         .await
         .map(drop)

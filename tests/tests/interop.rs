@@ -20,6 +20,7 @@ async fn pyjwt_verifies_access_tokens_with_the_published_jwks() {
             email: email.clone(),
             password: password.into(),
             display_name: String::new(),
+            phone: String::new(),
         })
         .await
         .unwrap()
@@ -30,6 +31,7 @@ async fn pyjwt_verifies_access_tokens_with_the_published_jwks() {
         .login(LoginRequest {
             email,
             password: password.into(),
+            phone: String::new(),
         })
         .await
         .unwrap()

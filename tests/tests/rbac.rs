@@ -169,6 +169,7 @@ async fn rbac_contract(config: Config) {
         .login(LoginRequest {
             email: email.clone(),
             password: PASSWORD.into(),
+            phone: String::new(),
         })
         .await
         .unwrap()
@@ -532,6 +533,8 @@ async fn nobody_grants_more_than_they_hold() {
             password: PASSWORD.into(),
             display_name: "Operator".into(),
             roles: vec!["operator".into(), "role-manager".into()],
+            phone: String::new(),
+            tenant: String::new(),
         },
         &admin,
     ))

@@ -37,6 +37,7 @@ async fn contract(config: Config) {
     let create = |name: &str, roles: &[&str]| CreateServiceAccountRequest {
         display_name: name.into(),
         roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        tenant: String::new(),
     };
     let err = client
         .create_service_account(with_bearer(create("bad", &["root"]), &admin))

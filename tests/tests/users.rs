@@ -39,6 +39,8 @@ async fn administration_contract(config: Config) {
                 password: PASSWORD.into(),
                 display_name: "Dev".into(),
                 roles: vec!["developer".into(), "wizard".into()],
+                phone: String::new(),
+                tenant: String::new(),
             },
             &admin,
         ))
@@ -55,6 +57,8 @@ async fn administration_contract(config: Config) {
                 password: PASSWORD.into(),
                 display_name: "Dev".into(),
                 roles: vec!["developer".into()],
+                phone: String::new(),
+                tenant: String::new(),
             },
             &admin,
         ))
@@ -79,6 +83,7 @@ async fn administration_contract(config: Config) {
             ListUsersRequest {
                 page_size: 1,
                 page_token: String::new(),
+                tenant: String::new(),
             },
             &admin,
         ))
@@ -92,6 +97,7 @@ async fn administration_contract(config: Config) {
             ListUsersRequest {
                 page_size: 100,
                 page_token: page.next_page_token,
+                tenant: String::new(),
             },
             &admin,
         ))
@@ -297,11 +303,15 @@ async fn a_reset_token_arrives_as_an_event_and_works_once() {
     client
         .request_password_reset(RequestPasswordResetRequest {
             email: format!("nobody-{}@example.com", unique()),
+            phone: String::new(),
         })
         .await
         .unwrap();
     client
-        .request_password_reset(RequestPasswordResetRequest { email: email.clone() })
+        .request_password_reset(RequestPasswordResetRequest {
+            email: email.clone(),
+            phone: String::new(),
+        })
         .await
         .unwrap();
     let token = tokio::time::timeout(Duration::from_secs(20), async {
@@ -346,7 +356,10 @@ async fn a_reset_token_arrives_as_an_event_and_works_once() {
     // At most three reset mails an hour per account; the answer stays the same.
     for _ in 0..5 {
         client
-            .request_password_reset(RequestPasswordResetRequest { email: email.clone() })
+            .request_password_reset(RequestPasswordResetRequest {
+                email: email.clone(),
+                phone: String::new(),
+            })
             .await
             .unwrap();
     }

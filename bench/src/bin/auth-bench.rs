@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
         .login(LoginRequest {
             email: ADMIN_EMAIL.into(),
             password: ADMIN_PASSWORD.into(),
+            phone: String::new(),
         })
         .await?
         .into_inner()
@@ -75,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
                 email: email.clone(),
                 password: PASSWORD.into(),
                 display_name: String::new(),
+                phone: String::new(),
             })
             .await?;
         emails.push(email);
@@ -84,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         .login(LoginRequest {
             email: emails[0].clone(),
             password: PASSWORD.into(),
+            phone: String::new(),
         })
         .await?
         .into_inner()
@@ -135,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
                 c.login(LoginRequest {
                     email,
                     password: PASSWORD.into(),
+                    phone: String::new(),
                 })
                 .await
                 .map(drop)
@@ -151,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
                 c.login(LoginRequest {
                     email,
                     password: PASSWORD.into(),
+                    phone: String::new(),
                 })
                 .await
                 .is_ok()
@@ -207,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
         let mut create = Request::new(CreateServiceAccountRequest {
             display_name: "bench".into(),
             roles: vec![],
+            tenant: String::new(),
         });
         create
             .metadata_mut()
@@ -247,6 +253,7 @@ async fn main() -> anyhow::Result<()> {
     let mut list = Request::new(ListUsersRequest {
         page_size: 100,
         page_token: String::new(),
+        tenant: String::new(),
     });
     list.metadata_mut().insert("authorization", bearer(&admin)?);
     let subjects: Vec<String> = client

@@ -22,6 +22,9 @@ pub enum AuthError {
     /// The email is taken.
     #[error("a user with this email already exists")]
     EmailTaken,
+    /// The phone number is taken.
+    #[error("a user with this phone number already exists")]
+    PhoneTaken,
     /// No such open session of the caller.
     #[error("session not found")]
     SessionNotFound,
@@ -91,6 +94,14 @@ impl From<sqlx::Error> for AuthError {
 }
 
 impl AuthError {
+    /// The field violations this error carries (none unless `Invalid`).
+    pub fn violations(self) -> Vec<FieldViolation> {
+        match self {
+            AuthError::Invalid(v) => v,
+            _ => Vec::new(),
+        }
+    }
+
     /// One invalid field.
     pub fn field(field: &str, description: impl Into<String>) -> Self {
         AuthError::Invalid(vec![FieldViolation::new(field, description)])
@@ -105,7 +116,7 @@ impl ServiceError for AuthError {
                 ErrorCode::Unauthenticated
             }
             AuthError::Unauthenticated | AuthError::BadClientCredentials => ErrorCode::Unauthenticated,
-            AuthError::EmailTaken | AuthError::RoleExists => ErrorCode::AlreadyExists,
+            AuthError::EmailTaken | AuthError::PhoneTaken | AuthError::RoleExists => ErrorCode::AlreadyExists,
             AuthError::RoleBuiltin | AuthError::RoleInUse(_) => ErrorCode::FailedPrecondition,
             AuthError::Forbidden(_) => ErrorCode::PermissionDenied,
             AuthError::UserNotFound
@@ -129,6 +140,7 @@ impl ServiceError for AuthError {
             AuthError::BadRefreshToken => "BAD_REFRESH_TOKEN",
             AuthError::RefreshReused => "REFRESH_TOKEN_REUSED",
             AuthError::EmailTaken => "EMAIL_TAKEN",
+            AuthError::PhoneTaken => "PHONE_TAKEN",
             AuthError::UserNotFound => "USER_NOT_FOUND",
             AuthError::SessionNotFound => "SESSION_NOT_FOUND",
             AuthError::ApiKeyNotFound => "API_KEY_NOT_FOUND",

@@ -22,9 +22,9 @@ use plinth_runtime::client_address::TrustedProxies;
 use plinth_runtime::error::to_status;
 use tonic::{Request, Response, Status};
 
-use crate::AuthError;
-use crate::service::{self, Auth};
+use crate::service::{self, Auth, NewAccount};
 use crate::store::{ApiKeyRow, ServiceAccountRow, UserRow};
+use crate::{AuthError, Identifier};
 
 /// The tonic service over [`Auth`].
 #[derive(Clone)]
@@ -79,6 +79,7 @@ fn service_account_pb(a: &ServiceAccountRow) -> ServiceAccount {
         display_name: a.display_name.clone(),
         roles: a.role_list(),
         create_time: Some(ts(a.created_at)),
+        tenant: a.tenant.clone(),
     }
 }
 
@@ -93,6 +94,8 @@ fn user_pb(u: &UserRow) -> User {
     User {
         id: u.id.clone(),
         email: u.email.clone(),
+        phone: u.phone.clone(),
+        tenant: u.tenant.clone(),
         display_name: u.display_name.clone(),
         status: status.into(),
         roles: u.role_list(),
@@ -123,7 +126,7 @@ impl AuthService for AuthGrpc {
         let r = request.into_inner();
         let user = self
             .auth
-            .register(&r.email, r.password, &r.display_name)
+            .register(&r.email, &r.phone, r.password, &r.display_name)
             .await
             .map_err(status)?;
         Ok(Response::new(RegisterResponse {
@@ -140,9 +143,19 @@ impl AuthService for AuthGrpc {
             .client(request.remote_addr(), forwarded)
             .map(|ip| ip.to_string());
         let r = request.into_inner();
+        // Neither or both is a malformed request; a malformed address or
+        // number is just a failed login.
+        let named = r.email.trim().is_empty() != r.phone.trim().is_empty();
+        let who = Identifier::one_of(&r.email, &r.phone).map_err(|e| {
+            if named {
+                status(AuthError::BadCredentials)
+            } else {
+                status(e)
+            }
+        })?;
         let out = self
             .auth
-            .login(&r.email, r.password, address.as_deref())
+            .login(&who, r.password, address.as_deref())
             .await
             .map_err(status)?;
         Ok(Response::new(LoginResponse {
@@ -316,6 +329,7 @@ impl AuthService for AuthGrpc {
             client_id: i.client_id,
             roles: i.roles,
             permissions: i.permissions,
+            tenant: i.tenant,
         }))
     }
 
@@ -336,10 +350,9 @@ impl AuthService for AuthGrpc {
         &self,
         request: Request<RequestPasswordResetRequest>,
     ) -> Result<Response<RequestPasswordResetResponse>, Status> {
-        self.auth
-            .request_password_reset(&request.into_inner().email)
-            .await
-            .map_err(status)?;
+        let r = request.into_inner();
+        let who = Identifier::one_of(&r.email, &r.phone).map_err(status)?;
+        self.auth.request_password_reset(&who).await.map_err(status)?;
         Ok(Response::new(RequestPasswordResetResponse {}))
     }
 
@@ -360,7 +373,17 @@ impl AuthService for AuthGrpc {
         let r = request.into_inner();
         let user = self
             .auth
-            .admin_create_user(&principal, &r.email, r.password, &r.display_name, &r.roles)
+            .admin_create_user(
+                &principal,
+                &NewAccount {
+                    email: &r.email,
+                    phone: &r.phone,
+                    tenant: &r.tenant,
+                },
+                r.password,
+                &r.display_name,
+                &r.roles,
+            )
             .await
             .map_err(status)?;
         Ok(Response::new(CreateUserResponse {
@@ -381,7 +404,11 @@ impl AuthService for AuthGrpc {
 
     async fn list_users(&self, request: Request<ListUsersRequest>) -> Result<Response<ListUsersResponse>, Status> {
         let r = request.into_inner();
-        let (rows, next_page_token) = self.auth.list_users(r.page_size, &r.page_token).await.map_err(status)?;
+        let (rows, next_page_token) = self
+            .auth
+            .list_users(&r.tenant, r.page_size, &r.page_token)
+            .await
+            .map_err(status)?;
         Ok(Response::new(ListUsersResponse {
             users: rows.iter().map(user_pb).collect(),
             next_page_token,
@@ -486,7 +513,7 @@ impl AuthService for AuthGrpc {
         let r = request.into_inner();
         let (row, client_secret) = self
             .auth
-            .create_service_account(&principal, &r.display_name, &r.roles)
+            .create_service_account(&principal, &r.display_name, &r.roles, &r.tenant)
             .await
             .map_err(status)?;
         Ok(Response::new(CreateServiceAccountResponse {

@@ -6,6 +6,7 @@
 mod authz_grpc;
 mod error;
 mod grpc;
+mod identity;
 mod keys;
 mod password;
 pub mod rbac;
@@ -19,6 +20,7 @@ use sqlx::migrate::Migrator;
 pub use authz_grpc::AuthzGrpc;
 pub use error::AuthError;
 pub use grpc::AuthGrpc;
+pub use identity::Identifier;
 pub use password::PasswordHasher;
 pub use service::{Auth, LoginOutcome, TokenPair};
 pub use throttle::{Limits, LoginThrottle};

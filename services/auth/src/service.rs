@@ -22,6 +22,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use crate::AuthError;
+use crate::identity::{Identifier, email_of, phone_of, tenant_of};
 use crate::keys::SigningKeys;
 use crate::password::{PasswordHasher, check_policy};
 use crate::rbac::Rbac;
@@ -32,6 +33,23 @@ use crate::throttle::LoginThrottle;
 const REFRESH_PREFIX: &str = "plr_";
 /// The role a self-registered user gets.
 const DEFAULT_ROLE: &str = "viewer";
+
+/// Who a new user is: email and/or phone (normalised, "" for none) and tenant.
+struct NewUser {
+    email: String,
+    phone: String,
+    tenant: String,
+}
+
+/// What an administrator sends to create a user, before validation.
+pub struct NewAccount<'a> {
+    /// Email, or "".
+    pub email: &'a str,
+    /// Phone number, or "".
+    pub phone: &'a str,
+    /// Tenant, or "".
+    pub tenant: &'a str,
+}
 
 /// An access token and the refresh token that renews it.
 #[derive(Debug, Clone)]
@@ -90,6 +108,8 @@ pub struct Introspection {
     pub roles: Vec<String>,
     /// Permission patterns those roles grant.
     pub permissions: Vec<String>,
+    /// The subject's tenant.
+    pub tenant: String,
 }
 
 /// Service account client secrets start with this.
@@ -106,20 +126,30 @@ const MAX_KEY_NAME: usize = 100;
 /// The most scopes one API key may carry.
 const MAX_SCOPES: usize = 50;
 
-fn email_of(raw: &str) -> Result<String, AuthError> {
-    let email = raw.trim().to_lowercase();
-    let valid = email.len() <= 254
-        && !email.chars().any(char::is_whitespace)
-        && email
-            .split_once('@')
-            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !domain.contains('@'));
-    if valid {
-        Ok(email)
+/// A new account's email and phone, normalised: at least one, "" for the other.
+fn identifiers(email: &str, phone: &str) -> Result<(String, String), AuthError> {
+    let mut violations = Vec::new();
+    let email = match email.trim() {
+        "" => String::new(),
+        e => email_of(e).unwrap_or_else(|e| {
+            violations.extend(e.violations());
+            String::new()
+        }),
+    };
+    let phone = match phone.trim() {
+        "" => String::new(),
+        p => phone_of(p).unwrap_or_else(|e| {
+            violations.extend(e.violations());
+            String::new()
+        }),
+    };
+    if violations.is_empty() && email.is_empty() && phone.is_empty() {
+        return Err(AuthError::field("email", "an email or a phone number is required"));
+    }
+    if violations.is_empty() {
+        Ok((email, phone))
     } else {
-        Err(AuthError::field(
-            "email",
-            "must be an email address like name@example.com",
-        ))
+        Err(AuthError::Invalid(violations))
     }
 }
 
@@ -199,7 +229,16 @@ impl Auth {
         };
         check_policy(&password, &email)?;
         let user = match self
-            .create_user(email, password.clone(), "Bootstrap administrator", "admin")
+            .create_user(
+                NewUser {
+                    email,
+                    phone: String::new(),
+                    tenant: String::new(),
+                },
+                password.clone(),
+                "Bootstrap administrator",
+                "admin",
+            )
             .await
         {
             // Another replica created it first.
@@ -303,16 +342,26 @@ impl Auth {
         }
     }
 
-    /// Creates a user.
-    pub async fn register(&self, email: &str, password: String, display_name: &str) -> Result<UserRow, AuthError> {
-        let email = email_of(email);
-        let policy = check_policy(&password, email.as_deref().unwrap_or_default());
+    /// Creates a user with an email, a phone number or both.
+    pub async fn register(
+        &self,
+        email: &str,
+        phone: &str,
+        password: String,
+        display_name: &str,
+    ) -> Result<UserRow, AuthError> {
         let display_name = display_name.trim();
         let mut violations = Vec::new();
-        if let Err(AuthError::Invalid(v)) = &email {
-            violations.extend(v.iter().cloned());
-        }
-        if let Err(AuthError::Invalid(v)) = policy {
+        let (email, phone) = match identifiers(email, phone) {
+            Ok(pair) => pair,
+            Err(AuthError::Invalid(v)) => {
+                violations.extend(v);
+                (String::new(), String::new())
+            }
+            Err(e) => return Err(e),
+        };
+        let name = if email.is_empty() { &phone } else { &email };
+        if let Err(AuthError::Invalid(v)) = check_policy(&password, name) {
             violations.extend(v);
         }
         if display_name.chars().count() > 200 {
@@ -324,7 +373,12 @@ impl Auth {
         if !violations.is_empty() {
             return Err(AuthError::Invalid(violations));
         }
-        let user = self.create_user(email?, password, display_name, DEFAULT_ROLE).await?;
+        let who = NewUser {
+            email,
+            phone,
+            tenant: String::new(),
+        };
+        let user = self.create_user(who, password, display_name, DEFAULT_ROLE).await?;
         tracing::info!(user_id = %user.id, "user registered");
         Ok(user)
     }
@@ -332,7 +386,7 @@ impl Auth {
     /// Hashes the password and stores an active user with its event.
     async fn create_user(
         &self,
-        email: String,
+        who: NewUser,
         password: String,
         display_name: &str,
         roles: &str,
@@ -340,7 +394,9 @@ impl Auth {
         let now = unix_now();
         let user = UserRow {
             id: uuid::Uuid::now_v7().to_string(),
-            email,
+            email: who.email,
+            phone: who.phone,
+            tenant: who.tenant,
             password_hash: self.hasher.hash(password).await?,
             display_name: display_name.to_owned(),
             status: "active".into(),
@@ -350,6 +406,7 @@ impl Auth {
         let event = UserRegisteredEvent {
             user_id: user.id.clone(),
             email: user.email.clone(),
+            phone: user.phone.clone(),
             time: timestamp(now),
         };
         store::insert_user(
@@ -364,25 +421,31 @@ impl Auth {
 
     /// Checks a password and opens a session. Unknown users, wrong passwords
     /// and inactive users get the same error after the same amount of work.
-    pub async fn login(&self, email: &str, password: String, address: Option<&str>) -> Result<LoginOutcome, AuthError> {
-        let email = email_of(email).map_err(|_| AuthError::BadCredentials)?;
+    pub async fn login(
+        &self,
+        who: &Identifier,
+        password: String,
+        address: Option<&str>,
+    ) -> Result<LoginOutcome, AuthError> {
+        let key = who.key().to_owned();
         if password.is_empty() || password.chars().count() > crate::password::MAX_PASSWORD_CHARS {
             return Err(AuthError::field("password", "must be 1 to 1024 characters"));
         }
-        if let Err((error, lockout)) = self.throttle.reserve(&email, address).await {
+        if let Err((error, lockout)) = self.throttle.reserve(&key, address).await {
             if let Some(lockout) = lockout {
                 let event = LockoutEvent {
-                    email: email.clone(),
+                    email: who.email().to_owned(),
+                    phone: who.phone().to_owned(),
                     scope: lockout.scope.into(),
                     duration_secs: i64::try_from(lockout.duration.as_secs()).unwrap_or(i64::MAX),
                     time: timestamp(unix_now()),
                 };
-                store::record(&self.db, &OutboxEvent::new("plinth.auth.lockout", &email, &event)).await?;
+                store::record(&self.db, &OutboxEvent::new("plinth.auth.lockout", &key, &event)).await?;
                 self.committed();
             }
             return Err(error);
         }
-        let user = store::user_by_email(&self.db, &email).await?;
+        let user = store::user_by(&self.db, who).await?;
         let rehash = user
             .as_ref()
             .is_some_and(|u| self.hasher.needs_rehash(&u.password_hash))
@@ -407,17 +470,18 @@ impl Auth {
         let (Some(user), None) = (user, failure) else {
             let reason = failure.unwrap_or("BAD_PASSWORD");
             let event = LoginFailedEvent {
-                email: email.clone(),
+                email: who.email().to_owned(),
+                phone: who.phone().to_owned(),
                 user_id: String::new(),
                 reason: reason.into(),
                 time: timestamp(now),
             };
-            store::record(&self.db, &OutboxEvent::new("plinth.auth.login_failed", &email, &event)).await?;
+            store::record(&self.db, &OutboxEvent::new("plinth.auth.login_failed", &key, &event)).await?;
             self.committed();
             tracing::info!(reason, "login failed");
             return Err(AuthError::BadCredentials);
         };
-        self.throttle.succeeded(&email, address).await;
+        self.throttle.succeeded(&key, address).await;
         let session_id = uuid::Uuid::now_v7().to_string();
         let refresh = new_refresh_token();
         let refresh_ttl = secs(self.settings.refresh_ttl_secs);
@@ -459,6 +523,7 @@ impl Auth {
             sid: session_id.to_owned(),
             perms: self.rbac.token_permissions(&user.role_list()),
             roles: user.role_list(),
+            tenant: user.tenant.clone(),
         };
         TokenPair {
             access_token: self.sign(&claims),
@@ -772,6 +837,7 @@ impl Auth {
             subject: row.user_id,
             permissions: self.rbac.token_permissions(&user.role_list()),
             roles: user.role_list(),
+            tenant: user.tenant.clone(),
             expires_at: row.expires_at.unwrap_or(0),
         }))
     }
@@ -789,6 +855,7 @@ impl Auth {
                     client_id: g.key_id,
                     roles: g.roles,
                     permissions: g.permissions,
+                    tenant: g.tenant,
                 },
                 _ => Introspection::default(),
             });
@@ -813,6 +880,7 @@ impl Auth {
                 client_id: c.sid,
                 roles: c.roles,
                 permissions: c.perms,
+                tenant: c.tenant,
             },
             None => Introspection::default(),
         })
@@ -849,17 +917,17 @@ impl Auth {
         Ok(())
     }
 
-    /// Emits a single-use reset token for `email`'s user, if there is an
-    /// active one; the caller learns nothing either way.
-    pub async fn request_password_reset(&self, email: &str) -> Result<(), AuthError> {
-        let email = email_of(email)?;
-        let Some(user) = store::user_by_email(&self.db, &email).await? else {
+    /// Emits a single-use reset token for the user named by `who`, if there
+    /// is an active one, for delivery to that address or number; the caller
+    /// learns nothing either way.
+    pub async fn request_password_reset(&self, who: &Identifier) -> Result<(), AuthError> {
+        let Some(user) = store::user_by(&self.db, who).await? else {
             return Ok(());
         };
         if user.status != "active" {
             return Ok(());
         }
-        if !self.throttle.allow_reset(&email).await? {
+        if !self.throttle.allow_reset(who.key()).await? {
             tracing::warn!(user_id = %user.id, "password reset not sent: too many requests for this account");
             return Ok(());
         }
@@ -868,7 +936,8 @@ impl Auth {
         let expires_at = now + RESET_TTL_SECS;
         let event = PasswordResetRequestedEvent {
             user_id: user.id.clone(),
-            email: user.email.clone(),
+            email: who.email().to_owned(),
+            phone: who.phone().to_owned(),
             token: token.clone(),
             expire_time: timestamp(expires_at),
             time: timestamp(now),
@@ -936,19 +1005,27 @@ impl Auth {
     pub async fn admin_create_user(
         &self,
         caller: &Principal,
-        email: &str,
+        who: &NewAccount<'_>,
         password: String,
         display_name: &str,
         roles: &[String],
     ) -> Result<UserRow, AuthError> {
-        let email = email_of(email)?;
+        let (email, phone) = identifiers(who.email, who.phone)?;
+        let tenant = tenant_of(who.tenant, "tenant")?;
         let roles = self.roles_of(caller, roles)?;
-        check_policy(&password, &email)?;
-        self.create_user(email, password, display_name.trim(), &roles).await
+        check_policy(&password, if email.is_empty() { &phone } else { &email })?;
+        let who = NewUser { email, phone, tenant };
+        self.create_user(who, password, display_name.trim(), &roles).await
     }
 
     /// A page of users, oldest first.
-    pub async fn list_users(&self, page_size: i32, page_token: &str) -> Result<(Vec<UserRow>, String), AuthError> {
+    pub async fn list_users(
+        &self,
+        tenant: &str,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<(Vec<UserRow>, String), AuthError> {
+        let tenant = tenant_of(tenant, "tenant")?;
         let size: usize = match page_size {
             0 => 50,
             1..=100 => usize::try_from(page_size).unwrap_or(50),
@@ -961,7 +1038,7 @@ impl Auth {
             ));
         }
         let after = (!page_token.is_empty()).then_some(page_token);
-        let mut rows = store::list_users(&self.db, after, i64::try_from(size + 1).unwrap_or(101)).await?;
+        let mut rows = store::list_users(&self.db, &tenant, after, i64::try_from(size + 1).unwrap_or(101)).await?;
         let next = if rows.len() > size {
             rows.truncate(size);
             rows.last().map(|r| r.id.clone()).unwrap_or_default()
@@ -1059,7 +1136,9 @@ impl Auth {
         caller: &Principal,
         display_name: &str,
         roles: &[String],
+        tenant: &str,
     ) -> Result<(ServiceAccountRow, String), AuthError> {
+        let tenant = tenant_of(tenant, "tenant")?;
         let name = display_name.trim();
         if name.is_empty() || name.chars().count() > MAX_KEY_NAME {
             return Err(AuthError::field("display_name", "must be 1 to 100 characters"));
@@ -1081,6 +1160,7 @@ impl Auth {
             secret_digest: self.key_digest(&secret),
             created_at: unix_now(),
             deleted_at: None,
+            tenant,
         };
         store::insert_service_account(&self.db, &row).await?;
         tracing::info!(service_account = %row.id, roles = %row.roles, "service account created");
@@ -1138,6 +1218,7 @@ impl Auth {
             sid: String::new(),
             perms: self.rbac.token_permissions(&account.role_list()),
             roles: account.role_list(),
+            tenant: account.tenant.clone(),
         };
         Ok((self.sign(&claims), ttl))
     }

@@ -12,12 +12,17 @@ use crate::AuthError;
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct UserRow {
     pub id: String,
+    /// "" when the user has none (stored as NULL).
     pub email: String,
+    /// E.164, "" when the user has none (stored as NULL).
+    pub phone: String,
     pub password_hash: String,
     pub display_name: String,
     pub status: String,
     pub roles: String,
     pub created_at: i64,
+    /// "" for none.
+    pub tenant: String,
 }
 
 impl UserRow {
@@ -31,19 +36,21 @@ fn split_roles(roles: &str) -> Vec<String> {
     roles.split(',').filter(|r| !r.is_empty()).map(str::to_owned).collect()
 }
 
-const USER_COLUMNS: &str = "id, email, password_hash, display_name, status, roles, created_at";
+const USER_COLUMNS: &str = "id, COALESCE(email, '') AS email, COALESCE(phone, '') AS phone, password_hash, \
+                            display_name, status, roles, created_at, tenant";
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
-/// Inserts `user` with its event; `EmailTaken` when the email exists.
+/// Inserts `user` with its event; `EmailTaken` or `PhoneTaken` when another
+/// user has that email or phone number.
 pub async fn insert_user(db: &Db, user: &UserRow, event: &OutboxEvent) -> Result<(), AuthError> {
     let result: Result<(), sqlx::Error> = on_db!(db, |pool| async {
         let mut tx = pool.begin_write().await?;
         sqlx::query(
-            "INSERT INTO users (id, email, password_hash, display_name, status, roles, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+            "INSERT INTO users (id, email, phone, password_hash, display_name, status, roles, created_at, updated_at, \
+             tenant) VALUES ($1, NULLIF($2, ''), NULLIF($8, ''), $3, $4, $5, $6, $7, $7, $9)",
         )
         .bind(&user.id)
         .bind(&user.email)
@@ -52,6 +59,8 @@ pub async fn insert_user(db: &Db, user: &UserRow, event: &OutboxEvent) -> Result
         .bind(&user.status)
         .bind(&user.roles)
         .bind(user.created_at)
+        .bind(&user.phone)
+        .bind(&user.tenant)
         .execute(&mut *tx)
         .await?;
         event
@@ -62,13 +71,28 @@ pub async fn insert_user(db: &Db, user: &UserRow, event: &OutboxEvent) -> Result
     }
     .await);
     match result {
-        Err(e) if is_unique_violation(&e) => Err(AuthError::EmailTaken),
+        Err(e) if is_unique_violation(&e) => Err(if names_phone(&e) {
+            AuthError::PhoneTaken
+        } else {
+            AuthError::EmailTaken
+        }),
         other => Ok(other?),
     }
 }
 
-pub async fn user_by_email(db: &Db, email: &str) -> Result<Option<UserRow>, AuthError> {
-    user_where(db, "email", email).await
+/// Whether a unique violation is about the phone column (SQLite names the
+/// column in its message, PostgreSQL the constraint).
+fn names_phone(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d)
+        if d.message().contains("phone") || d.constraint().is_some_and(|c| c.contains("phone")))
+}
+
+/// The user with this email or phone number.
+pub async fn user_by(db: &Db, who: &crate::identity::Identifier) -> Result<Option<UserRow>, AuthError> {
+    match who {
+        crate::identity::Identifier::Email(e) => user_where(db, "email", e).await,
+        crate::identity::Identifier::Phone(p) => user_where(db, "phone", p).await,
+    }
 }
 
 pub async fn user_by_id(db: &Db, id: &str) -> Result<Option<UserRow>, AuthError> {
@@ -614,11 +638,15 @@ pub async fn spend_reset(
 }
 
 /// A page of users that are not deleted, oldest first, after `after`.
-pub async fn list_users(db: &Db, after: Option<&str>, limit: i64) -> Result<Vec<UserRow>, AuthError> {
-    let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE status <> 'deleted' AND id > $1 ORDER BY id LIMIT $2");
+pub async fn list_users(db: &Db, tenant: &str, after: Option<&str>, limit: i64) -> Result<Vec<UserRow>, AuthError> {
+    let sql = format!(
+        "SELECT {USER_COLUMNS} FROM users WHERE status <> 'deleted' AND ($3 = '' OR tenant = $3) AND id > $1 \
+         ORDER BY id LIMIT $2"
+    );
     Ok(on_db!(db, |pool| sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
         .bind(after.unwrap_or(""))
         .bind(limit)
+        .bind(tenant)
         .fetch_all(pool)
         .await)?)
 }
@@ -700,6 +728,8 @@ pub struct ServiceAccountRow {
     pub secret_digest: String,
     pub created_at: i64,
     pub deleted_at: Option<i64>,
+    /// "" for none.
+    pub tenant: String,
 }
 
 impl ServiceAccountRow {
@@ -708,18 +738,19 @@ impl ServiceAccountRow {
     }
 }
 
-const SERVICE_ACCOUNT_COLUMNS: &str = "id, display_name, roles, secret_digest, created_at, deleted_at";
+const SERVICE_ACCOUNT_COLUMNS: &str = "id, display_name, roles, secret_digest, created_at, deleted_at, tenant";
 
 /// Inserts `account`.
 pub async fn insert_service_account(db: &Db, account: &ServiceAccountRow) -> Result<(), AuthError> {
-    let sql = "INSERT INTO service_accounts (id, display_name, roles, secret_digest, created_at) \
-               VALUES ($1, $2, $3, $4, $5)";
+    let sql = "INSERT INTO service_accounts (id, display_name, roles, secret_digest, created_at, tenant) \
+               VALUES ($1, $2, $3, $4, $5, $6)";
     on_db!(db, |pool| sqlx::query(sql)
         .bind(&account.id)
         .bind(&account.display_name)
         .bind(&account.roles)
         .bind(&account.secret_digest)
         .bind(account.created_at)
+        .bind(&account.tenant)
         .execute(pool)
         .await
         .map(drop))?;

@@ -58,6 +58,7 @@ fn token(signer: &TokenSigner, roles: &[&str]) -> String {
         sid: "s1".into(),
         roles: roles.iter().map(|r| (*r).to_owned()).collect(),
         perms: perms_of(roles),
+        tenant: String::new(),
     })
 }
 
@@ -197,6 +198,7 @@ async fn api_keys_are_limited_to_their_scopes_and_their_owners_roles() {
         subject: "owner".into(),
         roles: roles.iter().map(|r| (*r).to_owned()).collect(),
         permissions: perms_of(roles),
+        tenant: String::new(),
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         expires_at,
     };

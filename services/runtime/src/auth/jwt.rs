@@ -45,6 +45,9 @@ pub struct Claims {
     /// this is never staler than the policy.
     #[serde(default)]
     pub perms: Vec<String>,
+    /// The subject's tenant; absent for none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -280,6 +283,7 @@ mod tests {
             sid: "session-1".into(),
             roles: vec!["viewer".into()],
             perms: vec!["config.values.read".into()],
+            tenant: String::new(),
         }
     }
 

@@ -39,6 +39,8 @@ pub struct Principal {
     pub roles: Vec<String>,
     /// Permission patterns the roles grant (`queue.*`, `auth.users.read`, `*`).
     pub permissions: Vec<String>,
+    /// The subject's tenant; empty for none. Services keep tenants' data apart by it.
+    pub tenant: String,
     /// Session (refresh-token family) the token belongs to.
     pub session: String,
     /// The token's id.
@@ -72,6 +74,7 @@ impl From<Claims> for Principal {
             subject: c.sub,
             roles: c.roles,
             permissions: c.perms,
+            tenant: c.tenant,
             session: c.sid,
             token_id: c.jti,
             expires_at: c.exp,
@@ -96,6 +99,8 @@ pub struct ApiKeyGrant {
     pub roles: Vec<String>,
     /// Permission patterns those roles grant now.
     pub permissions: Vec<String>,
+    /// The owner's tenant; empty for none.
+    pub tenant: String,
     /// Permission patterns the key is limited to; empty for none.
     pub scopes: Vec<String>,
     /// Expiry (seconds since the epoch); 0 for never.
@@ -108,6 +113,7 @@ impl From<ApiKeyGrant> for Principal {
             subject: g.subject,
             roles: g.roles,
             permissions: g.permissions,
+            tenant: g.tenant,
             session: String::new(),
             token_id: g.key_id.clone(),
             expires_at: g.expires_at,
@@ -362,6 +368,7 @@ impl ApiKeySource for GrpcJwksSource {
             subject: resp.sub,
             roles: resp.roles,
             permissions: resp.permissions,
+            tenant: resp.tenant,
             scopes: resp.scope.split_whitespace().map(str::to_owned).collect(),
             expires_at: resp.exp,
         }))
