@@ -13,9 +13,9 @@ use plinth::auth::v1::{
     ListUsersRequest, ListUsersResponse, LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, RefreshRequest,
     RefreshResponse, RegisterRequest, RegisterResponse, RequestPasswordResetRequest, RequestPasswordResetResponse,
     ResetPasswordRequest, ResetPasswordResponse, RevokeAllSessionsRequest, RevokeAllSessionsResponse,
-    RevokeApiKeyRequest, RevokeApiKeyResponse, RevokeSessionRequest, RevokeSessionResponse, RotateSigningKeyRequest,
-    RotateSigningKeyResponse, ServiceAccount, Session, TokenPair, UpdateUserRequest, UpdateUserResponse, User,
-    UserStatus,
+    RevokeApiKeyRequest, RevokeApiKeyResponse, RevokeRequest, RevokeResponse, RevokeSessionRequest,
+    RevokeSessionResponse, RotateSigningKeyRequest, RotateSigningKeyResponse, ServiceAccount, Session, TokenPair,
+    UpdateUserRequest, UpdateUserResponse, User, UserStatus,
 };
 use plinth_runtime::auth::Principal;
 use plinth_runtime::client_address::TrustedProxies;
@@ -182,6 +182,11 @@ impl AuthService for AuthGrpc {
             .await
             .map_err(status)?;
         Ok(Response::new(LogoutResponse {}))
+    }
+
+    async fn revoke(&self, request: Request<RevokeRequest>) -> Result<Response<RevokeResponse>, Status> {
+        self.auth.revoke(&request.into_inner().token).await.map_err(status)?;
+        Ok(Response::new(RevokeResponse {}))
     }
 
     async fn revoke_all_sessions(

@@ -8,7 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use plinth::auth::v1::{
     ApiKeyCreatedEvent, ApiKeyRevokedEvent, Jwk, LockoutEvent, LoginFailedEvent, LoginSucceededEvent,
-    PasswordChangedEvent, PasswordResetRequestedEvent, SessionRevokedEvent, SigningKeyRotatedEvent,
+    PasswordChangedEvent, PasswordResetRequestedEvent, SessionRevokedEvent, SigningKeyRotatedEvent, TokenRevokedEvent,
     UserRegisteredEvent, UserUpdatedEvent,
 };
 use plinth_runtime::auth::jwt::{self, Claims, Expectations, TokenSigner};
@@ -612,6 +612,53 @@ impl Auth {
         if ended.is_some() {
             self.committed();
         }
+        Ok(())
+    }
+
+    /// RFC 7009 revocation of whatever `token` is; unknown, expired and
+    /// malformed tokens are ignored, so the answer reveals nothing.
+    pub async fn revoke(&self, token: &str) -> Result<(), AuthError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(AuthError::field("token", "is required"));
+        }
+        if token.starts_with(API_KEY_PREFIX) {
+            if let Some(grant) = self.validate_api_key(token).await? {
+                return match self.revoke_api_key(&grant.subject, &grant.key_id).await {
+                    Err(AuthError::ApiKeyNotFound) | Ok(()) => Ok(()),
+                    Err(e) => Err(e),
+                };
+            }
+            return Ok(());
+        }
+        if token.starts_with(REFRESH_PREFIX) {
+            return self.logout(token, None).await;
+        }
+        let expect = Expectations {
+            issuer: self.settings.issuer.clone(),
+            audience: self.settings.audience.clone(),
+            leeway_secs: 30,
+        };
+        let now = unix_now();
+        let Ok(claims) = jwt::verify(token, self.keys.current().keyset(), &expect, now) else {
+            return Ok(());
+        };
+        self.revocations
+            .revoke_token(&claims.jti, claims.exp, now)
+            .await
+            .map_err(AuthError::Revocation)?;
+        let event = TokenRevokedEvent {
+            user_id: claims.sub.clone(),
+            token_id: claims.jti.clone(),
+            time: timestamp(now),
+        };
+        store::record(
+            &self.db,
+            &OutboxEvent::new("plinth.auth.token_revoked", &claims.sub, &event),
+        )
+        .await?;
+        self.committed();
+        tracing::info!(user_id = %claims.sub, token_id = %claims.jti, "access token revoked");
         Ok(())
     }
 
