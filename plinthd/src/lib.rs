@@ -27,11 +27,6 @@ use plinth_runtime::storage::{Db, DbTarget, Migrations};
 use plinth_runtime::{Component, Tasks};
 use tokio_util::sync::CancellationToken;
 
-/// How often each auth replica rereads the signing keys (and checks the
-/// rotation schedule); below the default publish lead, so every replica
-/// knows a new key before it signs.
-const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
-
 /// How often each auth replica checks for policy changes made by others;
 /// a check that passes a version token never waits for it.
 const POLICY_SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -136,7 +131,8 @@ impl Plinth {
                     tasks.spawn("policy-view", auth.rbac().follow(POLICY_SYNC_INTERVAL, tasks.token()));
                     tasks.spawn(
                         "signing-keys",
-                        auth.clone().maintain_keys(KEY_RELOAD_INTERVAL, tasks.token()),
+                        auth.clone()
+                            .maintain_keys(Duration::from_secs(cfg.auth.key_reload_secs), tasks.token()),
                     );
                     jwks = Some(auth.clone());
                     api_keys = Some(auth);

@@ -247,6 +247,18 @@ pub async fn access_token(
         .ok_or_else(|| tonic::Status::internal("login returned no tokens"))
 }
 
+/// The key ids the auth service publishes in its JWKS now.
+pub async fn published_kids(client: &mut AuthServiceClient<Channel>) -> Result<Vec<String>, tonic::Status> {
+    Ok(client
+        .get_jwks(plinth::auth::v1::GetJwksRequest {})
+        .await?
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| k.kid)
+        .collect())
+}
+
 /// The field the first `BadRequest` violation of `status` names ("" if none).
 pub fn violated_field(status: &tonic::Status) -> String {
     use tonic_types::StatusExt;

@@ -10,16 +10,16 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use plinth::auth::v1::{
-    ChangePasswordRequest, CreateApiKeyRequest, CreateUserRequest, DeleteUserRequest, GetJwksRequest, GetMeRequest,
-    GetUserRequest, ListUsersRequest, PasswordResetRequestedEvent, RequestPasswordResetRequest, ResetPasswordRequest,
+    ChangePasswordRequest, CreateApiKeyRequest, CreateUserRequest, DeleteUserRequest, GetMeRequest, GetUserRequest,
+    ListUsersRequest, PasswordResetRequestedEvent, RequestPasswordResetRequest, ResetPasswordRequest,
     RotateSigningKeyRequest, UpdateUserRequest, User, UserStatus,
 };
 use plinth_runtime::config::Config;
 use plinth_runtime::events::{ConsumerSpec, EventBus, NatsBus};
 use plinth_runtime::testing::{Backend, backend_url};
 use plinth_tests::{
-    ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, TestApp, access_token, postgres_config, register_user, unique,
-    violated_field, with_admin, with_bearer,
+    ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, TestApp, access_token, postgres_config, published_kids, register_user,
+    unique, violated_field, with_admin, with_bearer,
 };
 use prost::Message;
 use secrecy::SecretString;
@@ -402,15 +402,7 @@ async fn signing_keys_rotate_on_demand_without_breaking_issued_tokens() {
         .unwrap()
         .into_inner();
     assert_ne!(rotated.kid, old_kid);
-    let kids: Vec<String> = client
-        .get_jwks(GetJwksRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys
-        .into_iter()
-        .map(|k| k.kid)
-        .collect();
+    let kids = published_kids(&mut client).await.unwrap();
     assert!(kids.contains(&old_kid) && kids.contains(&rotated.kid), "{kids:?}");
     let during_lead = access_token(&mut client, &email, PASSWORD).await.unwrap();
     assert_eq!(

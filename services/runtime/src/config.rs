@@ -211,6 +211,11 @@ pub struct AuthSettings {
     /// Verifiers refetch the JWKS on an unknown key id at most this often
     /// (`PLINTH_AUTH__JWKS_REFRESH_SECS`).
     pub jwks_refresh_secs: u64,
+    /// Each auth replica rereads the signing keys this often, following
+    /// rotations made by other replicas (`PLINTH_AUTH__KEY_RELOAD_SECS`); at
+    /// most `key_publish_lead_secs`, so every replica publishes a new key
+    /// before any replica signs with it.
+    pub key_reload_secs: u64,
 }
 
 impl Default for AuthSettings {
@@ -228,6 +233,7 @@ impl Default for AuthSettings {
             key_rotation_days: 30,
             key_publish_lead_secs: 60,
             jwks_refresh_secs: 30,
+            key_reload_secs: 30,
         }
     }
 }
@@ -368,6 +374,15 @@ impl Config {
                 reason: format!(
                     "must be at least PLINTH_AUTH__JWKS_REFRESH_SECS ({}, itself at least 1), so verifiers know a new key before it signs",
                     self.auth.jwks_refresh_secs
+                ),
+            });
+        }
+        if self.auth.key_reload_secs == 0 || self.auth.key_reload_secs > self.auth.key_publish_lead_secs {
+            return Err(ConfigError::Rejected {
+                key: "PLINTH_AUTH__KEY_RELOAD_SECS",
+                reason: format!(
+                    "must be between 1 and PLINTH_AUTH__KEY_PUBLISH_LEAD_SECS ({}), so every replica knows a new key before any signs with it",
+                    self.auth.key_publish_lead_secs
                 ),
             });
         }
