@@ -4,7 +4,8 @@
 //! defaults (the client and server share this machine's cores).
 //!
 //! `cargo run --release -p plinth-bench --bin auth-bench -- --seconds 10`
-//! (`--checks-only` runs the permission checks alone; `--check-callers N` sets their concurrency, 16 by default)
+//! (`--checks-only` runs the permission checks alone; `--check-callers N` sets their concurrency, 16 by default;
+//! `--target http://host:50051 --admin-password P` runs them against a plinthd in another process)
 
 use std::io::Write;
 use std::sync::Arc;
@@ -40,24 +41,43 @@ fn out(line: &str) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let seconds: u64 = arg("--seconds", 10);
-    let checks_only = std::env::args().any(|a| a == "--checks-only");
+    // Against a plinthd in another process (`--target http://127.0.0.1:50051`),
+    // so client and server are scheduled by the OS, not one shared runtime.
+    let target: String = arg("--target", String::new());
+    let admin_password: String = arg("--admin-password", ADMIN_PASSWORD.to_owned());
+    let checks_only = !target.is_empty() || std::env::args().any(|a| a == "--checks-only");
     let check_callers: usize = arg("--check-callers", 16);
     let connections: usize = arg("--connections", 1).max(1);
     let duration = Duration::from_secs(seconds);
-    let app = TestApp::spawn(with_admin(TestApp::config())).await?;
-    let (rss_start, _) = memory_kib();
-    out(&format!(
-        "{:<44} {} MiB",
-        "RSS after start (all components)",
-        rss_start / 1024
-    ));
-    let client = app.auth().await?;
+    let app = if target.is_empty() {
+        let app = TestApp::spawn(with_admin(TestApp::config())).await?;
+        let (rss_start, _) = memory_kib();
+        out(&format!(
+            "{:<44} {} MiB",
+            "RSS after start (all components)",
+            rss_start / 1024
+        ));
+        Some(app)
+    } else {
+        None
+    };
+    let connect = async || -> anyhow::Result<tonic::transport::Channel> {
+        Ok(match &app {
+            Some(app) => app.channel().await?,
+            None => {
+                tonic::transport::Endpoint::from_shared(target.clone())?
+                    .connect()
+                    .await?
+            }
+        })
+    };
+    let client = AuthServiceClient::new(connect().await?);
     // Before the login storm locks this address out.
     let admin = client
         .clone()
         .login(LoginRequest {
             email: ADMIN_EMAIL.into(),
-            password: ADMIN_PASSWORD.into(),
+            password: admin_password.clone(),
             phone: String::new(),
         })
         .await?
@@ -240,12 +260,12 @@ async fn main() -> anyhow::Result<()> {
 
     // 6. Permission checks: 64 users, half with a scoped binding, answered
     //    from the compiled view (each subject's grants cached after first use).
-    let mut authz = AuthorizationServiceClient::new(app.channel().await?);
+    let mut authz = AuthorizationServiceClient::new(connect().await?);
     // Callers spread over several HTTP/2 connections, as behind a client-side
     // balancer; one connection serialises its frames on one task.
     let mut pool = Vec::new();
     for _ in 0..connections {
-        pool.push(AuthorizationServiceClient::new(app.channel().await?));
+        pool.push(AuthorizationServiceClient::new(connect().await?));
     }
     let pool = Arc::new(pool);
     let bearer =
@@ -337,6 +357,8 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     out(&report.line());
-    app.stop().await;
+    if let Some(app) = app {
+        app.stop().await;
+    }
     Ok(())
 }
