@@ -9,11 +9,16 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use plinth::auth::v1::{LoginRequest, PasswordResetRequestedEvent, RegisterRequest, RequestPasswordResetRequest};
+use plinth::auth::v1::{
+    LoginRequest, PasswordResetRequestedEvent, RegisterRequest, RequestPasswordResetRequest, UpdateUserRequest, User,
+};
 use plinth_runtime::config::Config;
 use plinth_runtime::events::{ConsumerSpec, EventBus, NatsBus};
 use plinth_runtime::testing::{Backend, backend_url};
-use plinth_tests::{PASSWORD, TestApp, error_reason, postgres_config, unique, violated_field};
+use plinth_tests::{
+    ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, TestApp, access_token, error_reason, postgres_config, unique,
+    violated_field, with_admin, with_bearer,
+};
 use prost::Message;
 use secrecy::SecretString;
 use tonic::Code;
@@ -222,5 +227,101 @@ async fn a_reset_requested_by_phone_goes_to_the_phone() {
         "the token goes to the phone that asked, not the email"
     );
     assert!(event.token.starts_with("plp_"));
+    app.stop().await;
+}
+
+/// An administrator changes how a user signs in: add an email, move to a
+/// number someone else holds (refused), drop the phone, never drop both.
+#[tokio::test]
+async fn administrators_change_email_and_phone_on_sqlite() {
+    change_contract(TestApp::config()).await;
+}
+
+#[tokio::test]
+async fn administrators_change_email_and_phone_on_postgres() {
+    if let Some(config) = postgres_config("administrators_change_email_and_phone_on_postgres").unwrap() {
+        change_contract(config).await;
+    }
+}
+
+async fn change_contract(config: Config) {
+    let app = TestApp::spawn(with_admin(config)).await.unwrap();
+    let mut client = app.auth().await.unwrap();
+    let admin = access_token(&mut client, ADMIN_EMAIL, ADMIN_PASSWORD).await.unwrap();
+    let (spaced, e164) = number();
+    let (other_spaced, other) = number();
+    let mut ids = Vec::new();
+    for phone in [spaced, other_spaced] {
+        let user = client
+            .register(RegisterRequest {
+                email: String::new(),
+                password: PASSWORD.into(),
+                display_name: String::new(),
+                phone,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
+        ids.push(user.id);
+    }
+    let update = |email: Option<&str>, phone: Option<&str>| {
+        let mut paths = Vec::new();
+        let mut user = User {
+            id: ids[0].clone(),
+            ..User::default()
+        };
+        if let Some(e) = email {
+            user.email = e.into();
+            paths.push("email".to_owned());
+        }
+        if let Some(p) = phone {
+            user.phone = p.into();
+            paths.push("phone".to_owned());
+        }
+        with_bearer(
+            UpdateUserRequest {
+                user: Some(user),
+                update_mask: Some(prost_types::FieldMask { paths }),
+            },
+            &admin,
+        )
+    };
+    let email = format!("Moved-{}@Example.com", unique());
+    let user = client
+        .update_user(update(Some(&email), None))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!((user.email, user.phone.clone()), (email.to_lowercase(), e164.clone()));
+    client.login(login(&email, "", PASSWORD)).await.unwrap();
+
+    let err = client.update_user(update(None, Some(&other))).await.unwrap_err();
+    assert_eq!(
+        (err.code(), error_reason(&err)),
+        (Code::AlreadyExists, "PHONE_TAKEN".to_owned())
+    );
+    let err = client.update_user(update(None, Some("12345"))).await.unwrap_err();
+    assert_eq!(
+        (err.code(), violated_field(&err)),
+        (Code::InvalidArgument, "user.phone".to_owned())
+    );
+    let err = client.update_user(update(Some(""), Some(""))).await.unwrap_err();
+    assert_eq!(
+        (err.code(), violated_field(&err)),
+        (Code::InvalidArgument, "user.email".to_owned())
+    );
+    client.login(login("", &e164, PASSWORD)).await.unwrap();
+
+    // Dropping the phone leaves the email; the old number no longer signs in.
+    client.update_user(update(None, Some(""))).await.unwrap();
+    assert_eq!(
+        client.login(login("", &e164, PASSWORD)).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    client.login(login(&email, "", PASSWORD)).await.unwrap();
     app.stop().await;
 }

@@ -438,16 +438,25 @@ impl AuthService for AuthGrpc {
                 if user.status != UserStatus::Unspecified as i32 {
                     p.push("status".to_owned());
                 }
+                if !user.email.is_empty() {
+                    p.push("email".to_owned());
+                }
+                if !user.phone.is_empty() {
+                    p.push("phone".to_owned());
+                }
                 p
             }
         };
         let mut display_name = None;
         let mut roles = None;
         let mut new_status = None;
+        let (mut email, mut phone) = (None, None);
         for path in &paths {
             match path.as_str() {
                 "display_name" | "displayName" => display_name = Some(user.display_name.as_str()),
                 "roles" => roles = Some(user.roles.as_slice()),
+                "email" => email = Some(user.email.as_str()),
+                "phone" => phone = Some(user.phone.as_str()),
                 "status" => {
                     new_status = Some(match UserStatus::try_from(user.status) {
                         Ok(UserStatus::Active) => "active",
@@ -464,14 +473,14 @@ impl AuthService for AuthGrpc {
                 other => {
                     return Err(status(AuthError::field(
                         "update_mask",
-                        format!("{other} cannot be changed (display_name, roles, status)"),
+                        format!("{other} cannot be changed (display_name, roles, status, email, phone)"),
                     )));
                 }
             }
         }
         let updated = self
             .auth
-            .update_user(&principal, &user.id, display_name, roles, new_status)
+            .update_user(&principal, &user.id, display_name, roles, new_status, (email, phone))
             .await
             .map_err(status)?;
         Ok(Response::new(UpdateUserResponse {
@@ -483,7 +492,7 @@ impl AuthService for AuthGrpc {
         let principal = caller(&request)?;
         let user_id = request.into_inner().user_id;
         self.auth
-            .update_user(&principal, &user_id, None, None, Some("deleted"))
+            .update_user(&principal, &user_id, None, None, Some("deleted"), (None, None))
             .await
             .map_err(|e| match e {
                 AuthError::Invalid(_) if uuid::Uuid::parse_str(&user_id).is_err() => {

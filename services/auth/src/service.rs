@@ -1104,12 +1104,28 @@ impl Auth {
         display_name: Option<&str>,
         roles: Option<&[String]>,
         status: Option<&str>,
+        contact: (Option<&str>, Option<&str>),
     ) -> Result<UserRow, AuthError> {
         if uuid::Uuid::parse_str(user_id).is_err() {
             return Err(AuthError::field("user.id", "must be a user id"));
         }
         let mut change = UserChange::default();
         let mut fields = Vec::new();
+        let (email, phone) = contact;
+        if let Some(email) = email {
+            change.email = Some(match email.trim() {
+                "" => String::new(),
+                e => email_of(e).map_err(|e| rename_field(e, "email", "user.email"))?,
+            });
+            fields.push("email".to_owned());
+        }
+        if let Some(phone) = phone {
+            change.phone = Some(match phone.trim() {
+                "" => String::new(),
+                p => phone_of(p).map_err(|e| rename_field(e, "phone", "user.phone"))?,
+            });
+            fields.push("phone".to_owned());
+        }
         if let Some(name) = display_name {
             if name.chars().count() > 200 {
                 return Err(AuthError::field("user.display_name", "at most 200 characters"));
@@ -1143,7 +1159,7 @@ impl Auth {
         if fields.is_empty() {
             return Err(AuthError::field(
                 "update_mask",
-                "names no field to change (display_name, roles, status)",
+                "names no field to change (display_name, roles, status, email, phone)",
             ));
         }
         let now = unix_now();

@@ -657,6 +657,10 @@ pub struct UserChange {
     pub display_name: Option<String>,
     pub roles: Option<String>,
     pub status: Option<String>,
+    /// A new email; "" removes it.
+    pub email: Option<String>,
+    /// A new phone number; "" removes it.
+    pub phone: Option<String>,
 }
 
 /// Applies `change` to `user_id` with its event; returns the user after, or
@@ -668,19 +672,26 @@ pub async fn update_user(
     now: i64,
     event: &OutboxEvent,
 ) -> Result<Option<UserRow>, AuthError> {
-    on_db!(db, |pool| async {
+    let result: Result<Option<UserRow>, AuthError> = on_db!(db, |pool| async {
         let mut tx = pool.begin_write().await?;
         // Roles and status decide what the user may do: a policy change.
         sqlx::query(crate::rbac::BUMP_VERSION).fetch_one(&mut *tx).await?;
         let updated = sqlx::query(
             "UPDATE users SET display_name = COALESCE($1, display_name), roles = COALESCE($2, roles), \
-             status = COALESCE($3, status), updated_at = $4 WHERE id = $5 AND status <> 'deleted'",
+             status = COALESCE($3, status), updated_at = $4, \
+             email = CASE WHEN $6 = 1 THEN NULLIF($7, '') ELSE email END, \
+             phone = CASE WHEN $8 = 1 THEN NULLIF($9, '') ELSE phone END \
+             WHERE id = $5 AND status <> 'deleted'",
         )
         .bind(change.display_name.as_deref())
         .bind(change.roles.as_deref())
         .bind(change.status.as_deref())
         .bind(now)
         .bind(user_id)
+        .bind(i32::from(change.email.is_some()))
+        .bind(change.email.as_deref().unwrap_or(""))
+        .bind(i32::from(change.phone.is_some()))
+        .bind(change.phone.as_deref().unwrap_or(""))
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -697,7 +708,28 @@ pub async fn update_user(
         tx.commit().await?;
         Ok(Some(user))
     }
-    .await)
+    .await);
+    match result {
+        Err(AuthError::Storage(plinth_runtime::storage::StorageError::Query(e))) => Err(identity_conflict(e)),
+        other => other,
+    }
+}
+
+/// An email/phone change that broke a constraint, as the caller's error.
+fn identity_conflict(e: sqlx::Error) -> AuthError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => {
+            if names_phone(&e) {
+                AuthError::PhoneTaken
+            } else {
+                AuthError::EmailTaken
+            }
+        }
+        sqlx::Error::Database(d) if d.is_check_violation() => {
+            AuthError::field("user.email", "a user keeps an email or a phone number")
+        }
+        _ => AuthError::from(e),
+    }
 }
 
 /// Revokes every active API key of `user_id`; returns their ids.
