@@ -8,8 +8,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use plinth::auth::v1::{
     ApiKeyCreatedEvent, ApiKeyRevokedEvent, Jwk, LockoutEvent, LoginFailedEvent, LoginSucceededEvent,
-    PasswordChangedEvent, PasswordResetRequestedEvent, SessionRevokedEvent, SigningKeyRotatedEvent, TokenRevokedEvent,
-    UserRegisteredEvent, UserUpdatedEvent,
+    PasswordChangedEvent, PasswordResetRequestedEvent, SessionRevokedEvent, SigningKeyRotatedEvent,
+    TokenRefreshedEvent, TokenRevokedEvent, UserRegisteredEvent, UserUpdatedEvent,
 };
 use plinth_runtime::auth::jwt::{self, Claims, Expectations, TokenSigner};
 use plinth_runtime::auth::{
@@ -569,10 +569,20 @@ impl Auth {
             now,
             grace,
             Self::revoked_event("REFRESH_TOKEN_REUSED"),
+            |user_id, session_id, within_grace| {
+                let event = TokenRefreshedEvent {
+                    user_id: user_id.to_owned(),
+                    session_id: session_id.to_owned(),
+                    within_grace,
+                    time: timestamp(now),
+                };
+                OutboxEvent::new("plinth.auth.token_refreshed", user_id, &event)
+            },
         )
         .await?;
         match rotation {
             Rotation::Rotated { session_id, user_id } => {
+                self.committed();
                 let user = store::user_by_id(&self.db, &user_id)
                     .await?
                     .ok_or(AuthError::BadRefreshToken)?;

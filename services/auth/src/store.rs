@@ -182,6 +182,7 @@ pub async fn rotate_refresh(
     now: i64,
     grace_secs: i64,
     revoked: impl Fn(&str, &str) -> OutboxEvent,
+    refreshed: impl Fn(&str, &str, bool) -> OutboxEvent,
 ) -> Result<Rotation, AuthError> {
     on_db!(db, |pool| async {
         let mut tx = pool.begin_write().await?;
@@ -217,6 +218,7 @@ pub async fn rotate_refresh(
             .bind(session_expires)
             .execute(&mut *tx)
             .await?;
+            refreshed(&user_id, &session_id, claimed != 1).write(&mut *tx).await?;
             tx.commit().await?;
             return Ok(Rotation::Rotated { session_id, user_id });
         }
