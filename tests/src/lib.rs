@@ -227,6 +227,21 @@ pub fn postgres_config(test: &str) -> anyhow::Result<Option<Config>> {
     Ok(url.map(|u| TestApp::config_on(Some(&u))))
 }
 
+/// Logs in by email with [`PASSWORD`]; returns the whole answer (tokens and user).
+pub async fn sign_in(
+    client: &mut AuthServiceClient<Channel>,
+    email: &str,
+) -> Result<plinth::auth::v1::LoginResponse, tonic::Status> {
+    Ok(client
+        .login(plinth::auth::v1::LoginRequest {
+            email: email.into(),
+            password: PASSWORD.into(),
+            phone: String::new(),
+        })
+        .await?
+        .into_inner())
+}
+
 /// Logs in and returns the access token.
 pub async fn access_token(
     client: &mut AuthServiceClient<Channel>,

@@ -8,13 +8,13 @@ use std::time::Duration;
 use futures::StreamExt;
 use plinth::auth::v1::authorization_service_client::AuthorizationServiceClient;
 use plinth::auth::v1::{
-    CreateRoleBindingRequest, LoginRequest, LoginSucceededEvent, RefreshRequest, RoleBinding, RoleBindingChangedEvent,
+    CreateRoleBindingRequest, LoginSucceededEvent, RefreshRequest, RoleBinding, RoleBindingChangedEvent,
     SessionRevokedEvent, TokenRefreshedEvent,
 };
 use plinth_runtime::events::{ConsumerSpec, EventBus, NatsBus};
 use plinth_runtime::testing::{Backend, backend_url};
 use plinth_tests::{
-    ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, TestApp, access_token, register_user, unique, with_admin, with_bearer,
+    ADMIN_EMAIL, ADMIN_PASSWORD, TestApp, access_token, register_user, sign_in, unique, with_admin, with_bearer,
 };
 use prost::Message;
 use secrecy::SecretString;
@@ -38,15 +38,7 @@ async fn sessions_and_roles_are_announced_through_the_outbox() {
         .unwrap();
 
     let email = register_user(&mut client, "events").await.unwrap();
-    let login = client
-        .login(LoginRequest {
-            email: email.clone(),
-            password: PASSWORD.into(),
-            phone: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let login = sign_in(&mut client, &email).await.unwrap();
     let user_id = login.user.unwrap().id;
     let first = login.tokens.unwrap().refresh_token;
     let refresh = |token: &str| RefreshRequest {

@@ -10,13 +10,12 @@ use plinth::auth::v1::authorization_service_client::AuthorizationServiceClient;
 use plinth::auth::v1::{
     BatchCheckRequest, CheckItem, CheckRequest, CreateRoleBindingRequest, CreateRoleRequest, CreateUserRequest,
     DeleteRoleBindingRequest, DeleteRoleRequest, GetMeRequest, GetRoleRequest, ListPermissionsRequest,
-    ListRoleBindingsRequest, ListRolesRequest, ListUsersRequest, LoginRequest, RefreshRequest, Role, RoleBinding,
-    UpdateRoleRequest,
+    ListRoleBindingsRequest, ListRolesRequest, ListUsersRequest, RefreshRequest, Role, RoleBinding, UpdateRoleRequest,
 };
 use plinth_runtime::config::Config;
 use plinth_tests::{
-    ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, TestApp, access_token, error_reason, postgres_config, register_user, unique,
-    violated_field, with_admin, with_bearer,
+    ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, TestApp, access_token, error_reason, postgres_config, register_user,
+    sign_in, unique, violated_field, with_admin, with_bearer,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -165,17 +164,7 @@ async fn rbac_contract(config: Config) {
 
     // A user: what the token may do follows the role, through the auth layer.
     let email = register_user(&mut auth, "rbac").await.unwrap();
-    let login = auth
-        .login(LoginRequest {
-            email: email.clone(),
-            password: PASSWORD.into(),
-            phone: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens
-        .unwrap();
+    let login = sign_in(&mut auth, &email).await.unwrap().tokens.unwrap();
     let user_id = auth
         .get_me(with_bearer(GetMeRequest {}, &login.access_token))
         .await

@@ -3,9 +3,9 @@
 //! is unknown, expired or malformed gets the same answer, over gRPC and HTTP.
 
 use plinth::auth::v1::{
-    CreateApiKeyRequest, GetMeRequest, IntrospectRequest, LoginRequest, RefreshRequest, RevokeRequest, TokenPair,
+    CreateApiKeyRequest, GetMeRequest, IntrospectRequest, RefreshRequest, RevokeRequest, TokenPair,
 };
-use plinth_tests::{PASSWORD, TestApp, register_user, violated_field, with_bearer};
+use plinth_tests::{TestApp, register_user, sign_in, violated_field, with_bearer};
 use tonic::Code;
 
 #[tokio::test]
@@ -13,22 +13,8 @@ async fn revoke_stops_exactly_the_token_presented() {
     let app = TestApp::spawn(TestApp::config()).await.unwrap();
     let mut client = app.auth().await.unwrap();
     let email = register_user(&mut client, "revoke").await.unwrap();
-    let sign_in = async || -> TokenPair {
-        client
-            .clone()
-            .login(LoginRequest {
-                email: email.clone(),
-                password: PASSWORD.into(),
-                phone: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .tokens
-            .unwrap()
-    };
-    let a = sign_in().await;
-    let b = sign_in().await;
+    let a: TokenPair = sign_in(&mut client, &email).await.unwrap().tokens.unwrap();
+    let b: TokenPair = sign_in(&mut client, &email).await.unwrap().tokens.unwrap();
     let revoke = |token: &str| RevokeRequest { token: token.into() };
 
     // An access token: it stops on every call; the other session's does not.
