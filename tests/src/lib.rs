@@ -242,6 +242,17 @@ pub async fn sign_in(
         .into_inner())
 }
 
+/// The id of the user (or service account) `token` belongs to.
+pub async fn whoami(client: &mut AuthServiceClient<Channel>, token: &str) -> Result<String, tonic::Status> {
+    client
+        .get_me(with_bearer(plinth::auth::v1::GetMeRequest {}, token))
+        .await?
+        .into_inner()
+        .user
+        .map(|u| u.id)
+        .ok_or_else(|| tonic::Status::internal("GetMe returned no user"))
+}
+
 /// Logs in and returns the access token.
 pub async fn access_token(
     client: &mut AuthServiceClient<Channel>,

@@ -9,13 +9,13 @@
 use plinth::auth::v1::authorization_service_client::AuthorizationServiceClient;
 use plinth::auth::v1::{
     BatchCheckRequest, CheckItem, CheckRequest, CreateRoleBindingRequest, CreateRoleRequest, CreateUserRequest,
-    DeleteRoleBindingRequest, DeleteRoleRequest, GetMeRequest, GetRoleRequest, ListPermissionsRequest,
-    ListRoleBindingsRequest, ListRolesRequest, ListUsersRequest, RefreshRequest, Role, RoleBinding, UpdateRoleRequest,
+    DeleteRoleBindingRequest, DeleteRoleRequest, GetRoleRequest, ListPermissionsRequest, ListRoleBindingsRequest,
+    ListRolesRequest, ListUsersRequest, RefreshRequest, Role, RoleBinding, UpdateRoleRequest,
 };
 use plinth_runtime::config::Config;
 use plinth_tests::{
     ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, TestApp, access_token, error_reason, postgres_config, register_user,
-    sign_in, unique, violated_field, with_admin, with_bearer,
+    sign_in, unique, violated_field, whoami, with_admin, with_bearer,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -165,14 +165,7 @@ async fn rbac_contract(config: Config) {
     // A user: what the token may do follows the role, through the auth layer.
     let email = register_user(&mut auth, "rbac").await.unwrap();
     let login = sign_in(&mut auth, &email).await.unwrap().tokens.unwrap();
-    let user_id = auth
-        .get_me(with_bearer(GetMeRequest {}, &login.access_token))
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-        .id;
+    let user_id = whoami(&mut auth, &login.access_token).await.unwrap();
     let list_users = |token: &str| with_bearer(ListUsersRequest::default(), token);
     assert_eq!(
         auth.list_users(list_users(&login.access_token))
@@ -532,14 +525,7 @@ async fn nobody_grants_more_than_they_hold() {
     let op = access_token(&mut auth, &email, PASSWORD).await.unwrap();
     let victim = register_user(&mut auth, "victim").await.unwrap();
     let victim_token = access_token(&mut auth, &victim, PASSWORD).await.unwrap();
-    let victim_id = auth
-        .get_me(with_bearer(GetMeRequest {}, &victim_token))
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-        .id;
+    let victim_id = whoami(&mut auth, &victim_token).await.unwrap();
 
     for (r, why) in [
         (role("super", 50, &["*"], &[]), "grants * which the operator lacks"),
@@ -604,14 +590,7 @@ async fn check_after_write_on_another_replica() {
     // B verifies A's tokens: both replicas share the signing keys.
     let email = register_user(&mut auth, "replicas").await.unwrap();
     let token = access_token(&mut auth, &email, PASSWORD).await.unwrap();
-    let subject = auth
-        .get_me(with_bearer(GetMeRequest {}, &token))
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-        .id;
+    let subject = whoami(&mut auth, &token).await.unwrap();
     // Warm B's cache with the "before" answer, so a stale cache would show.
     assert!(!check(&mut on_b, &admin, &subject, "config.values.write", "tenant/t1", "").await);
     for round in 0..10 {

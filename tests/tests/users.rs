@@ -9,17 +9,18 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use plinth::auth::v1::authorization_service_client::AuthorizationServiceClient;
 use plinth::auth::v1::{
-    ChangePasswordRequest, CreateApiKeyRequest, CreateUserRequest, DeleteUserRequest, GetMeRequest, GetUserRequest,
-    ListUsersRequest, PasswordResetRequestedEvent, RequestPasswordResetRequest, ResetPasswordRequest,
-    RotateSigningKeyRequest, UpdateUserRequest, User, UserStatus,
+    ChangePasswordRequest, CreateApiKeyRequest, CreateUserRequest, DeleteRoleBindingRequest, DeleteUserRequest,
+    GetMeRequest, GetUserRequest, ListUsersRequest, PasswordResetRequestedEvent, RequestPasswordResetRequest,
+    ResetPasswordRequest, RoleBinding, RotateSigningKeyRequest, UpdateUserRequest, User, UserStatus,
 };
 use plinth_runtime::config::Config;
 use plinth_runtime::events::{ConsumerSpec, EventBus, NatsBus};
 use plinth_runtime::testing::{Backend, backend_url};
 use plinth_tests::{
-    ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, TestApp, access_token, postgres_config, published_kids, register_user,
-    unique, violated_field, with_admin, with_bearer,
+    ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, TestApp, access_token, error_reason, postgres_config, published_kids,
+    register_user, unique, violated_field, whoami, with_admin, with_bearer,
 };
 use prost::Message;
 use secrecy::SecretString;
@@ -420,5 +421,76 @@ async fn signing_keys_rotate_on_demand_without_breaking_issued_tokens() {
             "tokens of the old key keep working until they expire"
         );
     }
+    app.stop().await;
+}
+
+/// Nobody locks the deployment out: the last active administrator cannot
+/// lose the admin role (by UpdateUser or by unbinding it); with a second
+/// administrator in place, they can.
+#[tokio::test]
+async fn the_last_administrator_keeps_the_role() {
+    let app = TestApp::spawn(with_admin(TestApp::config())).await.unwrap();
+    let mut client = app.auth().await.unwrap();
+    let mut authz = AuthorizationServiceClient::new(app.channel().await.unwrap());
+    let admin = access_token(&mut client, ADMIN_EMAIL, ADMIN_PASSWORD).await.unwrap();
+    let admin_id = whoami(&mut client, &admin).await.unwrap();
+    let demote = |token: &str| {
+        with_bearer(
+            UpdateUserRequest {
+                user: Some(User {
+                    id: admin_id.clone(),
+                    roles: vec!["viewer".into()],
+                    ..User::default()
+                }),
+                update_mask: None,
+            },
+            token,
+        )
+    };
+    let err = client.update_user(demote(&admin)).await.unwrap_err();
+    assert_eq!(
+        (err.code(), error_reason(&err)),
+        (Code::FailedPrecondition, "LAST_ADMIN".to_owned())
+    );
+    let err = authz
+        .delete_role_binding(with_bearer(
+            DeleteRoleBindingRequest {
+                binding: Some(RoleBinding {
+                    subject: admin_id.clone(),
+                    role: "admin".into(),
+                    scope: String::new(),
+                    create_time: None,
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(error_reason(&err), "LAST_ADMIN");
+    client.get_me(with_bearer(GetMeRequest {}, &admin)).await.unwrap();
+
+    let second = format!("second-admin-{}@example.com", unique());
+    client
+        .create_user(with_bearer(
+            CreateUserRequest {
+                email: second.clone(),
+                password: PASSWORD.into(),
+                display_name: String::new(),
+                roles: vec!["admin".into()],
+                phone: String::new(),
+                tenant: String::new(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let user = client
+        .update_user(demote(&admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(user.roles, ["viewer"]);
     app.stop().await;
 }

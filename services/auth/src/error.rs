@@ -40,6 +40,9 @@ pub enum AuthError {
     /// No such active API key of the caller.
     #[error("API key not found")]
     ApiKeyNotFound,
+    /// The change would leave no active administrator.
+    #[error("this would leave no active user with the admin role; make someone else an administrator first")]
+    LastAdmin,
     /// No such role.
     #[error("role not found")]
     RoleNotFound,
@@ -117,7 +120,7 @@ impl ServiceError for AuthError {
             }
             AuthError::Unauthenticated | AuthError::BadClientCredentials => ErrorCode::Unauthenticated,
             AuthError::EmailTaken | AuthError::PhoneTaken | AuthError::RoleExists => ErrorCode::AlreadyExists,
-            AuthError::RoleBuiltin | AuthError::RoleInUse(_) => ErrorCode::FailedPrecondition,
+            AuthError::RoleBuiltin | AuthError::RoleInUse(_) | AuthError::LastAdmin => ErrorCode::FailedPrecondition,
             AuthError::Forbidden(_) => ErrorCode::PermissionDenied,
             AuthError::UserNotFound
             | AuthError::SessionNotFound
@@ -147,6 +150,7 @@ impl ServiceError for AuthError {
             AuthError::BadClientCredentials => "BAD_CLIENT_CREDENTIALS",
             AuthError::ServiceAccountNotFound => "SERVICE_ACCOUNT_NOT_FOUND",
             AuthError::Unauthenticated => "CREDENTIALS_MISSING",
+            AuthError::LastAdmin => "LAST_ADMIN",
             AuthError::RoleNotFound => "ROLE_NOT_FOUND",
             AuthError::RoleExists => "ROLE_EXISTS",
             AuthError::RoleBuiltin => "ROLE_BUILTIN",

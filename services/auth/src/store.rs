@@ -701,6 +701,12 @@ pub async fn update_user(
         if !updated {
             return Ok::<Option<UserRow>, AuthError>(None);
         }
+        if change.roles.is_some() || change.status.is_some() {
+            let (admins,): (i64,) = sqlx::query_as(crate::rbac::ACTIVE_ADMINS).fetch_one(&mut *tx).await?;
+            if admins == 0 {
+                return Err(AuthError::LastAdmin);
+            }
+        }
         event.write(&mut *tx).await?;
         let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
         let user: UserRow = sqlx::query_as(sqlx::AssertSqlSafe(sql))

@@ -20,7 +20,7 @@ use plinth_runtime::events::outbox::{OutboxEvent, Relay};
 use plinth_runtime::storage::Db;
 
 use crate::AuthError;
-pub use store::{BUMP_VERSION, BindingRow};
+pub use store::{ACTIVE_ADMINS, BUMP_VERSION, BindingRow};
 use store::{BindingChange, BindingOutcome};
 use view::{MAX_LEVEL, RoleDef, RoleSet, SubjectGrants, covers};
 

@@ -10,6 +10,11 @@ use plinth_runtime::storage::{BeginWrite, Db};
 use super::view::{RoleDef, SubjectGrants};
 use crate::AuthError;
 
+/// Active users holding the admin role; a write that takes it to zero is
+/// refused inside its transaction, so nobody locks the deployment out.
+pub const ACTIVE_ADMINS: &str =
+    "SELECT count(*) FROM users WHERE status = 'active' AND (',' || roles || ',') LIKE '%,admin,%'";
+
 /// Bumps the policy version; the first statement of every policy write.
 pub const BUMP_VERSION: &str = "UPDATE rbac_version SET version = version + 1 WHERE id = 1 RETURNING version";
 
@@ -276,6 +281,12 @@ pub async fn change_binding(
         };
         if !changed && !c.bind {
             return Ok(BindingOutcome::NoBinding);
+        }
+        if changed && !c.bind && c.scope.is_empty() && c.role == "admin" {
+            let (admins,): (i64,) = sqlx::query_as(ACTIVE_ADMINS).fetch_one(&mut *tx).await?;
+            if admins == 0 {
+                return Err(AuthError::LastAdmin);
+            }
         }
         if changed {
             event.write(&mut *tx).await?;
