@@ -319,9 +319,8 @@ async fn pool_metrics(dbs: Vec<(Component, Db)>, token: CancellationToken) -> Re
         for (c, db) in &dbs {
             db.record_pool_metrics(c.name());
         }
-        tokio::select! {
-            () = token.cancelled() => return Ok(()),
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        if !plinth_runtime::tasks::pause(&token, Duration::from_secs(5)).await {
+            return Ok(());
         }
     }
 }

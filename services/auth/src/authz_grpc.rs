@@ -10,6 +10,7 @@ use plinth::auth::v1::{
     ListPermissionsRequest, ListPermissionsResponse, ListRoleBindingsRequest, ListRoleBindingsResponse,
     ListRolesRequest, ListRolesResponse, Role, RoleBinding, UpdateRoleRequest, UpdateRoleResponse,
 };
+use plinth_runtime::auth::Principal;
 use plinth_runtime::error::FieldViolation;
 use tonic::{Request, Response, Status};
 
@@ -30,6 +31,22 @@ impl AuthzGrpc {
     /// Serves `rbac`.
     pub fn new(rbac: Arc<Rbac>) -> Self {
         Self { rbac }
+    }
+
+    /// Binds or unbinds the request's binding; returns it with the new version.
+    async fn change_binding(
+        &self,
+        caller: &Principal,
+        binding: Option<RoleBinding>,
+        bind: bool,
+    ) -> Result<(RoleBinding, i64), Status> {
+        let b = binding.ok_or_else(|| status(AuthError::field("binding", "is required")))?;
+        let version = self
+            .rbac
+            .change_binding(caller, &b.subject, &b.role, &b.scope, bind)
+            .await
+            .map_err(status)?;
+        Ok((b, version))
     }
 }
 
@@ -192,15 +209,8 @@ impl AuthorizationService for AuthzGrpc {
         request: Request<CreateRoleBindingRequest>,
     ) -> Result<Response<CreateRoleBindingResponse>, Status> {
         let principal = caller(&request)?;
-        let b = request
-            .into_inner()
-            .binding
-            .ok_or_else(|| status(AuthError::field("binding", "is required")))?;
-        let version = self
-            .rbac
-            .change_binding(&principal, &b.subject, &b.role, &b.scope, true)
-            .await
-            .map_err(status)?;
+        let b = request.into_inner().binding;
+        let (b, version) = self.change_binding(&principal, b, true).await?;
         Ok(Response::new(CreateRoleBindingResponse {
             binding: Some(RoleBinding { create_time: None, ..b }),
             version_token: version_token(version),
@@ -212,15 +222,8 @@ impl AuthorizationService for AuthzGrpc {
         request: Request<DeleteRoleBindingRequest>,
     ) -> Result<Response<DeleteRoleBindingResponse>, Status> {
         let principal = caller(&request)?;
-        let b = request
-            .into_inner()
-            .binding
-            .ok_or_else(|| status(AuthError::field("binding", "is required")))?;
-        let version = self
-            .rbac
-            .change_binding(&principal, &b.subject, &b.role, &b.scope, false)
-            .await
-            .map_err(status)?;
+        let b = request.into_inner().binding;
+        let (_, version) = self.change_binding(&principal, b, false).await?;
         Ok(Response::new(DeleteRoleBindingResponse {
             version_token: version_token(version),
         }))

@@ -328,11 +328,7 @@ impl Auth {
         interval: std::time::Duration,
         token: tokio_util::sync::CancellationToken,
     ) -> Result<(), std::convert::Infallible> {
-        loop {
-            tokio::select! {
-                () = token.cancelled() => return Ok(()),
-                () = tokio::time::sleep(interval) => {}
-            }
+        while plinth_runtime::tasks::pause(&token, interval).await {
             if let Err(e) = self.rotate_signing_key(true).await {
                 tracing::warn!(error = %e, "scheduled signing key rotation failed, will retry");
             }
@@ -340,6 +336,7 @@ impl Auth {
                 tracing::warn!(error = %e, "signing keys could not be reloaded, keeping the current ring");
             }
         }
+        Ok(())
     }
 
     /// Creates a user with an email, a phone number or both.

@@ -158,9 +158,8 @@ impl Health {
                 };
                 self.set_backend(name, up).await;
             }
-            tokio::select! {
-                () = token.cancelled() => return Ok(()),
-                () = tokio::time::sleep(interval) => {}
+            if !crate::tasks::pause(&token, interval).await {
+                return Ok(());
             }
         }
     }

@@ -8,6 +8,15 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Waits `interval`, or less if `token` is cancelled first; false when it
+/// was. The one way periodic tasks wait: `while pause(&token, every).await { … }`.
+pub async fn pause(token: &CancellationToken, interval: Duration) -> bool {
+    tokio::select! {
+        () = token.cancelled() => false,
+        () = tokio::time::sleep(interval) => true,
+    }
+}
+
 /// Spawns named tasks, cancels them together and waits for them on shutdown.
 #[derive(Clone, Default)]
 pub struct Tasks {

@@ -62,6 +62,33 @@ pub struct RoleInput {
     pub level: i32,
 }
 
+impl RoleInput {
+    /// The stored custom role this input defines, as changed at `now`.
+    fn into_custom(self, now: i64) -> RoleDef {
+        RoleDef {
+            name: self.name,
+            description: self.description,
+            permissions: self.permissions,
+            inherits: self.inherits,
+            level: self.level,
+            builtin: false,
+            updated_at: now,
+        }
+    }
+}
+
+impl From<&RoleDef> for RoleInput {
+    fn from(r: &RoleDef) -> Self {
+        Self {
+            name: r.name.clone(),
+            description: r.description.clone(),
+            permissions: r.permissions.clone(),
+            inherits: r.inherits.clone(),
+            level: r.level,
+        }
+    }
+}
+
 /// What a subject may do somewhere.
 #[derive(Debug, Clone, Default)]
 pub struct Permissions {
@@ -144,15 +171,12 @@ impl Rbac {
         interval: Duration,
         token: tokio_util::sync::CancellationToken,
     ) -> Result<(), std::convert::Infallible> {
-        loop {
-            tokio::select! {
-                () = token.cancelled() => return Ok(()),
-                () = tokio::time::sleep(interval) => {}
-            }
+        while plinth_runtime::tasks::pause(&token, interval).await {
             if let Err(e) = self.sync().await {
                 tracing::warn!(error = %e, "policy view could not be refreshed, keeping the current one");
             }
         }
+        Ok(())
     }
 
     /// Makes sure the view is at least at `min` (from a write's version token).
@@ -377,15 +401,7 @@ impl Rbac {
         if set.get(&input.name).is_some() {
             return Err(AuthError::RoleExists);
         }
-        let role = RoleDef {
-            name: input.name,
-            description: input.description,
-            permissions: input.permissions,
-            inherits: input.inherits,
-            level: input.level,
-            builtin: false,
-            updated_at: unix_now(),
-        };
+        let role = input.into_custom(unix_now());
         let version = store::insert_role(&self.db, &role, &Self::role_event(&role.name, "created", caller)).await?;
         self.committed();
         self.sync().await?;
@@ -402,13 +418,7 @@ impl Rbac {
     ) -> Result<(RoleDef, i64), AuthError> {
         let set = self.roles();
         let current = editable(&set, caller, name)?;
-        let mut input = RoleInput {
-            name: current.name.clone(),
-            description: current.description.clone(),
-            permissions: current.permissions.clone(),
-            inherits: current.inherits.clone(),
-            level: current.level,
-        };
+        let mut input = RoleInput::from(current);
         apply(&mut input);
         self.validate_role(caller, &input, &set)?;
         // Lowering the level must keep every inheriting role above it.
@@ -425,15 +435,7 @@ impl Rbac {
                 ),
             ));
         }
-        let role = RoleDef {
-            name: input.name,
-            description: input.description,
-            permissions: input.permissions,
-            inherits: input.inherits,
-            level: input.level,
-            builtin: false,
-            updated_at: unix_now(),
-        };
+        let role = input.into_custom(unix_now());
         let affected = set.dependents(name);
         let version = store::update_role(&self.db, &role, &Self::role_event(name, "updated", caller))
             .await?
