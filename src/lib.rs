@@ -29,6 +29,18 @@ pub mod auth {
     }
 }
 
+/// Versioned configuration with watch, releases and encrypted secrets.
+pub mod config {
+    /// Version 1 of the config contract.
+    #[expect(
+        clippy::allow_attributes,
+        reason = "tonic's generated servers carry #[allow(non_camel_case_types)]"
+    )]
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/plinth.config.v1.rs"));
+    }
+}
+
 /// Vendored Google types the contracts use.
 pub mod google {
     /// `google.api`: HTTP annotations and field behaviour.

@@ -11,6 +11,7 @@ use anyhow::Context;
 use futures::FutureExt;
 use plinth::auth::v1::auth_service_server::AuthServiceServer;
 use plinth::auth::v1::authorization_service_server::AuthorizationServiceServer;
+use plinth::config::v1::config_service_server::ConfigServiceServer;
 use plinth_gateway::{Gateway, GatewayOptions, Upstreams};
 use plinth_runtime::auth::{
     ApiKeySource, AuthLayer, Authenticator, GrpcJwksSource, JwksSource, PermissionMap, Revocations,
@@ -30,6 +31,9 @@ use tokio_util::sync::CancellationToken;
 /// How often each auth replica checks for policy changes made by others;
 /// a check that passes a version token never waits for it.
 const POLICY_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often each config replica compacts history beyond what it retains.
+const COMPACTION_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How often backends are probed for health.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
@@ -112,7 +116,7 @@ impl Plinth {
                         cfg.auth.clone(),
                         plinth_auth::LoginThrottle::new(state.clone(), plinth_auth::Limits::default()),
                         Revocations::new(state.clone()),
-                        Some(relay),
+                        Some(relay.clone()),
                     )
                     .await?;
                     builder = builder.add_service(
@@ -136,6 +140,37 @@ impl Plinth {
                     );
                     jwks = Some(auth.clone());
                     api_keys = Some(auth);
+                }
+                if component == Component::Config {
+                    let keyring = plinth_config::Keyring::load(
+                        &cfg.config,
+                        cfg.database_url.is_none().then_some(cfg.data_dir.as_path()),
+                    )?;
+                    if keyring.is_empty() {
+                        tracing::warn!(
+                            "no key encryption key configured: secret values are refused until PLINTH_CONFIG__KEYS or PLINTH_CONFIG__KEYS_FILE is set"
+                        );
+                    }
+                    let config = plinth_config::Configuration::new(
+                        plinth_config::Store::new(db.clone()),
+                        keyring,
+                        cfg.config.clone(),
+                        Some(relay.clone()),
+                    );
+                    builder = builder.add_service(
+                        ConfigServiceServer::new(plinth_config::ConfigGrpc::new(config.clone())),
+                        plinth::FILE_DESCRIPTOR_SET,
+                    );
+                    health.register("plinth.config.v1.ConfigService", &required).await;
+                    tasks.spawn(
+                        "config-feeds",
+                        config
+                            .hub()
+                            .clone()
+                            .follow(Duration::from_millis(cfg.config.poll_ms), tasks.token()),
+                    );
+                    tasks.spawn("config-hints", config.clone().follow_events(bus.clone(), tasks.token()));
+                    tasks.spawn("config-compaction", config.compact(COMPACTION_INTERVAL, tasks.token()));
                 }
                 tracing::info!(component = %component, storage = db.kind(), events = bus.kind(), state = state.kind(), "component ready");
                 Some(db)
@@ -308,9 +343,8 @@ fn gateway(cfg: &Config, server: &BoundServer, state: SharedStateRef) -> anyhow:
 fn migrations(component: Component) -> Migrations {
     match component {
         Component::Auth => plinth_auth::MIGRATIONS,
-        Component::Gateway | Component::Config | Component::Queue | Component::Audit | Component::Ai => {
-            Migrations::RUNTIME_ONLY
-        }
+        Component::Config => plinth_config::MIGRATIONS,
+        Component::Gateway | Component::Queue | Component::Audit | Component::Ai => Migrations::RUNTIME_ONLY,
     }
 }
 

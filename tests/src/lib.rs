@@ -18,6 +18,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+pub mod config;
+
 static LOGS: Once = Once::new();
 
 /// A running `plinthd` inside the test process.

@@ -85,7 +85,7 @@ and toString would write 4194304 as "4.194304e+06", which plinthd refuses.
 
 {{/* Variables the chart sets itself, never from `env`. */}}
 {{- define "plinth.managedEnv" -}}
-PLINTH_ONLY PLINTH_GRPC_LISTEN PLINTH_HTTP_LISTEN PLINTH_DATABASE_URL PLINTH_NATS_URL PLINTH_REDIS_URL PLINTH_AUTH__BOOTSTRAP_ADMIN_PASSWORD
+PLINTH_ONLY PLINTH_GRPC_LISTEN PLINTH_HTTP_LISTEN PLINTH_DATABASE_URL PLINTH_NATS_URL PLINTH_REDIS_URL PLINTH_AUTH__BOOTSTRAP_ADMIN_PASSWORD PLINTH_CONFIG__KEYS
 {{- end }}
 
 {{/*
@@ -135,6 +135,13 @@ point at a component deployed elsewhere.
     secretKeyRef:
       name: {{ $v.bootstrapAdmin.existingSecret }}
       key: {{ $v.bootstrapAdmin.secretKey }}
+{{- end }}
+{{- if and (eq .name "config") $v.configKeys.existingSecret }}
+- name: PLINTH_CONFIG__KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.configKeys.existingSecret }}
+      key: {{ $v.configKeys.secretKey }}
 {{- end }}
 {{- if and (ne .name "auth") $v.components.auth.enabled (not (hasKey $env "PLINTH_AUTH__URL")) }}
 - name: PLINTH_AUTH__URL

@@ -56,6 +56,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// Identities and tokens (`PLINTH_AUTH__*`).
     pub auth: AuthSettings,
+    /// Versioned configuration (`PLINTH_CONFIG__*`).
+    pub config: ConfigSettings,
     /// The HTTP/JSON edge (`PLINTH_GATEWAY__*`).
     pub gateway: GatewaySettings,
     /// Comma-separated addresses or CIDR ranges of proxies (the split
@@ -84,6 +86,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             events: EventsConfig::default(),
             auth: AuthSettings::default(),
+            config: ConfigSettings::default(),
             gateway: GatewaySettings::default(),
             trusted_proxies: String::new(),
             tls: None,
@@ -216,6 +219,44 @@ pub struct AuthSettings {
     /// most `key_publish_lead_secs`, so every replica publishes a new key
     /// before any replica signs with it.
     pub key_reload_secs: u64,
+}
+
+/// The config service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigSettings {
+    /// Key encryption keys for secrets, `id=<base64 of 32 bytes>` separated by
+    /// commas (`PLINTH_CONFIG__KEYS`). Every replica needs the same keys.
+    #[serde(serialize_with = "redact_opt")]
+    pub keys: Option<SecretString>,
+    /// A file with more such keys, one per line (`PLINTH_CONFIG__KEYS_FILE`).
+    /// With neither set and no database URL, a key is generated under the
+    /// data directory; with PostgreSQL, secrets are refused until one is set.
+    pub keys_file: Option<PathBuf>,
+    /// Largest value, in bytes (`PLINTH_CONFIG__MAX_VALUE_BYTES`).
+    pub max_value_bytes: usize,
+    /// Revisions of history kept per environment; older changes are
+    /// compacted, and a watch from before them starts with a snapshot
+    /// (`PLINTH_CONFIG__HISTORY_REVISIONS`; 0 keeps everything).
+    pub history_revisions: u64,
+    /// Seconds between progress messages on an idle watch (`PLINTH_CONFIG__WATCH_PROGRESS_SECS`).
+    pub watch_progress_secs: u64,
+    /// Milliseconds between checks for writes made by other replicas, in case
+    /// the event announcing one is late or lost (`PLINTH_CONFIG__POLL_MS`).
+    pub poll_ms: u64,
+}
+
+impl Default for ConfigSettings {
+    fn default() -> Self {
+        Self {
+            keys: None,
+            keys_file: None,
+            max_value_bytes: 64 * 1024,
+            history_revisions: 10_000,
+            watch_progress_secs: 10,
+            poll_ms: 1000,
+        }
+    }
 }
 
 impl Default for AuthSettings {
@@ -415,6 +456,18 @@ impl Config {
             return Err(ConfigError::Rejected {
                 key: "PLINTH_GATEWAY__RATE_LIMIT_PER_SEC",
                 reason: "the rate must be at least 0 and the burst at least 1".into(),
+            });
+        }
+        if self.config.max_value_bytes == 0 || self.config.max_value_bytes > 4 * 1024 * 1024 {
+            return Err(ConfigError::Rejected {
+                key: "PLINTH_CONFIG__MAX_VALUE_BYTES",
+                reason: "must be between 1 and 4194304".into(),
+            });
+        }
+        if self.config.watch_progress_secs == 0 || self.config.poll_ms == 0 {
+            return Err(ConfigError::Rejected {
+                key: "PLINTH_CONFIG__WATCH_PROGRESS_SECS",
+                reason: "PLINTH_CONFIG__WATCH_PROGRESS_SECS and PLINTH_CONFIG__POLL_MS must be at least 1".into(),
             });
         }
         if self.events.relay_batch == 0 {

@@ -9,7 +9,7 @@ use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use futures::StreamExt;
 use plinth_runtime::events::{
-    BusError, ConsumerSpec, Delivery, Event, EventBus, InProcessBus, NatsBus, SharedBus, Subscription,
+    BusError, ConsumerSpec, Delivery, Event, EventBus, InProcessBus, Listener, NatsBus, SharedBus, Subscription,
 };
 use plinth_runtime::testing::{Backend, backend_url};
 use secrecy::SecretString;
@@ -155,6 +155,27 @@ async fn contract(bus: SharedBus) -> anyhow::Result<()> {
     );
     redelivered.ack().await?;
 
+    // A listener sees live events under its filter, in order, and nothing else.
+    let topic = format!("live{}", uuid::Uuid::now_v7().simple());
+    let mut live = bus.listen(&format!("plinth.{topic}.*")).await?;
+    bus.publish(&event(&topic, "changed", 7)).await?;
+    bus.publish(&event("elsewhere", "changed", 8)).await?;
+    bus.publish(&event(&topic, "changed", 9)).await?;
+    for want in [7u32, 9] {
+        let got = tokio::time::timeout(Duration::from_secs(5), live.next())
+            .await
+            .context("listener got nothing")?
+            .context("listener ended")?;
+        let mut b = [0u8; 4];
+        b.copy_from_slice(got.payload.get(..4).context("short payload")?);
+        ensure!(
+            u32::from_be_bytes(b) == want,
+            "listener got {} instead of {want}",
+            u32::from_be_bytes(b)
+        );
+        ensure!(!got.id.is_empty(), "a listened event keeps its id");
+    }
+
     bus.ping().await?;
     Ok(())
 }
@@ -193,6 +214,9 @@ impl EventBus for LossyBus {
     }
     async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Subscription, BusError> {
         self.inner.subscribe(spec).await
+    }
+    async fn listen(&self, filter: &str) -> Result<Listener, BusError> {
+        self.inner.listen(filter).await
     }
     async fn ping(&self) -> Result<(), BusError> {
         Ok(())

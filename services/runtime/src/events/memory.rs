@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    Acker, BusError, ConsumerSpec, Delivery, Event, EventBus, Subscription, subject_matches, validate_subject,
+    Acker, BusError, ConsumerSpec, Delivery, Event, EventBus, Listener, Subscription, subject_matches, validate_subject,
 };
 
 /// How many events the in-process bus retains for consumers created later.
@@ -42,7 +42,11 @@ struct Inner {
 pub struct InProcessBus {
     inner: Arc<Mutex<Inner>>,
     notify: Arc<Notify>,
+    live: tokio::sync::broadcast::Sender<Event>,
 }
+
+/// Live events buffered per listener before the slowest loses some.
+const LIVE_BUFFER: usize = 4096;
 
 impl InProcessBus {
     /// A bus that drops duplicate ids seen within `dedup_window`.
@@ -62,6 +66,7 @@ impl InProcessBus {
                 consumers: HashMap::new(),
             })),
             notify: Arc::new(Notify::new()),
+            live: tokio::sync::broadcast::channel(LIVE_BUFFER).0,
         }
     }
 
@@ -166,7 +171,25 @@ impl EventBus for InProcessBus {
             }
         }
         self.notify.notify_waiters();
+        let _ = self.live.send(event.clone());
         Ok(())
+    }
+
+    async fn listen(&self, filter: &str) -> Result<Listener, BusError> {
+        let filter = filter.to_owned();
+        let rx = self.live.subscribe();
+        Ok(Box::pin(futures::stream::unfold(rx, move |mut rx| {
+            let filter = filter.clone();
+            async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(e) if subject_matches(&filter, &e.subject) => return Some((e, rx)),
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
+        })))
     }
 
     async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Subscription, BusError> {

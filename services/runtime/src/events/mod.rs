@@ -110,6 +110,9 @@ impl Delivery {
 /// when the backend goes away; subscribe again to resume.
 pub type Subscription = Pin<Box<dyn Stream<Item = Result<Delivery, BusError>> + Send>>;
 
+/// Live events of a [`EventBus::listen`]; it ends when the backend goes away.
+pub type Listener = Pin<Box<dyn Stream<Item = Event> + Send>>;
+
 /// Publishes events and serves durable consumers.
 #[async_trait::async_trait]
 pub trait EventBus: Send + Sync {
@@ -117,6 +120,11 @@ pub trait EventBus: Send + Sync {
     async fn publish(&self, event: &Event) -> Result<(), BusError>;
     /// Opens (or resumes) the durable consumer described by `spec`.
     async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Subscription, BusError>;
+    /// Live events matching `filter` (NATS wildcards) from now on, best
+    /// effort: no replay, no acknowledgement, nothing kept while away. For
+    /// hints (waking a follower, dropping a cache entry), never for work
+    /// that must happen; that is what [`EventBus::subscribe`] is for.
+    async fn listen(&self, filter: &str) -> Result<Listener, BusError>;
     /// Whether the bus is reachable now.
     async fn ping(&self) -> Result<(), BusError>;
     /// `"in-process"` or `"nats"`, for logs.

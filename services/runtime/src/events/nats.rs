@@ -12,7 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::OnceCell;
 
 use super::{
-    Acker, BusError, ConsumerSpec, Delivery, EVENT_ID_HEADER, Event, EventBus, Subscription, validate_subject,
+    Acker, BusError, ConsumerSpec, Delivery, EVENT_ID_HEADER, Event, EventBus, Listener, Subscription, validate_subject,
 };
 
 /// How long a publish or management request may wait for NATS.
@@ -117,10 +117,11 @@ impl Acker for NatsAck {
     }
 }
 
-fn to_delivery(msg: jetstream::Message) -> Delivery {
+/// The event a NATS message carries (its id from `Nats-Msg-Id`).
+fn event_of(msg: &async_nats::Message) -> Event {
     let mut headers = BTreeMap::new();
     let mut id = String::new();
-    if let Some(h) = &msg.message.headers {
+    if let Some(h) = &msg.headers {
         for (name, values) in h.iter() {
             let value = values.first().map(|v| v.as_str().to_owned()).unwrap_or_default();
             if AsRef::<str>::as_ref(name) == EVENT_ID_HEADER {
@@ -130,14 +131,17 @@ fn to_delivery(msg: jetstream::Message) -> Delivery {
             }
         }
     }
-    let attempt = msg.info().map(|i| u64::try_from(i.delivered).unwrap_or(1)).unwrap_or(1);
-    let event = Event {
+    Event {
         id,
-        subject: msg.message.subject.to_string(),
-        payload: msg.message.payload.clone(),
+        subject: msg.subject.to_string(),
+        payload: msg.payload.clone(),
         headers,
-    };
-    Delivery::new(event, attempt, Box::new(NatsAck(msg)))
+    }
+}
+
+fn to_delivery(msg: jetstream::Message) -> Delivery {
+    let attempt = msg.info().map(|i| u64::try_from(i.delivered).unwrap_or(1)).unwrap_or(1);
+    Delivery::new(event_of(&msg.message), attempt, Box::new(NatsAck(msg)))
 }
 
 #[async_trait::async_trait]
@@ -194,6 +198,16 @@ impl EventBus for NatsBus {
             Ok(msg) => Ok(to_delivery(msg)),
             Err(e) => Err(BusError::Unavailable(e.to_string())),
         })))
+    }
+
+    async fn listen(&self, filter: &str) -> Result<Listener, BusError> {
+        self.connected()?;
+        let sub = self
+            .client
+            .subscribe(filter.to_owned())
+            .await
+            .map_err(|e| BusError::Unavailable(format!("listening on {filter}: {e}")))?;
+        Ok(Box::pin(sub.map(|msg| event_of(&msg))))
     }
 
     async fn ping(&self) -> Result<(), BusError> {

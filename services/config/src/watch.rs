@@ -1,0 +1,234 @@
+//! One watch stream: history from `from_revision` (or a snapshot), then the
+//! feed's live revisions, each sent once, in order. A watcher that falls
+//! behind the feed's buffer re-reads the missed revisions from history
+//! instead of being cut off; one whose start was compacted away gets a
+//! snapshot. The stream is a state machine polled by the transport, with no
+//! task or channel of its own, so an idle watch costs little memory.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::Status;
+
+use plinth::config::v1 as pb;
+use plinth_runtime::error::to_status;
+
+use crate::convert::{deleted, key_value};
+use crate::error::ConfigError;
+use crate::feed::{Feed, Update};
+use crate::model::{Batch, Entry, EnvId};
+use crate::service::Configuration;
+
+/// Keys per snapshot message.
+const SNAPSHOT_CHUNK: usize = 500;
+/// Revisions read from history per query while replaying.
+const REPLAY_CHUNK: i64 = 200;
+
+/// What a watch asks for.
+#[derive(Debug, Clone)]
+pub struct WatchSpec {
+    /// Which environment.
+    pub env: EnvId,
+    /// Only keys starting with this.
+    pub prefix: String,
+    /// Changes after this revision; 0 starts with a snapshot.
+    pub from_revision: i64,
+    /// Send secrets' text.
+    pub reveal: bool,
+}
+
+struct Watcher {
+    config: Configuration,
+    spec: WatchSpec,
+    feed: Arc<Feed>,
+    rx: broadcast::Receiver<Arc<Update>>,
+    /// Every revision up to this was sent or did not concern the prefix.
+    last: i64,
+    /// History still to replay, up to this revision.
+    replay_to: i64,
+    queue: VecDeque<pb::WatchResponse>,
+    progress: Duration,
+    ended: bool,
+}
+
+/// Opens a watch; NOT_FOUND and bad arguments fail here, before any message.
+pub async fn open(
+    config: Configuration,
+    spec: WatchSpec,
+) -> Result<impl Stream<Item = Result<pb::WatchResponse, Status>> + Send + 'static, ConfigError> {
+    let feed = config.hub().feed(&spec.env).await?;
+    let progress = Duration::from_secs(config.settings().watch_progress_secs);
+    let (rx, _) = feed.subscribe(|_| ());
+    let mut w = Watcher {
+        config,
+        feed: feed.clone(),
+        rx,
+        last: 0,
+        replay_to: 0,
+        queue: VecDeque::new(),
+        progress,
+        ended: false,
+        spec,
+    };
+    w.start(w.spec.from_revision)?;
+    Ok(futures::stream::unfold(w, |mut w| async move {
+        let item = w.next().await?;
+        Some((item, w))
+    }))
+}
+
+impl Watcher {
+    /// (Re)starts after `from` against a fresh subscription.
+    fn start(&mut self, from: i64) -> Result<(), ConfigError> {
+        let prefix = self.spec.prefix.clone();
+        let (rx, (head, compacted, entries)) = self.feed.subscribe(|h| {
+            let snapshot = (from == 0 || from < h.compacted).then(|| h.range(&prefix, "", usize::MAX));
+            (h.revision, h.compacted, snapshot)
+        });
+        self.rx = rx;
+        match entries {
+            Some(entries) => {
+                if from != 0 {
+                    tracing::info!(env = %self.spec.env, from, compacted, "watch starts with a snapshot: history was compacted");
+                }
+                self.snapshot(head, entries)?;
+                self.last = head;
+                self.replay_to = head;
+            }
+            None => {
+                self.last = from;
+                self.replay_to = head.max(from);
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&mut self, revision: i64, entries: Vec<Arc<Entry>>) -> Result<(), ConfigError> {
+        let mut chunks: Vec<Vec<pb::WatchEvent>> = Vec::new();
+        let mut current = Vec::new();
+        for e in entries {
+            let shown = self.config.show(&self.spec.env, e, self.spec.reveal)?;
+            current.push(pb::WatchEvent {
+                r#type: pb::ChangeType::Put.into(),
+                value: Some(key_value(&shown)),
+            });
+            if current.len() == SNAPSHOT_CHUNK {
+                chunks.push(std::mem::take(&mut current));
+            }
+        }
+        chunks.push(current);
+        let n = chunks.len();
+        for (i, events) in chunks.into_iter().enumerate() {
+            self.queue.push_back(pb::WatchResponse {
+                revision,
+                events,
+                snapshot: true,
+                snapshot_complete: i + 1 == n,
+                ..Default::default()
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues the part of `batch` under the prefix (nothing when none is).
+    fn push_batch(&mut self, batch: &Batch) -> Result<(), ConfigError> {
+        let mut events = Vec::new();
+        for e in batch.events.iter().filter(|e| e.key.starts_with(&self.spec.prefix)) {
+            events.push(match &e.entry {
+                Some(entry) => pb::WatchEvent {
+                    r#type: pb::ChangeType::Put.into(),
+                    value: Some(key_value(&self.config.show(
+                        &self.spec.env,
+                        entry.clone(),
+                        self.spec.reveal,
+                    )?)),
+                },
+                None => pb::WatchEvent {
+                    r#type: pb::ChangeType::Delete.into(),
+                    value: Some(deleted(&e.key, batch.revision)),
+                },
+            });
+        }
+        self.last = batch.revision;
+        if !events.is_empty() {
+            self.queue.push_back(pb::WatchResponse {
+                revision: batch.revision,
+                events,
+                author: batch.author.clone(),
+                message: batch.message.clone(),
+                ..Default::default()
+            });
+        }
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Option<Result<pb::WatchResponse, Status>> {
+        if self.ended {
+            return None;
+        }
+        match self.advance().await {
+            Ok(m) => Some(Ok(m)),
+            Err(e) => {
+                self.ended = true;
+                Some(Err(to_status(&e)))
+            }
+        }
+    }
+
+    async fn advance(&mut self) -> Result<pb::WatchResponse, ConfigError> {
+        loop {
+            if let Some(m) = self.queue.pop_front() {
+                return Ok(m);
+            }
+            if self.last < self.replay_to {
+                let upto = self.replay_to.min(self.last + REPLAY_CHUNK);
+                let batches = self.config.batches(&self.spec.env, self.last, upto).await?;
+                if batches.is_empty() {
+                    // Compacted under us: start over from a snapshot.
+                    self.start(0)?;
+                    continue;
+                }
+                for b in &batches {
+                    self.push_batch(b)?;
+                }
+                continue;
+            }
+            let received = tokio::time::timeout(self.progress, self.rx.recv()).await;
+            match received {
+                Err(_) => {
+                    return Ok(pb::WatchResponse {
+                        revision: self.last,
+                        progress: true,
+                        ..Default::default()
+                    });
+                }
+                Ok(Ok(update)) => match update.as_ref() {
+                    Update::Batch(b) if b.revision <= self.last => {}
+                    Update::Batch(b) if b.revision == self.last + 1 => self.push_batch(b)?,
+                    Update::Batch(b) => {
+                        // Not contiguous (cannot happen with one feed; be safe): re-read the gap.
+                        self.replay_to = b.revision;
+                        let last = self.last;
+                        self.start(last)?;
+                    }
+                    Update::Reset { .. } => self.start(0)?,
+                    Update::Gone => {
+                        return Err(ConfigError::EnvironmentNotFound(self.spec.env.to_string()));
+                    }
+                },
+                Ok(Err(RecvError::Lagged(missed))) => {
+                    tracing::debug!(env = %self.spec.env, missed, "watcher fell behind; replaying from history");
+                    let last = self.last;
+                    self.start(last)?;
+                }
+                Ok(Err(RecvError::Closed)) => {
+                    return Err(ConfigError::EnvironmentNotFound(self.spec.env.to_string()));
+                }
+            }
+        }
+    }
+}
