@@ -1,7 +1,7 @@
 //! The Plinth contracts: Rust types and gRPC clients generated from `proto/`,
 //! and the encoded descriptor set that reflection, the gateway and OpenAPI read.
 //!
-//! This crate stays light (tonic and prost only) so that an application that
+//! This crate stays light (tonic, prost, and the tokio that tonic brings) so that an application that
 //! only wants typed clients depends on it alone. Server logic never lives here.
 
 /// Every file under `proto/` plus its imports, encoded as a
@@ -29,8 +29,11 @@ pub mod auth {
     }
 }
 
-/// Versioned configuration with watch, releases and encrypted secrets.
+/// Versioned configuration with watch, releases and encrypted secrets, and
+/// [`config::ConfigClient`], a local copy of an environment that follows it.
 pub mod config {
+    pub use crate::config_client::{ConfigClient, ConfigClientBuilder, Snapshot};
+
     /// Version 1 of the config contract.
     #[expect(
         clippy::allow_attributes,
@@ -40,6 +43,8 @@ pub mod config {
         include!(concat!(env!("OUT_DIR"), "/plinth.config.v1.rs"));
     }
 }
+
+mod config_client;
 
 /// Vendored Google types the contracts use.
 pub mod google {

@@ -69,12 +69,17 @@ impl ConfigSession {
 
     /// A session with `token`, no environment yet.
     pub async fn with_token(app: &TestApp, token: &str) -> anyhow::Result<Self> {
-        Ok(Self {
-            client: ConfigServiceClient::new(app.channel().await?),
+        Ok(Self::with_token_on(app.channel().await?, token))
+    }
+
+    /// A session with `token` over `channel`, no environment yet.
+    pub fn with_token_on(channel: Channel, token: &str) -> Self {
+        Self {
+            client: ConfigServiceClient::new(channel),
             token: token.to_owned(),
             namespace: String::new(),
             environment: String::new(),
-        })
+        }
     }
 
     /// `message` with this session's token.

@@ -51,6 +51,7 @@ on_both_backends!(
     watch_from_compacted_history_starts_with_a_snapshot,
     bad_input_names_the_field,
     namespaces_and_environments_update_with_etags,
+    rollouts_route_a_cohort_and_abort_returns_everyone,
 );
 
 async fn admin_app(config: Config) -> anyhow::Result<(TestApp, ConfigSession)> {
@@ -892,7 +893,7 @@ async fn bad_input_names_the_field(config: Config) -> anyhow::Result<()> {
             Some(pb::ReadAt {
                 revision: 1,
                 release: "v1".into(),
-                min_revision: 0,
+                ..Default::default()
             }),
             false,
         )
@@ -1040,6 +1041,176 @@ async fn namespaces_and_environments_update_with_etags(config: Config) -> anyhow
         .await?;
     let ended = next_message(&mut w).await.unwrap_err();
     assert!(ended.to_string().contains("not found"), "{ended}");
+    app.stop().await;
+    Ok(())
+}
+
+fn client(id: &str, labels: &[(&str, &str)]) -> pb::Client {
+    pb::Client {
+        id: id.into(),
+        labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+    }
+}
+
+async fn rollouts_route_a_cohort_and_abort_returns_everyone(config: Config) -> anyhow::Result<()> {
+    let (app, mut s) = admin_app(config).await?;
+    let (ns, env) = (s.namespace.clone(), s.environment.clone());
+    let release = |name: &str| pb::CreateReleaseRequest {
+        namespace: ns.clone(),
+        environment: env.clone(),
+        release: Some(pb::Release {
+            name: name.into(),
+            ..Default::default()
+        }),
+    };
+    let read_as = |c: pb::Client| {
+        Some(pb::ReadAt {
+            client: Some(c),
+            ..Default::default()
+        })
+    };
+    // Before any release, clients read the head.
+    s.set("ui/theme", text("light")).await?;
+    assert_eq!(
+        s.get_at("ui/theme", read_as(client("c-1", &[])), false).await?.revision,
+        1
+    );
+    s.client.create_release(s.req(release("v1"))).await?;
+    s.set("ui/theme", text("dark")).await?;
+    s.client.create_release(s.req(release("v2"))).await?;
+    s.set("ui/theme", text("unreleased")).await?;
+
+    let start = |percentage: i32, labels: &[(&str, &str)]| pb::StartRolloutRequest {
+        namespace: ns.clone(),
+        environment: env.clone(),
+        rollout: Some(pb::Rollout {
+            release: "v2".into(),
+            percentage,
+            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            ..Default::default()
+        }),
+    };
+    let started = s
+        .client
+        .start_rollout(s.req(start(20, &[("canary", "true")])))
+        .await?
+        .into_inner()
+        .rollout
+        .unwrap_or_default();
+    assert_eq!(started.previous_release, "v1", "others keep the release before");
+    assert_eq!(started.state, i32::from(pb::RolloutState::Active));
+    let again = s.client.start_rollout(s.req(start(50, &[]))).await.unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition, "one rollout at a time");
+
+    // About a fifth of the clients, always the same ones, plus every canary.
+    let theme = |kv: pb::GetValueResponse| kv.value.map(|v| text_of(&v)).unwrap_or_default();
+    let mut in_cohort = Vec::new();
+    for i in 0..200 {
+        let id = format!("client-{i}");
+        let seen = theme(s.get_at("ui/theme", read_as(client(&id, &[])), false).await?);
+        assert!(seen == "dark" || seen == "light", "{seen}");
+        if seen == "dark" {
+            in_cohort.push(id);
+        }
+    }
+    assert!(
+        (20..=60).contains(&in_cohort.len()),
+        "{} of 200 in a 20% cohort",
+        in_cohort.len()
+    );
+    let canary = theme(
+        s.get_at("ui/theme", read_as(client("outsider-9", &[("canary", "true")])), false)
+            .await?,
+    );
+    assert_eq!(canary, "dark");
+    let resolved = s
+        .client
+        .resolve_release(s.req(pb::ResolveReleaseRequest {
+            namespace: ns.clone(),
+            environment: env.clone(),
+            client: Some(client(&in_cohort[0], &[])),
+        }))
+        .await?
+        .into_inner();
+    assert_eq!((resolved.release.as_str(), resolved.in_rollout), ("v2", true));
+
+    // Promote: everyone in the cohort stays in it.
+    let promote = |percentage: i32| pb::PromoteRolloutRequest {
+        namespace: ns.clone(),
+        environment: env.clone(),
+        percentage,
+        labels: Default::default(),
+    };
+    s.client.promote_rollout(s.req(promote(60))).await?;
+    for id in &in_cohort {
+        assert_eq!(
+            theme(s.get_at("ui/theme", read_as(client(id, &[])), false).await?),
+            "dark"
+        );
+    }
+    let lower = s.client.promote_rollout(s.req(promote(10))).await.unwrap_err();
+    assert_eq!(violated_field(&lower), "percentage");
+
+    // Pause holds it; promote is refused until resumed.
+    let (n, e) = (ns.clone(), env.clone());
+    s.client
+        .pause_rollout(s.req(pb::PauseRolloutRequest {
+            namespace: n.clone(),
+            environment: e.clone(),
+        }))
+        .await?;
+    let paused = s.client.promote_rollout(s.req(promote(80))).await.unwrap_err();
+    assert_eq!(error_reason(&paused), "ROLLOUT_STATE");
+    s.client
+        .resume_rollout(s.req(pb::ResumeRolloutRequest {
+            namespace: n.clone(),
+            environment: e.clone(),
+        }))
+        .await?;
+
+    // Abort: everyone is back on v1 at once.
+    let aborted = s
+        .client
+        .abort_rollout(s.req(pb::AbortRolloutRequest {
+            namespace: n.clone(),
+            environment: e.clone(),
+        }))
+        .await?
+        .into_inner()
+        .rollout
+        .unwrap_or_default();
+    assert_eq!(aborted.state, i32::from(pb::RolloutState::Aborted));
+    for id in in_cohort.iter().take(10) {
+        assert_eq!(
+            theme(s.get_at("ui/theme", read_as(client(id, &[])), false).await?),
+            "light"
+        );
+    }
+
+    // A new rollout to 100% completes: v2 is everyone's.
+    let done = s
+        .client
+        .start_rollout(s.req(start(100, &[])))
+        .await?
+        .into_inner()
+        .rollout
+        .unwrap_or_default();
+    assert_eq!(done.state, i32::from(pb::RolloutState::Completed));
+    assert_eq!(
+        theme(s.get_at("ui/theme", read_as(client("anyone", &[])), false).await?),
+        "dark"
+    );
+    let got = s
+        .client
+        .get_rollout(s.req(pb::GetRolloutRequest {
+            namespace: n,
+            environment: e,
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(got.current_release, "v2");
+    let bad = s.client.start_rollout(s.req(start(101, &[]))).await.unwrap_err();
+    assert_eq!(violated_field(&bad), "rollout.percentage");
     app.stop().await;
     Ok(())
 }

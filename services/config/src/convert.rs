@@ -6,8 +6,8 @@ use plinth::config::v1 as pb;
 use crate::error::ConfigError;
 use crate::formats::Format;
 use crate::model::{
-    EnvId, Environment, Mutation, Namespace, NewValue, Plain, Precondition, ReadAt, Release, RevisionInfo, Stored,
-    check_key, check_name, check_prefix,
+    ClientIdentity, EnvId, Environment, Mutation, Namespace, NewValue, Plain, Precondition, ReadAt, Release,
+    RevisionInfo, Rollout, RolloutState, Stored, check_key, check_name, check_prefix,
 };
 use crate::service::Shown;
 
@@ -72,6 +72,15 @@ pub fn read_at(r: Option<&pb::ReadAt>) -> Result<ReadAt, ConfigError> {
     }
     if r.min_revision < 0 {
         return Err(ConfigError::invalid("read_at.min_revision", "must not be negative"));
+    }
+    if let Some(c) = &r.client {
+        if r.revision != 0 || !r.release.is_empty() {
+            return Err(ConfigError::invalid(
+                "read_at.client",
+                "give a client, a revision or a release, not several",
+            ));
+        }
+        return Ok(ReadAt::Client(client("read_at.client", c)?));
     }
     match (r.revision, r.release.as_str()) {
         (0, "") => Ok(ReadAt::Head {
@@ -317,5 +326,74 @@ pub fn deleted(key: &str, revision: i64) -> pb::KeyValue {
         key: key.to_owned(),
         mod_revision: revision,
         ..Default::default()
+    }
+}
+
+/// Most labels on a client or rollout.
+const MAX_LABELS: usize = 32;
+
+/// Checks labels: at most 32, keys and values at most 63 printable characters.
+pub fn labels(
+    field: &str,
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<std::collections::BTreeMap<String, String>, ConfigError> {
+    if labels.len() > MAX_LABELS {
+        return Err(ConfigError::invalid(
+            field,
+            format!("must hold at most {MAX_LABELS} labels"),
+        ));
+    }
+    let ok = |s: &str, empty_ok: bool| {
+        (empty_ok || !s.is_empty()) && s.len() <= 63 && s.chars().all(|c| c.is_ascii_graphic())
+    };
+    for (k, v) in labels {
+        if !ok(k, false) || !ok(v, true) {
+            return Err(ConfigError::invalid(
+                field,
+                format!("label {k:?}: keys and values are at most 63 printable ASCII characters, keys not empty"),
+            ));
+        }
+    }
+    Ok(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// A wire client.
+pub fn client(field: &str, c: &pb::Client) -> Result<ClientIdentity, ConfigError> {
+    if c.id.len() > 256 {
+        return Err(ConfigError::invalid(
+            format!("{field}.id"),
+            "is longer than 256 characters",
+        ));
+    }
+    if c.id.is_empty() && c.labels.is_empty() {
+        return Err(ConfigError::invalid(format!("{field}.id"), "is required (or labels)"));
+    }
+    Ok(ClientIdentity {
+        id: c.id.clone(),
+        labels: labels(&format!("{field}.labels"), &c.labels)?,
+    })
+}
+
+/// A rollout state on the wire.
+fn rollout_state(s: RolloutState) -> pb::RolloutState {
+    match s {
+        RolloutState::Active => pb::RolloutState::Active,
+        RolloutState::Paused => pb::RolloutState::Paused,
+        RolloutState::Completed => pb::RolloutState::Completed,
+        RolloutState::Aborted => pb::RolloutState::Aborted,
+    }
+}
+
+/// A rollout as answered.
+pub fn rollout(r: &Rollout) -> pb::Rollout {
+    pb::Rollout {
+        release: r.release.clone(),
+        percentage: r.percentage,
+        labels: r.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        previous_release: r.previous_release.clone(),
+        state: rollout_state(r.state).into(),
+        updated_by: r.updated_by.clone(),
+        create_time: Some(timestamp(r.created_at)),
+        update_time: Some(timestamp(r.updated_at)),
     }
 }

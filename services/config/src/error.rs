@@ -66,6 +66,9 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+    /// The rollout is not in a state that allows the call.
+    #[error("{0}")]
+    RolloutState(String),
     /// The database failed.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
@@ -101,7 +104,7 @@ impl ServiceError for ConfigError {
             | Self::SchemaNotFound(_) => ErrorCode::NotFound,
             Self::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Self::Conflict(_) => ErrorCode::Aborted,
-            Self::NamespaceNotEmpty(_) | Self::Compacted { .. } | Self::NoEncryptionKey(_) => {
+            Self::NamespaceNotEmpty(_) | Self::Compacted { .. } | Self::NoEncryptionKey(_) | Self::RolloutState(_) => {
                 ErrorCode::FailedPrecondition
             }
             Self::FutureRevision { .. } => ErrorCode::InvalidArgument,
@@ -128,6 +131,7 @@ impl ServiceError for ConfigError {
             Self::NoEncryptionKey(_) => "NO_ENCRYPTION_KEY",
             Self::RevealDenied => "REVEAL_DENIED",
             Self::Decrypt { .. } => "SECRET_UNREADABLE",
+            Self::RolloutState(_) => "ROLLOUT_STATE",
             Self::Storage(e) if e.is_unavailable() => "STORAGE_UNAVAILABLE",
             Self::Storage(_) => "STORAGE_ERROR",
         }

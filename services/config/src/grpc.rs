@@ -15,7 +15,7 @@ use plinth_runtime::error::to_status;
 
 use crate::convert::{self, env_id, page_size};
 use crate::error::ConfigError;
-use crate::model::{EnvId, ReadAt, check_key, check_name, check_release_name, check_text};
+use crate::model::{EnvId, ReadAt, RolloutState, check_key, check_name, check_release_name, check_text};
 use crate::service::{Caller, Configuration};
 use crate::watch::{self, WatchSpec};
 
@@ -324,6 +324,8 @@ impl ConfigService for ConfigGrpc {
             Some(Cursor::Revision(rev, key)) => (ReadAt::Revision(rev), key),
             Some(Cursor::Release(name, key)) => (ReadAt::Release(name), key),
         };
+        // Later pages must read what the first did, so a client's read is pinned here.
+        let at = self.config.concrete(&env, &at).await.map_err(status)?;
         let (mut entries, revision) = self
             .config
             .list(&env, &at, &prefix, &after, size + 1)
@@ -338,7 +340,9 @@ impl ConfigService for ConfigGrpc {
                         let concrete = self.config.release(&env, name).await.map_err(status)?;
                         Cursor::Release(concrete.name, last.key.clone())
                     }
-                    ReadAt::Head { .. } | ReadAt::Revision(_) => Cursor::Revision(revision, last.key.clone()),
+                    ReadAt::Head { .. } | ReadAt::Revision(_) | ReadAt::Client(_) => {
+                        Cursor::Revision(revision, last.key.clone())
+                    }
                 };
                 encode_cursor(&cursor)
             }
@@ -702,6 +706,124 @@ impl ConfigService for ConfigGrpc {
         }))
     }
 
+    async fn start_rollout(
+        &self,
+        request: Request<pb::StartRolloutRequest>,
+    ) -> Result<Response<pb::StartRolloutResponse>, Status> {
+        let who = caller(&request);
+        let r = request.into_inner();
+        let env = env_id(&r.namespace, &r.environment).map_err(status)?;
+        let rollout = r
+            .rollout
+            .ok_or_else(|| status(ConfigError::invalid("rollout", "is required")))?;
+        if rollout.release != crate::model::LATEST_RELEASE {
+            check_release_name("rollout.release", &rollout.release).map_err(status)?;
+        }
+        check_percentage("rollout.percentage", rollout.percentage).map_err(status)?;
+        let labels = convert::labels("rollout.labels", &rollout.labels).map_err(status)?;
+        let started = self
+            .config
+            .start_rollout(&env, &rollout.release, rollout.percentage, labels, &who)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::StartRolloutResponse {
+            rollout: Some(convert::rollout(&started)),
+        }))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::GetRolloutResponse>, Status> {
+        let r = request.into_inner();
+        let env = env_id(&r.namespace, &r.environment).map_err(status)?;
+        let (rollout, current_release) = self.config.rollout(&env).await.map_err(status)?;
+        Ok(Response::new(pb::GetRolloutResponse {
+            rollout: rollout.as_ref().map(convert::rollout),
+            current_release,
+        }))
+    }
+
+    async fn promote_rollout(
+        &self,
+        request: Request<pb::PromoteRolloutRequest>,
+    ) -> Result<Response<pb::PromoteRolloutResponse>, Status> {
+        let who = caller(&request);
+        let r = request.into_inner();
+        let env = env_id(&r.namespace, &r.environment).map_err(status)?;
+        check_percentage("percentage", r.percentage).map_err(status)?;
+        let labels = if r.labels.is_empty() {
+            None
+        } else {
+            Some(convert::labels("labels", &r.labels).map_err(status)?)
+        };
+        let promoted = self
+            .config
+            .promote_rollout(&env, r.percentage, labels, &who)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::PromoteRolloutResponse {
+            rollout: Some(convert::rollout(&promoted)),
+        }))
+    }
+
+    async fn pause_rollout(
+        &self,
+        request: Request<pb::PauseRolloutRequest>,
+    ) -> Result<Response<pb::PauseRolloutResponse>, Status> {
+        let rollout = self
+            .move_rollout(request, &[RolloutState::Active], RolloutState::Paused)
+            .await?;
+        Ok(Response::new(pb::PauseRolloutResponse { rollout }))
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<pb::ResumeRolloutRequest>,
+    ) -> Result<Response<pb::ResumeRolloutResponse>, Status> {
+        let rollout = self
+            .move_rollout(request, &[RolloutState::Paused], RolloutState::Active)
+            .await?;
+        Ok(Response::new(pb::ResumeRolloutResponse { rollout }))
+    }
+
+    async fn abort_rollout(
+        &self,
+        request: Request<pb::AbortRolloutRequest>,
+    ) -> Result<Response<pb::AbortRolloutResponse>, Status> {
+        let rollout = self
+            .move_rollout(
+                request,
+                &[RolloutState::Active, RolloutState::Paused],
+                RolloutState::Aborted,
+            )
+            .await?;
+        Ok(Response::new(pb::AbortRolloutResponse { rollout }))
+    }
+
+    async fn resolve_release(
+        &self,
+        request: Request<pb::ResolveReleaseRequest>,
+    ) -> Result<Response<pb::ResolveReleaseResponse>, Status> {
+        let r = request.into_inner();
+        let env = env_id(&r.namespace, &r.environment).map_err(status)?;
+        let client = r
+            .client
+            .as_ref()
+            .ok_or_else(|| status(ConfigError::invalid("client.id", "is required")))?;
+        let client = convert::client("client", client).map_err(status)?;
+        let (release, in_rollout) = self.config.resolve(&env, &client).await.map_err(status)?;
+        let revision = match &release {
+            Some(name) => self.config.release(&env, name).await.map_err(status)?.revision,
+            None => self.config.environment(&env).await.map_err(status)?.revision,
+        };
+        Ok(Response::new(pb::ResolveReleaseResponse {
+            release: release.unwrap_or_default(),
+            revision,
+            in_rollout,
+        }))
+    }
+
     async fn set_schema(
         &self,
         request: Request<pb::SetSchemaRequest>,
@@ -854,6 +976,56 @@ impl ConfigService for ConfigGrpc {
             key_id: r.key_id,
             rewrapped,
         }))
+    }
+}
+
+/// The environment a rollout request names.
+trait RolloutTarget {
+    fn target(&self) -> (&str, &str);
+}
+
+macro_rules! rollout_target {
+    ($($t:ty),*) => {$(
+        impl RolloutTarget for $t {
+            fn target(&self) -> (&str, &str) {
+                (&self.namespace, &self.environment)
+            }
+        }
+    )*};
+}
+
+rollout_target!(
+    pb::PauseRolloutRequest,
+    pb::ResumeRolloutRequest,
+    pb::AbortRolloutRequest
+);
+
+impl ConfigGrpc {
+    /// Pause, resume and abort: the rollout moves from one of `from` to `to`.
+    async fn move_rollout<R: RolloutTarget>(
+        &self,
+        request: Request<R>,
+        from: &[RolloutState],
+        to: RolloutState,
+    ) -> Result<Option<pb::Rollout>, Status> {
+        let who = caller(&request);
+        let r = request.into_inner();
+        let (namespace, environment) = r.target();
+        let env = env_id(namespace, environment).map_err(status)?;
+        let rollout = self
+            .config
+            .set_rollout_state(&env, from, to, &who)
+            .await
+            .map_err(status)?;
+        Ok(Some(convert::rollout(&rollout)))
+    }
+}
+
+fn check_percentage(field: &str, percentage: i32) -> Result<(), ConfigError> {
+    if (0..=100).contains(&percentage) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(field, "must be between 0 and 100"))
     }
 }
 

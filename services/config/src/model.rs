@@ -356,6 +356,8 @@ pub struct Environment {
     pub created_at: i64,
     /// Last changed (ms).
     pub updated_at: i64,
+    /// What clients outside a rollout read (empty: the head).
+    pub current_release: String,
 }
 
 /// A release.
@@ -375,6 +377,97 @@ pub struct Release {
     pub key_count: i64,
 }
 
+/// Where a rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutState {
+    /// Its cohort reads the release; it may be promoted.
+    Active,
+    /// Its cohort reads the release; not promotable until resumed.
+    Paused,
+    /// Everyone reads the release.
+    Completed,
+    /// Everyone reads the previous release.
+    Aborted,
+}
+
+impl RolloutState {
+    /// Its name in storage.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Active => "active",
+            RolloutState::Paused => "paused",
+            RolloutState::Completed => "completed",
+            RolloutState::Aborted => "aborted",
+        }
+    }
+
+    /// From storage (anything unknown reads as aborted: it routes no one).
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "active" => RolloutState::Active,
+            "paused" => RolloutState::Paused,
+            "completed" => RolloutState::Completed,
+            _ => RolloutState::Aborted,
+        }
+    }
+
+    /// Whether its cohort reads its release.
+    pub fn routes(self) -> bool {
+        matches!(self, RolloutState::Active | RolloutState::Paused)
+    }
+}
+
+/// A release rolled out to part of the clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    /// The release.
+    pub release: String,
+    /// What the others read ('' = the head).
+    pub previous_release: String,
+    /// Cohort by id hash, 0-100.
+    pub percentage: i32,
+    /// Clients with all of these are in.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Where it is.
+    pub state: RolloutState,
+    /// Who changed it last.
+    pub updated_by: String,
+    /// Started (ms).
+    pub created_at: i64,
+    /// Last changed (ms).
+    pub updated_at: i64,
+}
+
+/// A client as rollouts see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// Stable id.
+    pub id: String,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl Rollout {
+    /// Whether `client` is in this rollout's cohort (state aside): it has
+    /// every rollout label, or its id hashes into the percentage. The hash
+    /// covers the release, so successive rollouts pick different cohorts,
+    /// and is stable, so a client stays in as the percentage grows.
+    pub fn includes(&self, env: &EnvId, client: &ClientIdentity) -> bool {
+        use sha2::Digest;
+        if !self.labels.is_empty() && self.labels.iter().all(|(k, v)| client.labels.get(k) == Some(v)) {
+            return true;
+        }
+        if client.id.is_empty() {
+            return false;
+        }
+        let digest = sha2::Sha256::digest(format!("{env}/{}/{}", self.release, client.id).as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        let bucket = u64::from_be_bytes(first) % 100;
+        bucket < u64::try_from(self.percentage.clamp(0, 100)).unwrap_or(0)
+    }
+}
+
 /// Which state a read sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadAt {
@@ -387,6 +480,8 @@ pub enum ReadAt {
     Revision(i64),
     /// A release by name (or `latest`).
     Release(String),
+    /// What this client should read (its rollout's release, the current one, or the head).
+    Client(ClientIdentity),
 }
 
 /// Where a namespace/environment pair lives; the key of per-environment state.

@@ -21,8 +21,8 @@ use crate::error::ConfigError;
 use crate::feed::Hub;
 use crate::formats::{self, Format};
 use crate::model::{
-    Batch, Entry, EnvId, Environment, Mutation, Namespace, NewValue, Plain, ReadAt, Release, RevisionInfo,
-    RevisionKind, Stored, check_key, check_text, now_ms,
+    Batch, ClientIdentity, Entry, EnvId, Environment, Mutation, Namespace, NewValue, Plain, ReadAt, Release,
+    RevisionInfo, RevisionKind, Rollout, RolloutState, Stored, check_key, check_text, now_ms,
 };
 use crate::schema::Schemas;
 use crate::store::{Committed, SealedTable, Store, Write};
@@ -50,6 +50,13 @@ pub struct Shown {
     pub entry: Arc<Entry>,
     /// A revealed secret's text.
     pub secret: Option<String>,
+}
+
+/// `concrete` leaves no client read behind; reaching one is a bug.
+fn unresolved() -> ConfigError {
+    ConfigError::Storage(plinth_runtime::storage::StorageError::Query(sqlx::Error::Protocol(
+        "a client read was not resolved to a release".into(),
+    )))
 }
 
 /// The config service's domain.
@@ -293,7 +300,7 @@ impl Configuration {
         limit: usize,
     ) -> Result<(Vec<Arc<Entry>>, i64), ConfigError> {
         let lim = i64::try_from(limit).unwrap_or(i64::MAX);
-        match at {
+        match &self.concrete(env, at).await? {
             ReadAt::Head { min_revision } => {
                 let feed = self.hub.feed_at_least(env, *min_revision).await?;
                 Ok(feed.read(|h| (h.range(prefix, after, limit), h.revision)))
@@ -311,6 +318,7 @@ impl Configuration {
                     .await?;
                 Ok((entries.into_iter().map(Arc::new).collect(), release.revision))
             }
+            ReadAt::Client(_) => Err(unresolved()),
         }
     }
 
@@ -334,7 +342,7 @@ impl Configuration {
 
     /// One key at `at`, and the revision read.
     pub async fn get(&self, env: &EnvId, key: &str, at: &ReadAt) -> Result<(Arc<Entry>, i64), ConfigError> {
-        let (found, revision) = match at {
+        let (found, revision) = match &self.concrete(env, at).await? {
             ReadAt::Head { min_revision } => {
                 let feed = self.hub.feed_at_least(env, *min_revision).await?;
                 feed.read(|h| (h.entries.get(key).cloned(), h.revision))
@@ -348,6 +356,7 @@ impl Configuration {
                 let found = self.store.release_values(env, &release.name, key, "", 1).await?;
                 (found.into_iter().find(|e| e.key == key).map(Arc::new), release.revision)
             }
+            ReadAt::Client(_) => return Err(unresolved()),
         };
         found
             .map(|e| (e, revision))
@@ -656,6 +665,196 @@ impl Configuration {
         limit: i64,
     ) -> Result<Vec<Release>, ConfigError> {
         self.store.list_releases(env, before, limit).await
+    }
+
+    // ---- rollouts ---------------------------------------------------------
+
+    /// Which release `client` reads now: (release, or `None` for the head;
+    /// whether through a rollout).
+    pub async fn resolve(&self, env: &EnvId, client: &ClientIdentity) -> Result<(Option<String>, bool), ConfigError> {
+        let environment = self.store.get_environment(env).await?;
+        if let Some(r) = self.store.get_rollout(env).await?
+            && r.state.routes()
+            && r.includes(env, client)
+        {
+            return Ok((Some(r.release), true));
+        }
+        let current = environment.current_release;
+        Ok(((!current.is_empty()).then_some(current), false))
+    }
+
+    /// `at` with a client's read turned into the release or head it means.
+    pub async fn concrete(&self, env: &EnvId, at: &ReadAt) -> Result<ReadAt, ConfigError> {
+        Ok(match at {
+            ReadAt::Client(client) => match self.resolve(env, client).await?.0 {
+                Some(release) => ReadAt::Release(release),
+                None => ReadAt::Head { min_revision: 0 },
+            },
+            other => other.clone(),
+        })
+    }
+
+    /// The environment's last rollout and its current release.
+    pub async fn rollout(&self, env: &EnvId) -> Result<(Option<Rollout>, String), ConfigError> {
+        let environment = self.store.get_environment(env).await?;
+        Ok((self.store.get_rollout(env).await?, environment.current_release))
+    }
+
+    async fn save_rollout(
+        &self,
+        env: &EnvId,
+        from: &[Option<RolloutState>],
+        next: &Rollout,
+        current_release: Option<&str>,
+        caller: &Caller,
+    ) -> Result<(), ConfigError> {
+        let detail = format!("{} {} {}%", next.state.as_str(), next.release, next.percentage);
+        let ev = Self::admin_event(
+            "rollout_changed",
+            &env.namespace,
+            &env.environment,
+            &detail,
+            &caller.subject,
+        );
+        self.store.put_rollout(env, from, next, current_release, &ev).await?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Starts rolling `release` out; at 100 percent it completes at once.
+    pub async fn start_rollout(
+        &self,
+        env: &EnvId,
+        release: &str,
+        percentage: i32,
+        labels: std::collections::BTreeMap<String, String>,
+        caller: &Caller,
+    ) -> Result<Rollout, ConfigError> {
+        let target = self.store.get_release(env, release).await?;
+        let environment = self.store.get_environment(env).await?;
+        // Those outside the rollout keep what they read: the current release,
+        // or, before any rollout, the newest other release (the head if none).
+        let previous = if environment.current_release.is_empty() {
+            self.store
+                .list_releases(env, None, 2)
+                .await?
+                .into_iter()
+                .find(|r| r.name != target.name)
+                .map(|r| r.name)
+                .unwrap_or_default()
+        } else {
+            environment.current_release
+        };
+        if previous == target.name {
+            return Err(ConfigError::RolloutState(format!(
+                "release {:?} is already the current release",
+                target.name
+            )));
+        }
+        let now = now_ms();
+        let complete = percentage >= 100;
+        let next = Rollout {
+            release: target.name.clone(),
+            previous_release: previous.clone(),
+            percentage,
+            labels,
+            state: if complete {
+                RolloutState::Completed
+            } else {
+                RolloutState::Active
+            },
+            updated_by: caller.subject.clone(),
+            created_at: now,
+            updated_at: now,
+        };
+        let current = if complete {
+            target.name.as_str()
+        } else {
+            previous.as_str()
+        };
+        let from = [None, Some(RolloutState::Completed), Some(RolloutState::Aborted)];
+        self.save_rollout(env, &from, &next, Some(current), caller).await?;
+        Ok(next)
+    }
+
+    async fn current_rollout(&self, env: &EnvId) -> Result<Rollout, ConfigError> {
+        self.store
+            .get_rollout(env)
+            .await?
+            .ok_or_else(|| ConfigError::RolloutState("the environment has no rollout".into()))
+    }
+
+    /// Widens an active rollout; at 100 percent it completes.
+    pub async fn promote_rollout(
+        &self,
+        env: &EnvId,
+        percentage: i32,
+        labels: Option<std::collections::BTreeMap<String, String>>,
+        caller: &Caller,
+    ) -> Result<Rollout, ConfigError> {
+        let mut r = self.current_rollout(env).await?;
+        if r.state != RolloutState::Active {
+            return Err(ConfigError::RolloutState(format!(
+                "the rollout is {}; only an active rollout can be promoted",
+                r.state.as_str()
+            )));
+        }
+        if percentage < r.percentage {
+            return Err(ConfigError::invalid(
+                "percentage",
+                format!(
+                    "must not be lower than the rollout's {} (abort to go back)",
+                    r.percentage
+                ),
+            ));
+        }
+        r.percentage = percentage;
+        if let Some(labels) = labels {
+            r.labels = labels;
+        }
+        r.updated_by = caller.subject.clone();
+        r.updated_at = now_ms();
+        let complete = percentage >= 100;
+        if complete {
+            r.state = RolloutState::Completed;
+        }
+        let release = r.release.clone();
+        self.save_rollout(
+            env,
+            &[Some(RolloutState::Active)],
+            &r,
+            complete.then_some(release.as_str()),
+            caller,
+        )
+        .await?;
+        Ok(r)
+    }
+
+    /// Moves the rollout from one of `from` to `to`.
+    pub async fn set_rollout_state(
+        &self,
+        env: &EnvId,
+        from: &[RolloutState],
+        to: RolloutState,
+        caller: &Caller,
+    ) -> Result<Rollout, ConfigError> {
+        let mut r = self.current_rollout(env).await?;
+        if !from.contains(&r.state) {
+            return Err(ConfigError::RolloutState(format!(
+                "the rollout is {}; it cannot become {}",
+                r.state.as_str(),
+                to.as_str()
+            )));
+        }
+        r.state = to;
+        r.updated_by = caller.subject.clone();
+        r.updated_at = now_ms();
+        let from: Vec<Option<RolloutState>> = from.iter().copied().map(Some).collect();
+        // An abort puts everyone back on the previous release.
+        let previous = r.previous_release.clone();
+        let current = (to == RolloutState::Aborted).then_some(previous.as_str());
+        self.save_rollout(env, &from, &r, current, caller).await?;
+        Ok(r)
     }
 
     // ---- schemas ----------------------------------------------------------

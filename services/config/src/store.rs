@@ -13,7 +13,7 @@ use plinth_runtime::storage::{BeginWrite, Db};
 use crate::error::ConfigError;
 use crate::model::{
     Batch, Entry, EnvId, Environment, KeyEvent, Namespace, Plain, Precondition, Release, RevisionInfo, RevisionKind,
-    Sealed, Stored, now_ms,
+    Rollout, RolloutState, Sealed, Stored, now_ms,
 };
 
 const VT_DELETED: i16 = 0;
@@ -65,13 +65,13 @@ type HistoryRow = (
     String,
 );
 type NamespaceRow = (String, String, i64, i64, i64);
-type EnvironmentRow = (String, String, String, i64, i64, i64, i64, i64, i64);
+type EnvironmentRow = (String, String, String, i64, i64, i64, i64, i64, i64, String);
 type RevisionRow = (i64, String, String, String, i64, i32, String);
 type ReleaseRow = (String, i64, String, String, i64, i64);
 
 macro_rules! env_columns {
     () => {
-        "namespace, name, description, revision, compacted_revision, key_count, generation, created_at, updated_at"
+        "namespace, name, description, revision, compacted_revision, key_count, generation, created_at, updated_at, current_release"
     };
 }
 
@@ -173,6 +173,7 @@ fn environment(r: EnvironmentRow) -> Environment {
         generation: r.6,
         created_at: r.7,
         updated_at: r.8,
+        current_release: r.9,
     }
 }
 
@@ -434,6 +435,7 @@ impl Store {
             generation: 1,
             created_at: now,
             updated_at: now,
+            current_release: String::new(),
         })
     }
 
@@ -1361,6 +1363,111 @@ impl Store {
     pub async fn emit(&self, event: &OutboxEvent) -> Result<(), ConfigError> {
         on_db!(&self.db, |pool| {
             let mut tx = pool.begin_write().await?;
+            event.write(&mut *tx).await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+}
+
+/// A rollout row: release, previous_release, percentage, labels (JSON),
+/// state, updated_by, created_at, updated_at.
+type RolloutRow = (String, String, i32, String, String, String, i64, i64);
+
+fn rollout(r: RolloutRow) -> Rollout {
+    Rollout {
+        release: r.0,
+        previous_release: r.1,
+        percentage: r.2,
+        labels: serde_json::from_str(&r.3).unwrap_or_default(),
+        state: RolloutState::parse(&r.4),
+        updated_by: r.5,
+        created_at: r.6,
+        updated_at: r.7,
+    }
+}
+
+impl Store {
+    /// The environment's last rollout.
+    pub async fn get_rollout(&self, env: &EnvId) -> Result<Option<Rollout>, ConfigError> {
+        let row: Option<RolloutRow> = on_db!(&self.db, |pool| {
+            sqlx::query_as(
+                "SELECT release, previous_release, percentage, labels, state, updated_by, created_at, updated_at \
+                 FROM config_rollouts WHERE namespace = $1 AND environment = $2",
+            )
+            .bind(&env.namespace)
+            .bind(&env.environment)
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(row.map(rollout))
+    }
+
+    /// Stores `next` as the environment's rollout, and `current_release`
+    /// when given, if the rollout in place is in one of `from` states (`None`
+    /// in `from` admits an environment without one). The check and the
+    /// write share a transaction, so two operators cannot both win.
+    pub async fn put_rollout(
+        &self,
+        env: &EnvId,
+        from: &[Option<RolloutState>],
+        next: &Rollout,
+        current_release: Option<&str>,
+        event: &OutboxEvent,
+    ) -> Result<(), ConfigError> {
+        on_db!(&self.db, |pool| {
+            let mut tx = pool.begin_write().await?;
+            // Locks the environment row (PostgreSQL) so checks and writes serialise.
+            let locked: Option<(i64,)> = sqlx::query_as(
+                "UPDATE config_environments SET generation = generation WHERE namespace = $1 AND name = $2 RETURNING revision",
+            )
+            .bind(&env.namespace)
+            .bind(&env.environment)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if locked.is_none() {
+                return Err(ConfigError::EnvironmentNotFound(env.to_string()));
+            }
+            let state: Option<(String,)> =
+                sqlx::query_as("SELECT state FROM config_rollouts WHERE namespace = $1 AND environment = $2")
+                    .bind(&env.namespace)
+                    .bind(&env.environment)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let state = state.map(|s| RolloutState::parse(&s.0));
+            if !from.contains(&state) {
+                return Err(ConfigError::RolloutState(match state {
+                    None => "the environment has no rollout".into(),
+                    Some(s) => format!("the rollout is {}", s.as_str()),
+                }));
+            }
+            sqlx::query(
+                "INSERT INTO config_rollouts (namespace, environment, release, previous_release, percentage, labels, state, updated_by, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (namespace, environment) DO UPDATE SET \
+                 release = excluded.release, previous_release = excluded.previous_release, percentage = excluded.percentage, \
+                 labels = excluded.labels, state = excluded.state, updated_by = excluded.updated_by, \
+                 created_at = excluded.created_at, updated_at = excluded.updated_at",
+            )
+            .bind(&env.namespace)
+            .bind(&env.environment)
+            .bind(&next.release)
+            .bind(&next.previous_release)
+            .bind(next.percentage)
+            .bind(serde_json::to_string(&next.labels).unwrap_or_else(|_| "{}".into()))
+            .bind(next.state.as_str())
+            .bind(&next.updated_by)
+            .bind(next.created_at)
+            .bind(next.updated_at)
+            .execute(&mut *tx)
+            .await?;
+            if let Some(current) = current_release {
+                sqlx::query("UPDATE config_environments SET current_release = $3 WHERE namespace = $1 AND name = $2")
+                    .bind(&env.namespace)
+                    .bind(&env.environment)
+                    .bind(current)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             event.write(&mut *tx).await?;
             tx.commit().await?;
         });
