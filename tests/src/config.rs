@@ -82,6 +82,14 @@ impl ConfigSession {
         }
     }
 
+    /// Another session on `app` with the same token, namespace and environment.
+    pub async fn clone_session(&self, app: &TestApp) -> anyhow::Result<Self> {
+        let mut other = Self::with_token(app, &self.token).await?;
+        other.namespace = self.namespace.clone();
+        other.environment = self.environment.clone();
+        Ok(other)
+    }
+
     /// `message` with this session's token.
     pub fn req<T>(&self, message: T) -> tonic::Request<T> {
         with_bearer(message, &self.token)

@@ -52,6 +52,7 @@ on_both_backends!(
     bad_input_names_the_field,
     namespaces_and_environments_update_with_etags,
     rollouts_route_a_cohort_and_abort_returns_everyone,
+    concurrent_writers_share_commits_yet_each_gets_its_own_revision,
 );
 
 async fn admin_app(config: Config) -> anyhow::Result<(TestApp, ConfigSession)> {
@@ -1211,6 +1212,50 @@ async fn rollouts_route_a_cohort_and_abort_returns_everyone(config: Config) -> a
     assert_eq!(got.current_release, "v2");
     let bad = s.client.start_rollout(s.req(start(101, &[]))).await.unwrap_err();
     assert_eq!(violated_field(&bad), "rollout.percentage");
+    app.stop().await;
+    Ok(())
+}
+
+async fn concurrent_writers_share_commits_yet_each_gets_its_own_revision(config: Config) -> anyhow::Result<()> {
+    let (app, s) = admin_app(config).await?;
+    s.clone_session(&app).await?.set("shared", number(0.0)).await?;
+    let mut writers = Vec::new();
+    for i in 0..40 {
+        let mut w = s.clone_session(&app).await?;
+        writers.push(async move {
+            if i % 5 == 0 {
+                // Eight writers race to move `shared` from version 1: one wins.
+                let won = w
+                    .set_if(
+                        "shared",
+                        number(f64::from(i)),
+                        Some(pb::Precondition {
+                            expected_version: 1,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+                (i, won.map(|r| r.revision))
+            } else {
+                (i, w.set(&format!("own/{i:02}"), number(f64::from(i))).await)
+            }
+        });
+    }
+    let results = futures::future::join_all(writers).await;
+    let mut revisions: Vec<i64> = results.iter().filter_map(|(_, r)| r.as_ref().ok().copied()).collect();
+    let refused: Vec<&tonic::Status> = results.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    assert_eq!(refused.len(), 7, "exactly one of the eight CAS writers wins");
+    assert!(refused.iter().all(|e| e.code() == Code::Aborted));
+    revisions.sort_unstable();
+    assert_eq!(
+        revisions,
+        (2..=34).collect::<Vec<_>>(),
+        "one revision each, no gap, none shared"
+    );
+    let mut s = s;
+    assert_eq!(s.list(None).await?.len(), 33);
+    let shared = s.get_at("shared", None, false).await?.value.unwrap_or_default();
+    assert_eq!(shared.version, 2);
     app.stop().await;
     Ok(())
 }

@@ -9,7 +9,7 @@
 //!
 //! `cargo run --release -p plinth-bench --bin config-bench -- --seconds 5`
 //! (`--database-url postgres://…` for PostgreSQL instead of SQLite,
-//! `--watchers 1000,10000`, `--connections N` for the read and watch load)
+//! `--watchers 1000,10000`, `--streams-per-connection 100`, `--connections N` for reads and writes)
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -70,6 +70,19 @@ async fn serve(database_url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CPU time (user + system) process `pid` has used, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start after ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Resident memory of process `pid` in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -109,6 +122,9 @@ async fn main() -> anyhow::Result<()> {
     let seconds: u64 = arg("--seconds", 5);
     let connections: usize = arg("--connections", 4).max(1);
     let watchers: String = arg("--watchers", "1000,10000".to_owned());
+    // HTTP/2 multiplexes watch streams; 100 per connection stays under
+    // servers' usual concurrent-stream limits.
+    let per_connection: usize = arg("--streams-per-connection", 100).max(1);
     let duration = Duration::from_secs(seconds);
 
     let mut child = Command::new(std::env::current_exe()?)
@@ -205,7 +221,7 @@ async fn main() -> anyhow::Result<()> {
 
     // 4. Watchers: commit-to-watcher latency and memory per idle stream.
     for n in watchers.split(',').filter_map(|w| w.trim().parse::<usize>().ok()) {
-        watch_round(&target, &s, n, pid).await?;
+        watch_round(&target, &s, n, pid, per_connection).await?;
     }
 
     drop(child.stdin.take());
@@ -265,11 +281,10 @@ async fn in_memory_reads(
     Ok(report)
 }
 
-async fn watch_round(target: &str, s: &ConfigSession, n: usize, pid: u32) -> anyhow::Result<()> {
+async fn watch_round(target: &str, s: &ConfigSession, n: usize, pid: u32, per_connection: usize) -> anyhow::Result<()> {
     const WRITES: usize = 20;
-    const STREAMS_PER_CONNECTION: usize = 100;
     let rss_before = rss_kib(pid);
-    let pool = channels(target, n.div_ceil(STREAMS_PER_CONNECTION)).await?;
+    let pool = channels(target, n.div_ceil(per_connection)).await?;
     let mut client = s.client.clone();
     let head = client
         .get_environment(s.req(pb::GetEnvironmentRequest {
@@ -281,7 +296,7 @@ async fn watch_round(target: &str, s: &ConfigSession, n: usize, pid: u32) -> any
     let opened = Instant::now();
     let mut streams = Vec::with_capacity(n);
     for i in 0..n {
-        let mut client = ConfigServiceClient::new(pool[i / STREAMS_PER_CONNECTION].clone());
+        let mut client = ConfigServiceClient::new(pool[i / per_connection].clone());
         let req = with_bearer(
             pb::WatchRequest {
                 namespace: s.namespace.clone(),
@@ -326,12 +341,14 @@ async fn watch_round(target: &str, s: &ConfigSession, n: usize, pid: u32) -> any
         }
         anyhow::Ok(())
     };
+    let cpu_before = cpu_seconds(pid);
     let (all, written) = tokio::time::timeout(
         Duration::from_secs(120),
         futures::future::join(futures::future::join_all(readers), writer),
     )
     .await?;
     written?;
+    let server_cpu = cpu_seconds(pid) - cpu_before;
     let mut latencies: Vec<Duration> = all.into_iter().flatten().collect();
     latencies.sort();
     let report = Report {
@@ -349,6 +366,13 @@ async fn watch_round(target: &str, s: &ConfigSession, n: usize, pid: u32) -> any
         report.quantile(0.99).as_secs_f64() * 1e3,
         report.quantile(1.0).as_secs_f64() * 1e3,
         report.errors
+    ));
+    out(&format!(
+        "{:<44} {:.1} µs of server CPU per delivery ({:.2} s for {} writes)",
+        format!("fan-out cost, {n} watchers"),
+        server_cpu * 1e6 / (n * WRITES) as f64,
+        server_cpu,
+        WRITES
     ));
     out(&format!(
         "{:<44} {:.1} KiB per stream (server RSS {} → {} MiB; opened in {:.1} s)",

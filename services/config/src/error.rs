@@ -69,6 +69,18 @@ pub enum ConfigError {
     /// The rollout is not in a state that allows the call.
     #[error("{0}")]
     RolloutState(String),
+    /// The write's transaction was cut off (its leader's caller went away);
+    /// it may or may not have committed.
+    #[error("the write may or may not have committed; read the key before retrying")]
+    OutcomeUnknown,
+    /// A failure shared by every write of a group commit.
+    #[error("{reason}")]
+    Shared {
+        /// Whether retrying later may succeed.
+        unavailable: bool,
+        /// What failed.
+        reason: String,
+    },
     /// The database failed.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
@@ -78,6 +90,23 @@ impl ConfigError {
     /// An invalid single field.
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
         Self::Invalid(vec![FieldViolation::new(field, description)])
+    }
+}
+
+impl ConfigError {
+    /// The same failure again, for the other writers of a group commit:
+    /// the same kind where it can be rebuilt, else [`ConfigError::Shared`]
+    /// with the same code.
+    pub fn replicate(&self) -> Self {
+        match self {
+            Self::EnvironmentNotFound(s) => Self::EnvironmentNotFound(s.clone()),
+            Self::NamespaceNotFound(s) => Self::NamespaceNotFound(s.clone()),
+            Self::OutcomeUnknown => Self::OutcomeUnknown,
+            other => Self::Shared {
+                unavailable: other.code() == ErrorCode::Unavailable,
+                reason: other.to_string(),
+            },
+        }
     }
 }
 
@@ -110,6 +139,8 @@ impl ServiceError for ConfigError {
             Self::FutureRevision { .. } => ErrorCode::InvalidArgument,
             Self::RevealDenied => ErrorCode::PermissionDenied,
             Self::Decrypt { .. } => ErrorCode::Internal,
+            Self::OutcomeUnknown | Self::Shared { unavailable: true, .. } => ErrorCode::Unavailable,
+            Self::Shared { unavailable: false, .. } => ErrorCode::Internal,
             Self::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
             Self::Storage(_) => ErrorCode::Internal,
         }
@@ -132,6 +163,9 @@ impl ServiceError for ConfigError {
             Self::RevealDenied => "REVEAL_DENIED",
             Self::Decrypt { .. } => "SECRET_UNREADABLE",
             Self::RolloutState(_) => "ROLLOUT_STATE",
+            Self::OutcomeUnknown => "COMMIT_OUTCOME_UNKNOWN",
+            Self::Shared { unavailable: true, .. } => "STORAGE_UNAVAILABLE",
+            Self::Shared { unavailable: false, .. } => "STORAGE_ERROR",
             Self::Storage(e) if e.is_unavailable() => "STORAGE_UNAVAILABLE",
             Self::Storage(_) => "STORAGE_ERROR",
         }

@@ -2,12 +2,14 @@
 //! secrets, commits through the store, keeps this replica's feeds current,
 //! and answers reads from the in-memory head when it can.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use prost::Message;
 use secrecy::ExposeSecret;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use plinth::config::v1 as pb;
@@ -25,7 +27,7 @@ use crate::model::{
     RevisionInfo, RevisionKind, Rollout, RolloutState, Stored, check_key, check_text, now_ms,
 };
 use crate::schema::Schemas;
-use crate::store::{Committed, SealedTable, Store, Write};
+use crate::store::{Committed, SealedTable, Store, Write, WriteRequest};
 
 /// Updates a feed buffers for a slow watcher before it must re-read history.
 const FEED_CAPACITY: usize = 1024;
@@ -52,6 +54,75 @@ pub struct Shown {
     pub secret: Option<String>,
 }
 
+/// Most writes committed together in one transaction.
+const MAX_GROUP_WRITES: usize = 2000;
+
+/// A write request waiting in its environment's lane.
+struct Pending {
+    request: WriteRequest,
+    reply: oneshot::Sender<Result<Committed, ConfigError>>,
+}
+
+/// One environment's queue of writes, and who commits them.
+#[derive(Default)]
+struct Lane {
+    queue: std::sync::Mutex<std::collections::VecDeque<Pending>>,
+    lead: tokio::sync::Mutex<()>,
+}
+
+impl Lane {
+    fn push(&self, p: Pending) {
+        match self.queue.lock() {
+            Ok(mut q) => q.push_back(p),
+            Err(poisoned) => poisoned.into_inner().push_back(p),
+        }
+    }
+
+    /// The oldest requests, up to about `max_writes` writes (at least one request).
+    fn take(&self, max_writes: usize) -> Vec<Pending> {
+        let mut q = match self.queue.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut out = Vec::new();
+        let mut writes = 0;
+        while let Some(front) = q.front() {
+            if !out.is_empty() && writes + front.request.writes.len() > max_writes {
+                break;
+            }
+            writes += front.request.writes.len();
+            if let Some(p) = q.pop_front() {
+                out.push(p);
+            }
+        }
+        out
+    }
+}
+
+/// The lanes of every environment written through this replica.
+#[derive(Default)]
+struct Lanes(std::sync::Mutex<HashMap<EnvId, Arc<Lane>>>);
+
+impl Lanes {
+    fn lane(&self, env: &EnvId) -> Arc<Lane> {
+        let mut lanes = match self.0.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        lanes.entry(env.clone()).or_default().clone()
+    }
+}
+
+/// The answer, once a leader has sent it.
+fn answered(answer: &mut oneshot::Receiver<Result<Committed, ConfigError>>) -> Option<Result<Committed, ConfigError>> {
+    match answer.try_recv() {
+        Ok(done) => Some(done),
+        Err(oneshot::error::TryRecvError::Empty) => None,
+        // The leader went away mid-commit (its caller disconnected).
+        Err(oneshot::error::TryRecvError::Closed) => Some(Err(ConfigError::OutcomeUnknown)),
+    }
+}
+
 /// `concrete` leaves no client read behind; reaching one is a bug.
 fn unresolved() -> ConfigError {
     ConfigError::Storage(plinth_runtime::storage::StorageError::Query(sqlx::Error::Protocol(
@@ -68,6 +139,7 @@ pub struct Configuration {
     schemas: Arc<Schemas>,
     settings: ConfigSettings,
     relay: Option<Relay>,
+    lanes: Arc<Lanes>,
 }
 
 impl Configuration {
@@ -81,6 +153,7 @@ impl Configuration {
             schemas: Arc::new(Schemas::default()),
             settings,
             relay,
+            lanes: Arc::new(Lanes::default()),
         }
     }
 
@@ -467,9 +540,39 @@ impl Configuration {
         caller: &Caller,
     ) -> Result<Committed, ConfigError> {
         check_text("message", message)?;
-        let committed = self
+        let request = WriteRequest {
+            author: caller.subject.clone(),
+            message: message.to_owned(),
+            kind,
+            writes: writes.to_vec(),
+        };
+        // Group commit: writers of one environment queue up; whoever holds
+        // the lane's lead commits everything queued in one transaction. A
+        // lone writer leads at once, so nobody waits for company.
+        let lane = self.lanes.lane(env);
+        let (reply, mut answer) = oneshot::channel();
+        lane.push(Pending { request, reply });
+        loop {
+            if let Some(done) = answered(&mut answer) {
+                return done;
+            }
+            let lead = lane.lead.lock().await;
+            if let Some(done) = answered(&mut answer) {
+                return done;
+            }
+            let group = lane.take(MAX_GROUP_WRITES);
+            if !group.is_empty() {
+                self.commit_group(env, group).await;
+            }
+            drop(lead);
+        }
+    }
+
+    async fn commit_group(&self, env: &EnvId, group: Vec<Pending>) {
+        let (requests, replies): (Vec<WriteRequest>, Vec<_>) = group.into_iter().map(|p| (p.request, p.reply)).unzip();
+        let result = self
             .store
-            .commit(env, &caller.subject, message, kind, writes, |revision, keys| {
+            .commit_group(env, &requests, |request, revision, keys| {
                 OutboxEvent::new(
                     "plinth.config.changed",
                     env.to_string(),
@@ -478,19 +581,39 @@ impl Configuration {
                         environment: env.environment.clone(),
                         revision,
                         keys: keys.to_vec(),
-                        author: caller.subject.clone(),
-                        message: message.to_owned(),
-                        kind: kind.as_str().to_owned(),
+                        author: request.author.clone(),
+                        message: request.message.clone(),
+                        kind: request.kind.as_str().to_owned(),
                         time: Some(timestamp(now_ms())),
                     },
                 )
             })
-            .await?;
-        if let Some(batch) = &committed.batch {
-            self.wake();
-            self.hub.committed(env, batch).await;
+            .await;
+        match result {
+            Ok(outcomes) => {
+                let mut any = false;
+                for batch in outcomes.iter().flatten().filter_map(|c| c.batch.as_ref()) {
+                    any = true;
+                    // Before answering: a writer reading right after its write sees it here.
+                    self.hub.committed(env, batch).await;
+                }
+                if any {
+                    self.wake();
+                }
+                for (outcome, reply) in outcomes.into_iter().zip(replies) {
+                    let _ = reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                use plinth_runtime::error::{ErrorCode, ServiceError};
+                if matches!(e.code(), ErrorCode::Internal | ErrorCode::Unavailable) {
+                    tracing::error!(env = %env, writes = requests.len(), error = %plinth_runtime::error::chain(&e), "group commit failed");
+                }
+                for reply in replies {
+                    let _ = reply.send(Err(e.replicate()));
+                }
+            }
         }
-        Ok(committed)
     }
 
     /// Applies mutations as one revision (`field` names them in errors).

@@ -4,6 +4,7 @@
 //! a call reaches here; only the preconditions, which must be checked under
 //! the environment's lock, are evaluated inside the write transaction.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use plinth_runtime::events::outbox::OutboxEvent;
@@ -232,16 +233,84 @@ pub struct Committed {
     pub revision: i64,
 }
 
+/// Rows per multi-row statement (12 binds each stays far below SQLite's
+/// 32,766 and PostgreSQL's 65,535 parameters).
+const ROWS_PER_STATEMENT: usize = 500;
+/// Keys per `IN (…)` list.
+const KEYS_PER_STATEMENT: usize = 1000;
+
+/// One write request of a group: one revision if it changes anything.
+#[derive(Debug, Clone)]
+pub struct WriteRequest {
+    /// Who.
+    pub author: String,
+    /// Why.
+    pub message: String,
+    /// Write, rollback or import.
+    pub kind: RevisionKind,
+    /// Its changes, each key at most once.
+    pub writes: Vec<Write>,
+}
+
+/// What `request` would change on top of `state` as revision `revision`;
+/// the conflict if a precondition fails. Deletes of absent keys are no
+/// change. Events come in key order.
+fn stage(
+    state: &HashMap<String, Option<Entry>>,
+    request: &WriteRequest,
+    revision: i64,
+    now: i64,
+) -> Result<Vec<KeyEvent>, ConfigError> {
+    let mut events = Vec::with_capacity(request.writes.len());
+    for w in &request.writes {
+        let current = state.get(&w.key).and_then(Option::as_ref);
+        w.precondition.check(&w.key, current)?;
+        match &w.value {
+            Some(value) => {
+                let (version, create_revision) = match current {
+                    Some(c) => (c.version + 1, c.create_revision),
+                    None => (1, revision),
+                };
+                events.push(KeyEvent {
+                    key: w.key.clone(),
+                    entry: Some(Arc::new(Entry {
+                        key: w.key.clone(),
+                        value: value.clone(),
+                        version,
+                        create_revision,
+                        mod_revision: revision,
+                        updated_by: request.author.clone(),
+                        updated_at: now,
+                    })),
+                });
+            }
+            None if current.is_some() => events.push(KeyEvent {
+                key: w.key.clone(),
+                entry: None,
+            }),
+            None => {}
+        }
+    }
+    events.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(events)
+}
+
 /// The config service's tables.
 #[derive(Clone)]
 pub struct Store {
     db: Db,
+    /// SQLite has one writer: group commits of different environments take
+    /// turns here (in arrival order) instead of polling the busy lock.
+    sqlite_writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
     /// Storage on `db` (migrated with [`crate::MIGRATIONS`]).
     pub fn new(db: Db) -> Self {
-        Self { db }
+        Self {
+            db,
+            sqlite_writer: Arc::new(tokio::sync::Mutex::new(())),
+        }
     }
 
     /// The database.
@@ -765,192 +834,247 @@ impl Store {
 
     // ---- writes ------------------------------------------------------------
 
-    /// Commits `writes` as one revision of `env`, with the outbox event that
-    /// `event` builds from the new revision and changed keys.
-    pub async fn commit(
+    /// Commits `requests` in one transaction, each as its own revision in
+    /// order, with the outbox event `event` builds for each. A request whose
+    /// precondition fails is answered with the conflict and takes no
+    /// revision; the others still commit. Everything is read once and
+    /// written with one multi-row statement per table, so a group of many
+    /// writes costs little more than one: this is what lets concurrent
+    /// writers of one environment share a commit (and its fsync).
+    pub async fn commit_group(
         &self,
         env: &EnvId,
-        author: &str,
-        message: &str,
-        kind: RevisionKind,
-        writes: &[Write],
-        event: impl Fn(i64, &[String]) -> OutboxEvent,
-    ) -> Result<Committed, ConfigError> {
+        requests: &[WriteRequest],
+        event: impl Fn(&WriteRequest, i64, &[String]) -> OutboxEvent,
+    ) -> Result<Vec<Result<Committed, ConfigError>>, ConfigError> {
         let now = now_ms();
+        let mut keys: Vec<&str> = requests
+            .iter()
+            .flat_map(|r| r.writes.iter().map(|w| w.key.as_str()))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let _turn = match &self.db {
+            Db::Sqlite(_) => Some(self.sqlite_writer.lock().await),
+            Db::Postgres(_) => None,
+        };
         on_db!(&self.db, |pool| {
             let mut tx = pool.begin_write().await?;
+            // Locks the environment row (PostgreSQL; SQLite's write lock is
+            // already held), so revisions follow commit order.
             let head: Option<(i64,)> = sqlx::query_as(
-                "UPDATE config_environments SET revision = revision + 1, updated_at = $3 \
-                 WHERE namespace = $1 AND name = $2 RETURNING revision",
+                "UPDATE config_environments SET updated_at = $3 WHERE namespace = $1 AND name = $2 RETURNING revision",
             )
             .bind(&env.namespace)
             .bind(&env.environment)
             .bind(now)
             .fetch_optional(&mut *tx)
             .await?;
-            let Some((revision,)) = head else {
+            let Some((mut revision,)) = head else {
                 drop(tx);
                 self.get_namespace(&env.namespace).await?;
                 return Err(ConfigError::EnvironmentNotFound(env.to_string()));
             };
-            let mut events = Vec::with_capacity(writes.len());
-            let mut delta = 0i64;
-            for w in writes {
-                let current: Option<ValueRow> = sqlx::query_as(concat!(
+            let mut state: HashMap<String, Option<Entry>> = HashMap::with_capacity(keys.len());
+            for chunk in keys.chunks(KEYS_PER_STATEMENT) {
+                let mut q = sqlx::QueryBuilder::new(concat!(
                     "SELECT ",
                     value_columns!(),
-                    " FROM config_values WHERE namespace = $1 AND environment = $2 AND key = $3"
-                ))
-                .bind(&env.namespace)
-                .bind(&env.environment)
-                .bind(&w.key)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let current = match current {
-                    Some(r) => entry(r)?,
-                    None => None,
-                };
-                w.precondition.check(&w.key, current.as_ref())?;
-                match &w.value {
-                    Some(value) => {
-                        let (version, create_revision) = match &current {
-                            Some(c) => (c.version + 1, c.create_revision),
-                            None => {
-                                delta += 1;
-                                (1, revision)
-                            }
-                        };
-                        let (vt, bytes, wrapped, kek) = encode(value);
-                        sqlx::query(
-                            "INSERT INTO config_values (namespace, environment, key, value_type, value, wrapped_key, kek_id, version, create_revision, mod_revision, updated_by, updated_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                             ON CONFLICT (namespace, environment, key) DO UPDATE SET value_type = excluded.value_type, value = excluded.value, \
-                             wrapped_key = excluded.wrapped_key, kek_id = excluded.kek_id, version = excluded.version, \
-                             create_revision = excluded.create_revision, mod_revision = excluded.mod_revision, \
-                             updated_by = excluded.updated_by, updated_at = excluded.updated_at",
-                        )
-                        .bind(&env.namespace)
-                        .bind(&env.environment)
-                        .bind(&w.key)
-                        .bind(vt)
-                        .bind(&bytes)
-                        .bind(&wrapped)
-                        .bind(&kek)
-                        .bind(version)
-                        .bind(create_revision)
-                        .bind(revision)
-                        .bind(author)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                        sqlx::query(
-                            "INSERT INTO config_history (namespace, environment, revision, key, value_type, value, wrapped_key, kek_id, version, create_revision, updated_by, updated_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                        )
-                        .bind(&env.namespace)
-                        .bind(&env.environment)
-                        .bind(revision)
-                        .bind(&w.key)
-                        .bind(vt)
-                        .bind(&bytes)
-                        .bind(&wrapped)
-                        .bind(&kek)
-                        .bind(version)
-                        .bind(create_revision)
-                        .bind(author)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                        events.push(KeyEvent {
-                            key: w.key.clone(),
-                            entry: Some(Arc::new(Entry {
-                                key: w.key.clone(),
-                                value: value.clone(),
-                                version,
-                                create_revision,
-                                mod_revision: revision,
-                                updated_by: author.to_owned(),
-                                updated_at: now,
+                    " FROM config_values WHERE namespace = "
+                ));
+                q.push_bind(&env.namespace)
+                    .push(" AND environment = ")
+                    .push_bind(&env.environment)
+                    .push(" AND key IN (");
+                let mut list = q.separated(", ");
+                for k in chunk {
+                    list.push_bind(*k);
+                }
+                list.push_unseparated(")");
+                let rows: Vec<ValueRow> = q.build_query_as().fetch_all(&mut *tx).await?;
+                for row in rows {
+                    let key = row.0.clone();
+                    state.insert(key, entry(row)?);
+                }
+            }
+            let existed: HashMap<String, bool> = keys
+                .iter()
+                .map(|k| ((*k).to_owned(), state.get(*k).is_some_and(Option::is_some)))
+                .collect();
+
+            let mut outcomes = Vec::with_capacity(requests.len());
+            let mut history: Vec<(i64, Arc<Entry>, bool)> = Vec::new();
+            let mut revisions: Vec<(i64, &WriteRequest, Vec<String>)> = Vec::new();
+            let mut touched: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+            for request in requests {
+                match stage(&state, request, revision + 1, now) {
+                    Err(conflict) => outcomes.push(Err(conflict)),
+                    Ok(events) if events.is_empty() => outcomes.push(Ok(Committed { batch: None, revision })),
+                    Ok(events) => {
+                        revision += 1;
+                        for e in &events {
+                            let row = match &e.entry {
+                                Some(entry) => (revision, entry.clone(), false),
+                                None => {
+                                    let before = state.get(&e.key).cloned().flatten();
+                                    let (version, create_revision) =
+                                        before.map_or((0, 0), |b| (b.version, b.create_revision));
+                                    let marker = Entry {
+                                        key: e.key.clone(),
+                                        value: Stored::Plain(Plain::String(String::new())),
+                                        version,
+                                        create_revision,
+                                        mod_revision: revision,
+                                        updated_by: request.author.clone(),
+                                        updated_at: now,
+                                    };
+                                    (revision, Arc::new(marker), true)
+                                }
+                            };
+                            history.push(row);
+                            touched.insert(e.key.clone());
+                            state.insert(e.key.clone(), e.entry.as_deref().cloned());
+                        }
+                        let keys: Vec<String> = events.iter().map(|e| e.key.clone()).collect();
+                        revisions.push((revision, request, keys));
+                        outcomes.push(Ok(Committed {
+                            batch: Some(Arc::new(Batch {
+                                revision,
+                                author: request.author.clone(),
+                                message: request.message.clone(),
+                                events,
                             })),
-                        });
-                    }
-                    None => {
-                        let Some(c) = current else { continue };
-                        delta -= 1;
-                        sqlx::query("DELETE FROM config_values WHERE namespace = $1 AND environment = $2 AND key = $3")
-                            .bind(&env.namespace)
-                            .bind(&env.environment)
-                            .bind(&w.key)
-                            .execute(&mut *tx)
-                            .await?;
-                        sqlx::query(
-                            "INSERT INTO config_history (namespace, environment, revision, key, value_type, value, wrapped_key, kek_id, version, create_revision, updated_by, updated_at) \
-                             VALUES ($1, $2, $3, $4, 0, $5, NULL, NULL, $6, $7, $8, $9)",
-                        )
-                        .bind(&env.namespace)
-                        .bind(&env.environment)
-                        .bind(revision)
-                        .bind(&w.key)
-                        .bind(Vec::<u8>::new())
-                        .bind(c.version)
-                        .bind(c.create_revision)
-                        .bind(author)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                        events.push(KeyEvent {
-                            key: w.key.clone(),
-                            entry: None,
-                        });
+                            revision,
+                        }));
                     }
                 }
             }
-            if events.is_empty() {
+            if revisions.is_empty() {
                 drop(tx);
-                return Ok(Committed {
-                    batch: None,
-                    revision: revision - 1,
-                });
+                return Ok(outcomes);
             }
-            if delta != 0 {
-                sqlx::query(
-                    "UPDATE config_environments SET key_count = key_count + $3 WHERE namespace = $1 AND name = $2",
-                )
-                .bind(&env.namespace)
-                .bind(&env.environment)
-                .bind(delta)
-                .execute(&mut *tx)
-                .await?;
+
+            // The head: final state of every touched key.
+            let mut upserts: Vec<&Entry> = Vec::new();
+            let mut deletes: Vec<&str> = Vec::new();
+            let mut delta = 0i64;
+            for key in &touched {
+                let before = existed.get(key).copied().unwrap_or(false);
+                match state.get(key).and_then(Option::as_ref) {
+                    Some(e) => {
+                        upserts.push(e);
+                        if !before {
+                            delta += 1;
+                        }
+                    }
+                    None if before => {
+                        delta -= 1;
+                        deletes.push(key);
+                    }
+                    None => {}
+                }
             }
-            events.sort_by(|a, b| a.key.cmp(&b.key));
-            let keys: Vec<String> = events.iter().map(|e| e.key.clone()).collect();
-            let listed: Vec<&String> = keys.iter().take(100).collect();
             sqlx::query(
-                "INSERT INTO config_revisions (namespace, environment, revision, author, message, kind, created_at, change_count, keys) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                "UPDATE config_environments SET revision = $3, key_count = key_count + $4 WHERE namespace = $1 AND name = $2",
             )
             .bind(&env.namespace)
             .bind(&env.environment)
             .bind(revision)
-            .bind(author)
-            .bind(message)
-            .bind(kind.as_str())
-            .bind(now)
-            .bind(i32::try_from(keys.len()).unwrap_or(i32::MAX))
-            .bind(serde_json::to_string(&listed).unwrap_or_else(|_| "[]".into()))
+            .bind(delta)
             .execute(&mut *tx)
             .await?;
-            event(revision, &keys).write(&mut *tx).await?;
+            for chunk in upserts.chunks(ROWS_PER_STATEMENT) {
+                let mut q = sqlx::QueryBuilder::new(concat!(
+                    "INSERT INTO config_values (namespace, environment, ",
+                    value_columns!(),
+                    ") "
+                ));
+                q.push_values(chunk, |mut b, e| {
+                    let (vt, bytes, wrapped, kek) = encode(&e.value);
+                    b.push_bind(&env.namespace)
+                        .push_bind(&env.environment)
+                        .push_bind(&e.key)
+                        .push_bind(vt)
+                        .push_bind(bytes)
+                        .push_bind(wrapped)
+                        .push_bind(kek)
+                        .push_bind(e.version)
+                        .push_bind(e.create_revision)
+                        .push_bind(e.mod_revision)
+                        .push_bind(&e.updated_by)
+                        .push_bind(e.updated_at);
+                });
+                q.push(
+                    " ON CONFLICT (namespace, environment, key) DO UPDATE SET value_type = excluded.value_type, \
+                     value = excluded.value, wrapped_key = excluded.wrapped_key, kek_id = excluded.kek_id, \
+                     version = excluded.version, create_revision = excluded.create_revision, \
+                     mod_revision = excluded.mod_revision, updated_by = excluded.updated_by, updated_at = excluded.updated_at",
+                );
+                q.build().execute(&mut *tx).await?;
+            }
+            for chunk in deletes.chunks(KEYS_PER_STATEMENT) {
+                let mut q = sqlx::QueryBuilder::new("DELETE FROM config_values WHERE namespace = ");
+                q.push_bind(&env.namespace)
+                    .push(" AND environment = ")
+                    .push_bind(&env.environment)
+                    .push(" AND key IN (");
+                let mut list = q.separated(", ");
+                for k in chunk {
+                    list.push_bind(*k);
+                }
+                list.push_unseparated(")");
+                q.build().execute(&mut *tx).await?;
+            }
+            for chunk in history.chunks(ROWS_PER_STATEMENT) {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO config_history (namespace, environment, revision, key, value_type, value, wrapped_key, \
+                     kek_id, version, create_revision, updated_by, updated_at) ",
+                );
+                q.push_values(chunk, |mut b, (rev, e, deleted)| {
+                    let (vt, bytes, wrapped, kek) = if *deleted {
+                        (VT_DELETED, Vec::new(), None, None)
+                    } else {
+                        encode(&e.value)
+                    };
+                    b.push_bind(&env.namespace)
+                        .push_bind(&env.environment)
+                        .push_bind(*rev)
+                        .push_bind(&e.key)
+                        .push_bind(vt)
+                        .push_bind(bytes)
+                        .push_bind(wrapped)
+                        .push_bind(kek)
+                        .push_bind(e.version)
+                        .push_bind(e.create_revision)
+                        .push_bind(&e.updated_by)
+                        .push_bind(e.updated_at);
+                });
+                q.build().execute(&mut *tx).await?;
+            }
+            for chunk in revisions.chunks(ROWS_PER_STATEMENT) {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO config_revisions (namespace, environment, revision, author, message, kind, created_at, \
+                     change_count, keys) ",
+                );
+                q.push_values(chunk, |mut b, (rev, request, keys)| {
+                    let listed: Vec<&String> = keys.iter().take(100).collect();
+                    b.push_bind(&env.namespace)
+                        .push_bind(&env.environment)
+                        .push_bind(*rev)
+                        .push_bind(&request.author)
+                        .push_bind(&request.message)
+                        .push_bind(request.kind.as_str())
+                        .push_bind(now)
+                        .push_bind(i32::try_from(keys.len()).unwrap_or(i32::MAX))
+                        .push_bind(serde_json::to_string(&listed).unwrap_or_else(|_| "[]".into()));
+                });
+                q.build().execute(&mut *tx).await?;
+            }
+            for (rev, request, keys) in &revisions {
+                event(request, *rev, keys).write(&mut *tx).await?;
+            }
             tx.commit().await?;
-            Ok(Committed {
-                batch: Some(Arc::new(Batch {
-                    revision,
-                    author: author.to_owned(),
-                    message: message.to_owned(),
-                    events,
-                })),
-                revision,
-            })
+            Ok(outcomes)
         })
     }
 

@@ -52,6 +52,10 @@ struct Watcher {
     replay_to: i64,
     queue: VecDeque<pb::WatchResponse>,
     progress: Duration,
+    /// Fires when the stream may have been quiet for `progress`.
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// When a message last went out.
+    last_sent: tokio::time::Instant,
     ended: bool,
 }
 
@@ -71,6 +75,8 @@ pub async fn open(
         replay_to: 0,
         queue: VecDeque::new(),
         progress,
+        idle: Box::pin(tokio::time::sleep(progress)),
+        last_sent: tokio::time::Instant::now(),
         ended: false,
         spec,
     };
@@ -171,7 +177,10 @@ impl Watcher {
             return None;
         }
         match self.advance().await {
-            Ok(m) => Some(Ok(m)),
+            Ok(m) => {
+                self.last_sent = tokio::time::Instant::now();
+                Some(Ok(m))
+            }
             Err(e) => {
                 self.ended = true;
                 Some(Err(to_status(&e)))
@@ -197,9 +206,22 @@ impl Watcher {
                 }
                 continue;
             }
-            let received = tokio::time::timeout(self.progress, self.rx.recv()).await;
+            // One timer per stream, re-armed only when it fires: re-arming on
+            // every message would touch the runtime's timer wheel once per
+            // delivery, a cost every watcher pays on every revision.
+            let received = tokio::select! {
+                biased;
+                received = self.rx.recv() => Ok(received),
+                () = &mut self.idle => Err(()),
+            };
             match received {
-                Err(_) => {
+                Err(()) => {
+                    let quiet_until = self.last_sent + self.progress;
+                    if quiet_until > tokio::time::Instant::now() {
+                        self.idle.as_mut().reset(quiet_until);
+                        continue;
+                    }
+                    self.idle.as_mut().reset(tokio::time::Instant::now() + self.progress);
                     return Ok(pb::WatchResponse {
                         revision: self.last,
                         progress: true,
