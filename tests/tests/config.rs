@@ -1259,3 +1259,111 @@ async fn concurrent_writers_share_commits_yet_each_gets_its_own_revision(config:
     app.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn over_http_values_round_trip_bad_input_is_400_and_watch_is_ndjson() {
+    let (app, s) = admin_app(TestApp::config()).await.unwrap();
+    let base = format!(
+        "http://{}/v1/config/namespaces/{}/environments/{}",
+        app.http, s.namespace, s.environment
+    );
+    let http = reqwest::Client::new();
+    let auth = format!("Bearer {}", s.token);
+
+    let put = http
+        .put(format!("{base}/values/db/url"))
+        .header("authorization", &auth)
+        .json(&serde_json::json!({"value": {"stringValue": "postgres://x"}, "message": "first"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let body: serde_json::Value = put.json().await.unwrap();
+    assert_eq!(body["revision"], "1");
+    assert_eq!(body["value"]["key"], "db/url");
+    let got: serde_json::Value = http
+        .get(format!("{base}/values/db/url"))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["value"]["value"]["stringValue"], "postgres://x");
+
+    for (path, body, field) in [
+        (
+            "values/a%20b",
+            serde_json::json!({"value": {"stringValue": "x"}}),
+            "key",
+        ),
+        ("values/ok", serde_json::json!({}), "value"),
+        (
+            "values/ok",
+            serde_json::json!({"value": {"numberValue": 1}, "precondition": {"expectedVersion": -1}}),
+            "precondition.expected_version",
+        ),
+    ] {
+        let r = http
+            .put(format!("{base}/{path}"))
+            .header("authorization", &auth)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path} {body}");
+        let e: serde_json::Value = r.json().await.unwrap();
+        let violations = e["details"]
+            .as_array()
+            .and_then(|d| d.iter().find(|x| x["fieldViolations"].is_array()))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(violations["fieldViolations"][0]["field"], field, "{e}");
+    }
+    let conflict = http
+        .put(format!("{base}/values/db/url"))
+        .header("authorization", &auth)
+        .json(&serde_json::json!({"value": {"stringValue": "y"}, "precondition": {"mustNotExist": true}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(conflict.status(), 409);
+
+    // The watch as NDJSON: one JSON object per line, a change per revision.
+    let mut watch = http
+        .get(format!("{base}:watch?fromRevision=1"))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(watch.status(), 200);
+    assert_eq!(
+        watch.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/x-ndjson")
+    );
+    let mut s = s;
+    s.set("feature/beta", text("on")).await.unwrap();
+    let mut buffered = String::new();
+    let mut lines = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while lines.len() < 2 {
+            if let Some((line, rest)) = buffered.split_once('\n') {
+                lines.push(serde_json::from_str::<serde_json::Value>(line).unwrap());
+                buffered = rest.to_owned();
+                continue;
+            }
+            let chunk = watch.chunk().await.unwrap().unwrap_or_default();
+            buffered.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .unwrap();
+    // First, at once: where the watch starts.
+    assert_eq!(lines[0]["result"]["progress"], true);
+    assert_eq!(lines[0]["result"]["revision"], "1");
+    let message = &lines[1];
+    assert_eq!(message["result"]["revision"], "2");
+    assert_eq!(message["result"]["events"][0]["value"]["key"], "feature/beta");
+    app.stop().await;
+}

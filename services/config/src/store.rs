@@ -252,6 +252,23 @@ pub struct WriteRequest {
     pub writes: Vec<Write>,
 }
 
+/// Completes `… WHERE namespace = ` with the environment and `keys`.
+fn of_keys<'a, DB>(q: &mut sqlx::QueryBuilder<DB>, env: &'a EnvId, keys: &[&'a str])
+where
+    DB: sqlx::Database,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    q.push_bind(env.namespace.as_str())
+        .push(" AND environment = ")
+        .push_bind(env.environment.as_str())
+        .push(" AND key IN (");
+    let mut list = q.separated(", ");
+    for k in keys {
+        list.push_bind(*k);
+    }
+    list.push_unseparated(")");
+}
+
 /// What `request` would change on top of `state` as revision `revision`;
 /// the conflict if a precondition fails. Deletes of absent keys are no
 /// change. Events come in key order.
@@ -882,15 +899,7 @@ impl Store {
                     value_columns!(),
                     " FROM config_values WHERE namespace = "
                 ));
-                q.push_bind(&env.namespace)
-                    .push(" AND environment = ")
-                    .push_bind(&env.environment)
-                    .push(" AND key IN (");
-                let mut list = q.separated(", ");
-                for k in chunk {
-                    list.push_bind(*k);
-                }
-                list.push_unseparated(")");
+                of_keys(&mut q, env, chunk);
                 let rows: Vec<ValueRow> = q.build_query_as().fetch_all(&mut *tx).await?;
                 for row in rows {
                     let key = row.0.clone();
@@ -1014,15 +1023,7 @@ impl Store {
             }
             for chunk in deletes.chunks(KEYS_PER_STATEMENT) {
                 let mut q = sqlx::QueryBuilder::new("DELETE FROM config_values WHERE namespace = ");
-                q.push_bind(&env.namespace)
-                    .push(" AND environment = ")
-                    .push_bind(&env.environment)
-                    .push(" AND key IN (");
-                let mut list = q.separated(", ");
-                for k in chunk {
-                    list.push_bind(*k);
-                }
-                list.push_unseparated(")");
+                of_keys(&mut q, env, chunk);
                 q.build().execute(&mut *tx).await?;
             }
             for chunk in history.chunks(ROWS_PER_STATEMENT) {

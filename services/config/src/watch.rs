@@ -81,6 +81,15 @@ pub async fn open(
         spec,
     };
     w.start(w.spec.from_revision)?;
+    // Like etcd's `created`: the first message comes at once, so a client
+    // (and an HTTP response's headers) need not wait for the first change.
+    if w.queue.is_empty() && w.last >= w.replay_to {
+        w.queue.push_back(pb::WatchResponse {
+            revision: w.last,
+            progress: true,
+            ..Default::default()
+        });
+    }
     Ok(futures::stream::unfold(w, |mut w| async move {
         let item = w.next().await?;
         Some((item, w))
