@@ -290,7 +290,15 @@ impl Hub {
                 return Ok(());
             }
             let upto = environment.revision.min(from + CATCH_UP_CHUNK);
-            let batches = self.store.batches(&feed.env, from, upto).await?;
+            let batches = match self.store.batches(&feed.env, from, upto).await {
+                Err(ConfigError::Compacted { .. }) => {
+                    // Compacted between the check above and this read: reload.
+                    let (env, entries) = self.store.load_head(&feed.env).await?;
+                    feed.reset(env.revision, env.compacted_revision, entries);
+                    return Ok(());
+                }
+                other => other?,
+            };
             if batches.is_empty() {
                 return Err(ConfigError::Storage(plinth_runtime::storage::StorageError::Query(
                     sqlx::Error::Protocol(format!("history of {} misses revisions after {from}", feed.env)),

@@ -1234,7 +1234,15 @@ impl Configuration {
     }
 
     /// Batches of `env` in `(after, upto]`, for watchers replaying history.
+    /// `Compacted` when `after` is older than retained history.
     pub async fn batches(&self, env: &EnvId, after: i64, upto: i64) -> Result<Vec<Batch>, ConfigError> {
+        let compacted = self.store.get_environment(env).await?.compacted_revision;
+        if after < compacted {
+            return Err(ConfigError::Compacted {
+                revision: after,
+                compacted,
+            });
+        }
         self.store.batches(env, after, upto).await
     }
 }

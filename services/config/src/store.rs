@@ -728,9 +728,13 @@ impl Store {
                 i += 1;
             }
             let Some(batch) = batches.get_mut(i).filter(|b| b.revision == revision) else {
-                return Err(corrupt(format!(
-                    "history of {env} has revision {revision} without its record"
-                )));
+                // Compaction removes the records of revisions up to a point
+                // and keeps each key's last row; meeting one means the range
+                // asked for reaches into compacted history.
+                return Err(ConfigError::Compacted {
+                    revision: after,
+                    compacted: revision,
+                });
             };
             batch.events.push(KeyEvent {
                 key,

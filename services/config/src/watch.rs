@@ -204,12 +204,17 @@ impl Watcher {
             }
             if self.last < self.replay_to {
                 let upto = self.replay_to.min(self.last + REPLAY_CHUNK);
-                let batches = self.config.batches(&self.spec.env, self.last, upto).await?;
-                if batches.is_empty() {
-                    // Compacted under us: start over from a snapshot.
-                    self.start(0)?;
-                    continue;
-                }
+                let batches = match self.config.batches(&self.spec.env, self.last, upto).await {
+                    Ok(b) if !b.is_empty() => b,
+                    // Compacted since this replica loaded the head: start
+                    // over from a snapshot, as a watch from there would.
+                    Ok(_) | Err(ConfigError::Compacted { .. }) => {
+                        tracing::info!(env = %self.spec.env, from = self.last, "watch replay reached compacted history; sending a snapshot");
+                        self.start(0)?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 for b in &batches {
                     self.push_batch(b)?;
                 }
