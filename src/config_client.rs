@@ -85,10 +85,11 @@ impl Inner {
             prefix: self.prefix.clone(),
             revision: snapshot.revision,
             values: snapshot.values.values().cloned().collect(),
+            revealed: self.reveal_secrets,
         }
         .encode_to_vec();
         let tmp = path.with_extension("tmp");
-        if std::fs::write(&tmp, encoded).is_ok() {
+        if write_private(&tmp, &encoded).is_ok() {
             let _ = std::fs::rename(&tmp, path);
         }
     }
@@ -96,13 +97,31 @@ impl Inner {
     fn load(&self) -> Option<Snapshot> {
         let bytes = std::fs::read(self.file.as_ref()?).ok()?;
         let s = ConfigSnapshot::decode(bytes.as_slice()).ok()?;
-        (s.namespace == self.namespace && s.environment == self.environment && s.prefix == self.prefix).then(|| {
-            Snapshot {
-                revision: s.revision,
-                values: s.values.into_iter().map(|kv| (kv.key.clone(), kv)).collect(),
-            }
+        // A copy made with other settings (another prefix, secrets revealed
+        // or not) is not this client's: start over rather than mix them.
+        let ours = s.namespace == self.namespace
+            && s.environment == self.environment
+            && s.prefix == self.prefix
+            && s.revealed == self.reveal_secrets;
+        ours.then(|| Snapshot {
+            revision: s.revision,
+            values: s.values.into_iter().map(|kv| (kv.key.clone(), kv)).collect(),
         })
     }
+}
+
+/// Writes `bytes` to a new file only its owner can read: the copy may hold
+/// revealed secrets.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)?.write_all(bytes)
 }
 
 /// Builds a [`ConfigClient`].
@@ -275,7 +294,12 @@ impl Follower {
             .await?
             .into_inner();
         let head = env.environment.map_or(0, |e| e.revision);
-        let from = inner.snapshot().revision;
+        let mut from = inner.snapshot().revision;
+        if from > head {
+            // The copy is ahead of the service: the environment was recreated
+            // or restored. Start over from a snapshot.
+            from = 0;
+        }
         let mut stream = self
             .client
             .watch(self.request(WatchRequest {

@@ -1035,6 +1035,7 @@ async fn namespaces_and_environments_update_with_etags(config: Config) -> anyhow
 
     // Deleting an environment ends its watches.
     s.environment = "dev".into();
+    s.set("old/key", text("from the first dev")).await?;
     let mut w = s.watch("", 0).await?;
     assert!(next_message(&mut w).await?.snapshot);
     s.client
@@ -1046,6 +1047,22 @@ async fn namespaces_and_environments_update_with_etags(config: Config) -> anyhow
         .await?;
     let ended = next_message(&mut w).await.unwrap_err();
     assert!(ended.to_string().contains("not found"), "{ended}");
+    // The same name again is a new environment: nothing of the old one shows.
+    s.client
+        .create_environment(s.req(pb::CreateEnvironmentRequest {
+            namespace: ns.name.clone(),
+            environment: Some(pb::Environment {
+                name: "dev".into(),
+                ..Default::default()
+            }),
+        }))
+        .await?;
+    assert!(s.list(None).await?.is_empty());
+    let ahead = s.watch("", 5).await.unwrap_err();
+    assert_eq!(
+        (ahead.code(), violated_field(&ahead)),
+        (Code::InvalidArgument, "from_revision".into())
+    );
     app.stop().await;
     Ok(())
 }

@@ -47,6 +47,8 @@ pub enum ConfigError {
     /// The revision asked for does not exist yet.
     #[error("revision {revision} is ahead of the head revision {head}")]
     FutureRevision {
+        /// The request field that asked.
+        field: &'static str,
         /// Asked for.
         revision: i64,
         /// The head.
@@ -174,7 +176,7 @@ impl ServiceError for ConfigError {
     fn field_violations(&self) -> Vec<FieldViolation> {
         match self {
             Self::Invalid(v) => v.clone(),
-            Self::FutureRevision { .. } => vec![FieldViolation::new("read_at.min_revision", self.to_string())],
+            Self::FutureRevision { field, .. } => vec![FieldViolation::new(*field, self.to_string())],
             _ => Vec::new(),
         }
     }

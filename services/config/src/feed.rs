@@ -71,6 +71,9 @@ impl Head {
 /// One environment followed by this replica.
 pub struct Feed {
     env: EnvId,
+    /// When the environment was created: an environment deleted and
+    /// created again under the same name is another one.
+    incarnation: i64,
     head: RwLock<Head>,
     tx: broadcast::Sender<Arc<Update>>,
     sync: tokio::sync::Mutex<()>,
@@ -192,6 +195,7 @@ impl Hub {
         let (tx, _) = broadcast::channel(self.capacity);
         let fresh = Arc::new(Feed {
             env: env.clone(),
+            incarnation: environment.created_at,
             head: RwLock::new(Head {
                 revision: environment.revision,
                 compacted: environment.compacted_revision,
@@ -220,13 +224,20 @@ impl Hub {
     }
 
     /// The feed of `env` at revision `min_revision` or later.
-    pub async fn feed_at_least(&self, env: &EnvId, min_revision: i64) -> Result<Arc<Feed>, ConfigError> {
+    /// `field` names the request field that asked, for the error.
+    pub async fn feed_at_least(
+        &self,
+        env: &EnvId,
+        min_revision: i64,
+        field: &'static str,
+    ) -> Result<Arc<Feed>, ConfigError> {
         let feed = self.feed(env).await?;
         if feed.revision() < min_revision {
             self.catch_up(&feed).await?;
             let head = feed.revision();
             if head < min_revision {
                 return Err(ConfigError::FutureRevision {
+                    field,
                     revision: min_revision,
                     head,
                 });
@@ -267,6 +278,19 @@ impl Hub {
         }
     }
 
+    /// Stops following every environment of `namespace` (deleted with them).
+    pub fn forget_namespace(&self, namespace: &str) {
+        let gone: Vec<EnvId> = self
+            .all()
+            .iter()
+            .filter(|f| f.env.namespace == namespace)
+            .map(|f| f.env.clone())
+            .collect();
+        for env in gone {
+            self.forget(&env);
+        }
+    }
+
     /// Brings `feed` up to the database's head.
     pub async fn catch_up(&self, feed: &Feed) -> Result<(), ConfigError> {
         let _guard = feed.sync.lock().await;
@@ -278,6 +302,10 @@ impl Hub {
             }
             Err(e) => return Err(e),
         };
+        if environment.created_at != feed.incarnation {
+            self.forget(&feed.env);
+            return Err(ConfigError::EnvironmentNotFound(feed.env.to_string()));
+        }
         loop {
             let from = feed.revision();
             if from >= environment.revision {
@@ -347,7 +375,7 @@ impl Hub {
             return;
         }
         let heads = match self.store.heads().await {
-            Ok(h) => h.into_iter().collect::<HashMap<_, _>>(),
+            Ok(h) => h.into_iter().map(|(e, r, c)| (e, (r, c))).collect::<HashMap<_, _>>(),
             Err(e) => {
                 tracing::warn!(error = %plinth_runtime::error::chain(&e), "polling environment heads failed");
                 return;
@@ -356,7 +384,8 @@ impl Hub {
         for feed in feeds {
             match heads.get(&feed.env) {
                 None => self.forget(&feed.env),
-                Some(&head) if head > feed.revision() => {
+                Some(&(_, created)) if created != feed.incarnation => self.forget(&feed.env),
+                Some(&(head, _)) if head > feed.revision() => {
                     if let Err(e) = self.catch_up(&feed).await {
                         tracing::warn!(env = %feed.env, error = %plinth_runtime::error::chain(&e), "feed catch-up failed");
                     }

@@ -80,6 +80,8 @@ fn parse_dotenv(content: &str) -> Result<Vec<(String, Plain)>, String> {
             // An unquoted value ends at a comment.
             value.split(" #").next().unwrap_or_default().trim_end().to_owned()
         };
+        // A later line wins, as shells and dotenv loaders have it.
+        out.retain(|(k, _): &(String, Plain)| k != name);
         out.push((name.to_owned(), Plain::String(value)));
     }
     Ok(out)
@@ -186,6 +188,7 @@ mod tests {
             ]
         );
         assert!(parse(Format::Dotenv, "NOEQUALS").is_err());
+        assert_eq!(parse(Format::Dotenv, "A=1\nA=2\n").unwrap(), vec![("A".into(), s("2"))]);
         let out = render(Format::Dotenv, &[("db/url".into(), s("a\"b"))]).unwrap();
         assert_eq!(out, "DB_URL=\"a\\\"b\"\n");
     }

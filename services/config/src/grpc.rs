@@ -923,6 +923,13 @@ impl ConfigService for ConfigGrpc {
         let at = convert::read_at(r.read_at.as_ref()).map_err(status)?;
         let prefix = convert::prefix("prefix", &r.prefix).map_err(status)?;
         Configuration::check_reveal(r.reveal_secrets, &who).map_err(status)?;
+        // Every page reads the state the first one did.
+        let mut at = self.config.concrete(&env, &at).await.map_err(status)?;
+        if let ReadAt::Release(name) = &at
+            && name == crate::model::LATEST_RELEASE
+        {
+            at = ReadAt::Release(self.config.release(&env, name).await.map_err(status)?.name);
+        }
         let mut entries = Vec::new();
         let revision = loop {
             let after = entries
@@ -938,6 +945,9 @@ impl ConfigService for ConfigGrpc {
             entries.extend(page);
             if done {
                 break revision;
+            }
+            if let ReadAt::Head { .. } = at {
+                at = ReadAt::Revision(revision);
             }
         };
         let revealed: Vec<String> = entries

@@ -48,7 +48,14 @@ impl Schemas {
     /// Checks `value` of `key` against the schema of the longest prefix of
     /// `schemas` ((prefix, text) pairs) that `key` starts with. The error
     /// names the failed rule and where in the value it failed.
-    pub fn check(&self, schemas: &[(String, String)], key: &str, value: &serde_json::Value) -> Result<(), String> {
+    /// For a `secret`, the message leaves the value out.
+    pub fn check(
+        &self,
+        schemas: &[(String, String)],
+        key: &str,
+        value: &serde_json::Value,
+        secret: bool,
+    ) -> Result<(), String> {
         let Some((prefix, text)) = schemas
             .iter()
             .filter(|(p, _)| key.starts_with(p.as_str()))
@@ -63,8 +70,13 @@ impl Schemas {
             .map(|e| {
                 let at = e.instance_path().to_string();
                 let at = if at.is_empty() { "the value".to_owned() } else { at };
+                let what = if secret {
+                    "the secret value is not valid".to_owned()
+                } else {
+                    e.to_string()
+                };
                 format!(
-                    "{at}: {e} (rule `{}` at {}, schema of prefix {prefix:?})",
+                    "{at}: {what} (rule `{}` at {}, schema of prefix {prefix:?})",
                     e.kind().keyword(),
                     e.schema_path()
                 )
@@ -94,11 +106,13 @@ mod tests {
                 json!({"type": "integer", "maximum": 10}).to_string(),
             ),
         ];
-        assert!(s.check(&schemas, "name", &json!("x")).is_ok());
-        assert!(s.check(&schemas, "name", &json!(1)).is_err());
-        assert!(s.check(&schemas, "limits/a", &json!(5)).is_ok());
-        let err = s.check(&schemas, "limits/a", &json!(11)).unwrap_err();
+        assert!(s.check(&schemas, "name", &json!("x"), false).is_ok());
+        assert!(s.check(&schemas, "name", &json!(1), false).is_err());
+        assert!(s.check(&schemas, "limits/a", &json!(5), false).is_ok());
+        let err = s.check(&schemas, "limits/a", &json!(11), false).unwrap_err();
         assert!(err.contains("maximum"), "{err}");
+        let masked = s.check(&schemas, "limits/a", &json!(123456), true).unwrap_err();
+        assert!(masked.contains("maximum") && !masked.contains("123456"), "{masked}");
     }
 
     #[test]

@@ -84,6 +84,9 @@ impl Lane {
             Ok(q) => q,
             Err(poisoned) => poisoned.into_inner(),
         };
+        // A request whose caller went away while queued is dropped, never
+        // committed later behind its back.
+        q.retain(|p| !p.reply.is_closed());
         let mut out = Vec::new();
         let mut writes = 0;
         while let Some(front) = q.front() {
@@ -120,6 +123,20 @@ fn answered(answer: &mut oneshot::Receiver<Result<Committed, ConfigError>>) -> O
         Err(oneshot::error::TryRecvError::Empty) => None,
         // The leader went away mid-commit (its caller disconnected).
         Err(oneshot::error::TryRecvError::Closed) => Some(Err(ConfigError::OutcomeUnknown)),
+    }
+}
+
+/// The precondition that a key is still as read: that version, or absent.
+fn as_read(entry: Option<&Entry>) -> crate::model::Precondition {
+    match entry {
+        Some(e) => crate::model::Precondition {
+            expected_etag: e.etag(),
+            ..Default::default()
+        },
+        None => crate::model::Precondition {
+            must_not_exist: true,
+            ..Default::default()
+        },
     }
 }
 
@@ -236,6 +253,7 @@ impl Configuration {
     ) -> Result<(), ConfigError> {
         let ev = Self::admin_event("namespace_changed", name, "", "deleted", &caller.subject);
         self.store.delete_namespace(name, force, expected, &ev).await?;
+        self.hub.forget_namespace(name);
         self.wake();
         Ok(())
     }
@@ -375,11 +393,14 @@ impl Configuration {
         let lim = i64::try_from(limit).unwrap_or(i64::MAX);
         match &self.concrete(env, at).await? {
             ReadAt::Head { min_revision } => {
-                let feed = self.hub.feed_at_least(env, *min_revision).await?;
+                let feed = self
+                    .hub
+                    .feed_at_least(env, *min_revision, "read_at.min_revision")
+                    .await?;
                 Ok(feed.read(|h| (h.range(prefix, after, limit), h.revision)))
             }
             ReadAt::Revision(rev) => {
-                let head = self.readable_revision(env, *rev).await?;
+                let head = self.readable_revision(env, *rev, "read_at.revision").await?;
                 let entries = self.store.state_at(env, *rev, prefix, after, lim).await?;
                 Ok((entries.into_iter().map(Arc::new).collect(), head))
             }
@@ -396,10 +417,11 @@ impl Configuration {
     }
 
     /// Checks that `revision` can be read; returns it.
-    async fn readable_revision(&self, env: &EnvId, revision: i64) -> Result<i64, ConfigError> {
+    async fn readable_revision(&self, env: &EnvId, revision: i64, field: &'static str) -> Result<i64, ConfigError> {
         let e = self.store.get_environment(env).await?;
         if revision > e.revision {
             return Err(ConfigError::FutureRevision {
+                field,
                 revision,
                 head: e.revision,
             });
@@ -417,11 +439,14 @@ impl Configuration {
     pub async fn get(&self, env: &EnvId, key: &str, at: &ReadAt) -> Result<(Arc<Entry>, i64), ConfigError> {
         let (found, revision) = match &self.concrete(env, at).await? {
             ReadAt::Head { min_revision } => {
-                let feed = self.hub.feed_at_least(env, *min_revision).await?;
+                let feed = self
+                    .hub
+                    .feed_at_least(env, *min_revision, "read_at.min_revision")
+                    .await?;
                 feed.read(|h| (h.entries.get(key).cloned(), h.revision))
             }
             ReadAt::Revision(rev) => {
-                self.readable_revision(env, *rev).await?;
+                self.readable_revision(env, *rev, "read_at.revision").await?;
                 (self.store.get_at(env, key, *rev).await?.map(Arc::new), *rev)
             }
             ReadAt::Release(name) => {
@@ -467,6 +492,16 @@ impl Configuration {
             None
         };
         let mut writes = Vec::with_capacity(mutations.len());
+        let mut seen = std::collections::HashSet::with_capacity(mutations.len());
+        for m in &mutations {
+            if !seen.insert(m.key.as_str()) {
+                let f = if field.is_empty() { "content" } else { field };
+                return Err(ConfigError::invalid(
+                    f,
+                    format!("key {:?} appears more than once", m.key),
+                ));
+            }
+        }
         for (i, m) in mutations.into_iter().enumerate() {
             let at = |sub: &str| {
                 if field.is_empty() {
@@ -502,7 +537,8 @@ impl Configuration {
                             ),
                         ));
                     }
-                    if let Err(reason) = self.schemas.check(&schemas, &m.key, &json) {
+                    let secret = matches!(v, NewValue::Secret(_));
+                    if let Err(reason) = self.schemas.check(&schemas, &m.key, &json, secret) {
                         return Err(ConfigError::invalid(
                             at("value"),
                             format!("key {:?} violates its schema: {reason}", m.key),
@@ -655,9 +691,16 @@ impl Configuration {
             let done = page.len() < 1000;
             out.extend(page);
             if done {
-                return Ok(out);
+                break;
             }
         }
+        // A compaction past `revision` while paging may have removed rows
+        // the pages needed; then the answer cannot be trusted.
+        let compacted = self.store.get_environment(env).await?.compacted_revision;
+        if revision < compacted {
+            return Err(ConfigError::Compacted { revision, compacted });
+        }
+        Ok(out)
     }
 
     /// The keys that differ between two revisions: (key, before, after).
@@ -670,8 +713,8 @@ impl Configuration {
     ) -> Result<(Vec<(String, Option<Entry>, Option<Entry>)>, i64), ConfigError> {
         let head = self.store.get_environment(env).await?.revision;
         let to = if to == 0 { head } else { to };
-        self.readable_revision(env, from).await?;
-        self.readable_revision(env, to).await?;
+        self.readable_revision(env, from, "from_revision").await?;
+        self.readable_revision(env, to, "to_revision").await?;
         let a = self.all_at(env, from, prefix).await?;
         let b = self.all_at(env, to, prefix).await?;
         let mut out = Vec::new();
@@ -717,12 +760,15 @@ impl Configuration {
         caller: &Caller,
     ) -> Result<Committed, ConfigError> {
         let (changes, head) = self.diff(env, to_revision, 0, "").await?;
+        // Each key must still be as the diff saw it at the head; a write that
+        // lands in between makes the rollback refuse (ABORTED) rather than
+        // restore a state that never was.
         let writes: Vec<Write> = changes
             .into_iter()
-            .map(|(key, target, _)| Write {
+            .map(|(key, target, current)| Write {
                 key,
                 value: target.map(|e| e.value),
-                precondition: Default::default(),
+                precondition: as_read(current.as_ref()),
             })
             .collect();
         if writes.is_empty() {
@@ -753,7 +799,7 @@ impl Configuration {
     ) -> Result<Release, ConfigError> {
         let head = self.store.get_environment(env).await?.revision;
         let revision = if revision == 0 { head } else { revision };
-        self.readable_revision(env, revision).await?;
+        self.readable_revision(env, revision, "release.revision").await?;
         let entries = self.all_at(env, revision, "").await?;
         let release = Release {
             name: name.to_owned(),
@@ -1061,7 +1107,9 @@ impl Configuration {
                 precondition: Default::default(),
             });
         }
-        let feed = self.hub.feed(env).await?;
+        // The head as the database has it now, not as this replica last heard.
+        let head = self.store.get_environment(env).await?.revision;
+        let feed = self.hub.feed_at_least(env, head, "content").await?;
         let current: Vec<Arc<Entry>> = feed.read(|h| h.entries.values().cloned().collect());
         // Only what differs is written; a re-import of the same document writes nothing.
         mutations.retain(|m| match (&m.value, current.iter().find(|e| e.key == m.key)) {
@@ -1089,6 +1137,10 @@ impl Configuration {
                 batch: None,
                 revision: feed.revision(),
             });
+        }
+        // Decided from that head: refuse (ABORTED) if a key moved since.
+        for m in &mut mutations {
+            m.precondition = as_read(current.iter().find(|e| e.key == m.key).map(|e| e.as_ref()));
         }
         let writes = self.prepare(env, mutations, "").await?;
         self.commit(env, &writes, message, RevisionKind::Import, caller).await
@@ -1182,7 +1234,7 @@ impl Configuration {
                     continue;
                 }
             };
-            for (env, head) in envs {
+            for (env, head, _) in envs {
                 let upto = head - keep;
                 if upto <= 0 {
                     continue;
@@ -1236,13 +1288,6 @@ impl Configuration {
     /// Batches of `env` in `(after, upto]`, for watchers replaying history.
     /// `Compacted` when `after` is older than retained history.
     pub async fn batches(&self, env: &EnvId, after: i64, upto: i64) -> Result<Vec<Batch>, ConfigError> {
-        let compacted = self.store.get_environment(env).await?.compacted_revision;
-        if after < compacted {
-            return Err(ConfigError::Compacted {
-                revision: after,
-                compacted,
-            });
-        }
         self.store.batches(env, after, upto).await
     }
 }

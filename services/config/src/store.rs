@@ -571,13 +571,14 @@ impl Store {
     }
 
     /// Every environment's head revision, for replicas following each other.
-    pub async fn heads(&self) -> Result<Vec<(EnvId, i64)>, ConfigError> {
-        let rows: Vec<(String, String, i64)> = on_db!(&self.db, |pool| {
-            sqlx::query_as("SELECT namespace, name, revision FROM config_environments")
+    /// (environment, head revision, when it was created: its incarnation).
+    pub async fn heads(&self) -> Result<Vec<(EnvId, i64, i64)>, ConfigError> {
+        let rows: Vec<(String, String, i64, i64)> = on_db!(&self.db, |pool| {
+            sqlx::query_as("SELECT namespace, name, revision, created_at FROM config_environments")
                 .fetch_all(pool)
                 .await?
         });
-        Ok(rows.into_iter().map(|(n, e, r)| (EnvId::new(n, e), r)).collect())
+        Ok(rows.into_iter().map(|(n, e, r, c)| (EnvId::new(n, e), r, c)).collect())
     }
 
     /// Sets an environment's description when its generation is `expected` (0: any).
@@ -686,7 +687,24 @@ impl Store {
     /// The revisions in `(after, upto]` with their changes, oldest first.
     /// The caller makes sure `after` is not older than retained history.
     pub async fn batches(&self, env: &EnvId, after: i64, upto: i64) -> Result<Vec<Batch>, ConfigError> {
-        let (revs, rows): (Vec<(i64, String, String)>, Vec<ValueRow>) = on_db!(&self.db, |pool| {
+        let postgres = matches!(self.db, Db::Postgres(_));
+        type Read = (Option<(i64,)>, Vec<(i64, String, String)>, Vec<ValueRow>);
+        let (compacted, revs, rows): Read = on_db!(&self.db, |pool| {
+            // One snapshot for all three reads, so a compaction committing
+            // meanwhile cannot leave records without rows or rows without
+            // records.
+            let mut tx = pool.begin().await?;
+            if postgres {
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let compacted =
+                sqlx::query_as("SELECT compacted_revision FROM config_environments WHERE namespace = $1 AND name = $2")
+                    .bind(&env.namespace)
+                    .bind(&env.environment)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             let revs = sqlx::query_as(
                 "SELECT revision, author, message FROM config_revisions \
                  WHERE namespace = $1 AND environment = $2 AND revision > $3 AND revision <= $4 ORDER BY revision",
@@ -695,7 +713,7 @@ impl Store {
             .bind(&env.environment)
             .bind(after)
             .bind(upto)
-            .fetch_all(pool)
+            .fetch_all(&mut *tx)
             .await?;
             let rows = sqlx::query_as(concat!(
                 "SELECT ",
@@ -707,10 +725,23 @@ impl Store {
             .bind(&env.environment)
             .bind(after)
             .bind(upto)
-            .fetch_all(pool)
+            .fetch_all(&mut *tx)
             .await?;
-            (revs, rows)
+            tx.commit().await?;
+            (compacted, revs, rows)
         });
+        let Some((compacted,)) = compacted else {
+            return Err(ConfigError::EnvironmentNotFound(env.to_string()));
+        };
+        // Every revision of the range, or the range reaches compacted history.
+        let contiguous = revs.iter().zip(after + 1..).all(|(r, want)| r.0 == want)
+            && i64::try_from(revs.len()).ok() == Some(upto - after);
+        if after < compacted || !contiguous {
+            return Err(ConfigError::Compacted {
+                revision: after,
+                compacted,
+            });
+        }
         let mut batches: Vec<Batch> = revs
             .into_iter()
             .map(|(revision, author, message)| Batch {

@@ -64,7 +64,12 @@ pub async fn open(
     config: Configuration,
     spec: WatchSpec,
 ) -> Result<impl Stream<Item = Result<pb::WatchResponse, Status>> + Send + 'static, ConfigError> {
-    let feed = config.hub().feed(&spec.env).await?;
+    // A start past the head (a client's copy of an environment since
+    // recreated or restored) is refused rather than waited on in silence.
+    let feed = config
+        .hub()
+        .feed_at_least(&spec.env, spec.from_revision, "from_revision")
+        .await?;
     let progress = Duration::from_secs(config.settings().watch_progress_secs);
     let (rx, _) = feed.subscribe(|_| ());
     let mut w = Watcher {
