@@ -156,7 +156,8 @@ impl Plinth {
                         keyring,
                         cfg.config.clone(),
                         Some(relay.clone()),
-                    );
+                    )
+                    .with_tasks(tasks.clone());
                     builder = builder.add_service(
                         ConfigServiceServer::new(plinth_config::ConfigGrpc::new(config.clone())),
                         plinth::FILE_DESCRIPTOR_SET,

@@ -67,7 +67,7 @@ struct Pending {
 #[derive(Default)]
 struct Lane {
     queue: std::sync::Mutex<std::collections::VecDeque<Pending>>,
-    lead: tokio::sync::Mutex<()>,
+    lead: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Lane {
@@ -157,6 +157,7 @@ pub struct Configuration {
     settings: ConfigSettings,
     relay: Option<Relay>,
     lanes: Arc<Lanes>,
+    tasks: plinth_runtime::Tasks,
 }
 
 impl Configuration {
@@ -171,7 +172,14 @@ impl Configuration {
             settings,
             relay,
             lanes: Arc::new(Lanes::default()),
+            tasks: plinth_runtime::Tasks::new(),
         }
+    }
+
+    /// Runs group commits on `tasks`, so shutdown waits for them.
+    pub fn with_tasks(mut self, tasks: plinth_runtime::Tasks) -> Self {
+        self.tasks = tasks;
+        self
     }
 
     /// The feeds of this replica.
@@ -592,15 +600,25 @@ impl Configuration {
             if let Some(done) = answered(&mut answer) {
                 return done;
             }
-            let lead = lane.lead.lock().await;
+            let lead = lane.lead.clone().lock_owned().await;
             if let Some(done) = answered(&mut answer) {
                 return done;
             }
             let group = lane.take(MAX_GROUP_WRITES);
-            if !group.is_empty() {
-                self.commit_group(env, group).await;
+            if group.is_empty() {
+                continue;
             }
-            drop(lead);
+            // The group commits on its own task: if this caller goes away,
+            // the others in its group still get their answers.
+            let (this, env) = (self.clone(), env.clone());
+            let (finished, done) = oneshot::channel::<()>();
+            self.tasks.spawn("config-group-commit", async move {
+                this.commit_group(&env, group).await;
+                drop(lead);
+                let _ = finished.send(());
+                Ok::<(), std::convert::Infallible>(())
+            });
+            let _ = done.await;
         }
     }
 
