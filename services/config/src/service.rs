@@ -626,22 +626,27 @@ impl Configuration {
         let (requests, replies): (Vec<WriteRequest>, Vec<_>) = group.into_iter().map(|p| (p.request, p.reply)).unzip();
         let result = self
             .store
-            .commit_group(env, &requests, |request, revision, keys| {
-                OutboxEvent::new(
-                    "plinth.config.changed",
-                    env.to_string(),
-                    &pb::ConfigChangedEvent {
-                        namespace: env.namespace.clone(),
-                        environment: env.environment.clone(),
-                        revision,
-                        keys: keys.to_vec(),
-                        author: request.author.clone(),
-                        message: request.message.clone(),
-                        kind: request.kind.as_str().to_owned(),
-                        time: Some(timestamp(now_ms())),
-                    },
-                )
-            })
+            .commit_group(
+                env,
+                &requests,
+                &|sealed, kek| self.keyring.rewrap(sealed, kek),
+                |request, revision, keys| {
+                    OutboxEvent::new(
+                        "plinth.config.changed",
+                        env.to_string(),
+                        &pb::ConfigChangedEvent {
+                            namespace: env.namespace.clone(),
+                            environment: env.environment.clone(),
+                            revision,
+                            keys: keys.to_vec(),
+                            author: request.author.clone(),
+                            message: request.message.clone(),
+                            kind: request.kind.as_str().to_owned(),
+                            time: Some(timestamp(now_ms())),
+                        },
+                    )
+                },
+            )
             .await;
         match result {
             Ok(outcomes) => {

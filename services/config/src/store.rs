@@ -897,9 +897,15 @@ impl Store {
         &self,
         env: &EnvId,
         requests: &[WriteRequest],
+        reseal: &(dyn Fn(&Sealed, &str) -> Result<Sealed, String> + Sync),
         event: impl Fn(&WriteRequest, i64, &[String]) -> OutboxEvent,
     ) -> Result<Vec<Result<Committed, ConfigError>>, ConfigError> {
         let now = now_ms();
+        let postgres = matches!(self.db, Db::Postgres(_));
+        let seals = requests
+            .iter()
+            .flat_map(|r| &r.writes)
+            .any(|w| matches!(w.value, Some(Stored::Secret(_))));
         let mut keys: Vec<&str> = requests
             .iter()
             .flat_map(|r| r.writes.iter().map(|w| w.key.as_str()))
@@ -926,6 +932,46 @@ impl Store {
                 drop(tx);
                 self.get_namespace(&env.namespace).await?;
                 return Err(ConfigError::EnvironmentNotFound(env.to_string()));
+            };
+            // Secrets sealed before a key rotation committed are re-wrapped
+            // here, under the key active now. On PostgreSQL the share lock
+            // makes a rotation wait for this transaction, so its sweep sees
+            // whatever this one writes; SQLite has one writer anyway.
+            let resealed: Vec<WriteRequest>;
+            let requests: &[WriteRequest] = if seals {
+                let active: Option<(String,)> = sqlx::query_as(if postgres {
+                    "SELECT active_kek FROM config_keyring WHERE id = 1 FOR SHARE"
+                } else {
+                    "SELECT active_kek FROM config_keyring WHERE id = 1"
+                })
+                .fetch_optional(&mut *tx)
+                .await?;
+                match active {
+                    Some((kek,))
+                        if requests
+                            .iter()
+                            .flat_map(|r| &r.writes)
+                            .any(|w| matches!(&w.value, Some(Stored::Secret(s)) if s.kek_id != kek)) =>
+                    {
+                        let mut copy = requests.to_vec();
+                        for w in copy.iter_mut().flat_map(|r| r.writes.iter_mut()) {
+                            if let Some(Stored::Secret(sealed)) = &w.value
+                                && sealed.kek_id != kek
+                            {
+                                let moved = reseal(sealed, &kek).map_err(|reason| ConfigError::Decrypt {
+                                    key: w.key.clone(),
+                                    reason,
+                                })?;
+                                w.value = Some(Stored::Secret(moved));
+                            }
+                        }
+                        resealed = copy;
+                        &resealed
+                    }
+                    Some(_) | None => requests,
+                }
+            } else {
+                requests
             };
             let mut state: HashMap<String, Option<Entry>> = HashMap::with_capacity(keys.len());
             for chunk in keys.chunks(KEYS_PER_STATEMENT) {
@@ -1632,5 +1678,84 @@ impl Store {
             tx.commit().await?;
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use plinth_runtime::testing::{Backend, TestDatabase, backend_url};
+
+    use super::*;
+    use crate::crypto::Keyring;
+
+    fn event() -> OutboxEvent {
+        OutboxEvent::new("plinth.config.test", "t", &prost_types::Timestamp::default())
+    }
+
+    /// A secret sealed under the old key before a rotation, committed after
+    /// the rotation's sweep, is stored under the new key all the same.
+    async fn a_secret_sealed_before_a_rotation_lands_under_the_new_key(db: Db) -> anyhow::Result<()> {
+        let store = Store::new(db);
+        let keyring = Keyring::from_keys(&[("k1", [1; 32]), ("k2", [2; 32])])?;
+        let env = EnvId::new("app", "prod");
+        store.create_namespace("app", "", &event()).await?;
+        store.create_environment(&env, "", &event()).await?;
+        store.set_active_kek("k1", false).await?;
+        let sealed = keyring
+            .seal("k1", b"hunter2", "app/prod/db")
+            .map_err(anyhow::Error::msg)?;
+        // The rotation commits (and would sweep) before the write does.
+        store.set_active_kek("k2", false).await?;
+        let request = WriteRequest {
+            author: "t".into(),
+            message: String::new(),
+            kind: RevisionKind::Write,
+            writes: vec![Write {
+                key: "db".into(),
+                value: Some(Stored::Secret(sealed)),
+                precondition: Precondition::default(),
+            }],
+        };
+        let outcomes = store
+            .commit_group(&env, &[request], &|s, kek| keyring.rewrap(s, kek), |_, _, _| event())
+            .await?;
+        assert!(outcomes.iter().all(Result::is_ok));
+        let head = store.get_at(&env, "db", 1).await?;
+        let Some(Entry {
+            value: Stored::Secret(stored),
+            ..
+        }) = head
+        else {
+            anyhow::bail!("the secret was not stored");
+        };
+        assert_eq!(stored.kek_id, "k2");
+        assert_eq!(
+            keyring.open(&stored, "app/prod/db").map_err(anyhow::Error::msg)?,
+            b"hunter2"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn secrets_sealed_before_a_rotation_are_rewrapped_on_sqlite() {
+        let t = TestDatabase::sqlite("config", &crate::MIGRATIONS).await.unwrap();
+        a_secret_sealed_before_a_rotation_lands_under_the_new_key(t.db.clone())
+            .await
+            .unwrap();
+        t.cleanup().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn secrets_sealed_before_a_rotation_are_rewrapped_on_postgres() {
+        let Some(url) = backend_url(Backend::Postgres, "secrets_sealed_before_a_rotation").unwrap() else {
+            return;
+        };
+        let t = TestDatabase::postgres(&url, "config", &crate::MIGRATIONS)
+            .await
+            .unwrap();
+        a_secret_sealed_before_a_rotation_lands_under_the_new_key(t.db.clone())
+            .await
+            .unwrap();
+        t.cleanup().await.unwrap();
     }
 }
