@@ -52,6 +52,7 @@ fn main() -> anyhow::Result<()> {
     }
     tonic_prost_build::configure()
         .bytes(".")
+        .codec_path("crate::codec::LeanCodec")
         .compile_fds(fds)
         .context("while generating Rust code")?;
     Ok(())

@@ -44,6 +44,7 @@ pub mod config {
     }
 }
 
+pub mod codec;
 mod config_client;
 
 /// Vendored Google types the contracts use.
