@@ -30,11 +30,8 @@ const CATCH_UP_CHUNK: i64 = 500;
 pub enum Update {
     /// The next revision.
     Batch(Arc<Batch>),
-    /// The feed fell behind compacted history and reloaded: the whole state at `revision`.
-    Reset {
-        /// The revision reloaded.
-        revision: i64,
-    },
+    /// The feed fell behind compacted history and reloaded its whole state.
+    Reset,
     /// The environment was deleted.
     Gone,
 }
@@ -80,11 +77,6 @@ pub struct Feed {
 }
 
 impl Feed {
-    /// Which environment.
-    pub fn env(&self) -> &EnvId {
-        &self.env
-    }
-
     /// Reads the head.
     pub fn read<T>(&self, f: impl FnOnce(&Head) -> T) -> T {
         match self.head.read() {
@@ -102,11 +94,6 @@ impl Feed {
     pub fn subscribe<T>(&self, f: impl FnOnce(&Head) -> T) -> (broadcast::Receiver<Arc<Update>>, T) {
         let rx = self.tx.subscribe();
         (rx, self.read(f))
-    }
-
-    /// How many receivers follow it.
-    pub fn watchers(&self) -> usize {
-        self.tx.receiver_count()
     }
 
     fn write<T>(&self, f: impl FnOnce(&mut Head) -> T) -> T {
@@ -145,7 +132,7 @@ impl Feed {
             h.revision = revision;
             h.compacted = compacted;
             h.entries = entries.into_iter().map(|e| (e.key.clone(), Arc::new(e))).collect();
-            let _ = self.tx.send(Arc::new(Update::Reset { revision }));
+            let _ = self.tx.send(Arc::new(Update::Reset));
         });
     }
 }

@@ -71,7 +71,7 @@ fn decode_cursor(field: &str, token: &str) -> Result<Option<Cursor>, ConfigError
         return Ok(None);
     }
     let bad = || ConfigError::invalid(field, "is not a token from a previous page");
-    let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
+    let raw = token_text(field, token)?;
     let (head, key) = raw.split_once(':').ok_or_else(bad)?;
     match head.split_at_checked(1) {
         Some(("r", rev)) => Ok(Some(Cursor::Revision(
@@ -1051,16 +1051,20 @@ fn check_mask(mask: Option<&prost_types::FieldMask>, resource: &str) -> Result<(
     Ok(())
 }
 
+/// The text inside a page token (base64url), or the field named as bad.
+fn token_text(field: &str, token: &str) -> Result<String, ConfigError> {
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| ConfigError::invalid(field, "is not a token from a previous page"))
+}
+
 fn decode_name_token(token: &str) -> Result<String, ConfigError> {
     if token.is_empty() {
         return Ok(String::new());
     }
-    let raw = URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| ConfigError::invalid("page_token", "is not a token from a previous page"))?;
-    Ok(raw)
+    token_text("page_token", token)
 }
 
 fn next_name_token<T>(list: &mut Vec<T>, size: usize, name: impl Fn(&T) -> String) -> String {
@@ -1077,7 +1081,7 @@ fn decode_release_token(token: &str) -> Result<Option<(i64, String)>, ConfigErro
         return Ok(None);
     }
     let bad = || ConfigError::invalid("page_token", "is not a token from a previous page");
-    let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
+    let raw = token_text("page_token", token)?;
     let (at, name) = raw.split_once(':').ok_or_else(bad)?;
     Ok(Some((at.parse().map_err(|_| bad())?, name.to_owned())))
 }

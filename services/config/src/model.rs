@@ -509,13 +509,8 @@ impl std::fmt::Display for EnvId {
     }
 }
 
-/// Milliseconds since the epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+/// Milliseconds since the epoch (the runtime's clock).
+pub use plinth_runtime::auth::unix_now_ms as now_ms;
 
 #[cfg(test)]
 mod tests {

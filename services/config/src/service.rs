@@ -578,7 +578,7 @@ impl Configuration {
     async fn commit(
         &self,
         env: &EnvId,
-        writes: &[Write],
+        writes: Vec<Write>,
         message: &str,
         kind: RevisionKind,
         caller: &Caller,
@@ -588,7 +588,7 @@ impl Configuration {
             author: caller.subject.clone(),
             message: message.to_owned(),
             kind,
-            writes: writes.to_vec(),
+            writes,
         };
         // Group commit: writers of one environment queue up; whoever holds
         // the lane's lead commits everything queued in one transaction. A
@@ -685,7 +685,7 @@ impl Configuration {
         caller: &Caller,
     ) -> Result<Committed, ConfigError> {
         let writes = self.prepare(env, mutations, field).await?;
-        self.commit(env, &writes, message, RevisionKind::Write, caller).await
+        self.commit(env, writes, message, RevisionKind::Write, caller).await
     }
 
     /// The environment's revisions before `before`.
@@ -805,7 +805,7 @@ impl Configuration {
         } else {
             message.to_owned()
         };
-        self.commit(env, &writes, &message, RevisionKind::Rollback, caller)
+        self.commit(env, writes, &message, RevisionKind::Rollback, caller)
             .await
     }
 
@@ -1166,7 +1166,7 @@ impl Configuration {
             m.precondition = as_read(current.iter().find(|e| e.key == m.key).map(|e| e.as_ref()));
         }
         let writes = self.prepare(env, mutations, "").await?;
-        self.commit(env, &writes, message, RevisionKind::Import, caller).await
+        self.commit(env, writes, message, RevisionKind::Import, caller).await
     }
 
     /// Exports `entries` as a document: (document, omitted secrets).

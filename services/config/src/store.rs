@@ -330,11 +330,6 @@ impl Store {
         }
     }
 
-    /// The database.
-    pub fn db(&self) -> &Db {
-        &self.db
-    }
-
     // ---- namespaces --------------------------------------------------------
 
     /// Inserts a namespace.

@@ -256,7 +256,7 @@ impl Watcher {
                         let last = self.last;
                         self.start(last)?;
                     }
-                    Update::Reset { .. } => self.start(0)?,
+                    Update::Reset => self.start(0)?,
                     Update::Gone => {
                         return Err(ConfigError::EnvironmentNotFound(self.spec.env.to_string()));
                     }

@@ -342,6 +342,14 @@ impl Authenticator {
     }
 }
 
+/// Milliseconds since the epoch.
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// Seconds since the epoch.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()

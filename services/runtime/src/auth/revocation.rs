@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::AuthError;
 use super::jwt::Claims;
+use super::{AuthError, unix_now_ms};
 use crate::state::SharedStateRef;
 
 /// Tolerated clock skew, so a denylist entry outlives its token everywhere.
@@ -109,14 +109,6 @@ impl Revocations {
         }
         Ok(())
     }
-}
-
-/// Milliseconds since the epoch.
-fn unix_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// When a token was issued, in milliseconds: from its UUIDv7 `jti` (our

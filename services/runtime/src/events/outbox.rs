@@ -68,7 +68,7 @@ impl OutboxEvent {
         .bind(&self.aggregate)
         .bind(&self.payload)
         .bind(self.headers_json())
-        .bind(now_ms())
+        .bind(crate::auth::unix_now_ms())
         .execute(tx)
         .await?;
         Ok(())
@@ -85,7 +85,7 @@ impl OutboxEvent {
         .bind(&self.aggregate)
         .bind(&self.payload)
         .bind(self.headers_json())
-        .bind(now_ms())
+        .bind(crate::auth::unix_now_ms())
         .execute(tx)
         .await?;
         Ok(())
@@ -125,13 +125,6 @@ impl OutboxEvent {
     pub async fn write(&self, conn: &mut impl OutboxWriter) -> Result<(), StorageError> {
         conn.write_event(self).await
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 type Row = (i64, String, String, Vec<u8>, String);
