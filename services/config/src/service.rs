@@ -805,8 +805,7 @@ impl Configuration {
         } else {
             message.to_owned()
         };
-        self.commit(env, writes, &message, RevisionKind::Rollback, caller)
-            .await
+        self.commit(env, writes, &message, RevisionKind::Rollback, caller).await
     }
 
     // ---- releases ---------------------------------------------------------
