@@ -44,6 +44,18 @@ pub mod config {
     }
 }
 
+/// A durable job queue with leases, retries, dead letters and fairness.
+pub mod queue {
+    /// Version 1 of the queue contract.
+    #[expect(
+        clippy::allow_attributes,
+        reason = "tonic's generated servers carry #[allow(non_camel_case_types)]"
+    )]
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/plinth.queue.v1.rs"));
+    }
+}
+
 pub mod codec;
 mod config_client;
 

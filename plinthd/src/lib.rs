@@ -12,6 +12,7 @@ use futures::FutureExt;
 use plinth::auth::v1::auth_service_server::AuthServiceServer;
 use plinth::auth::v1::authorization_service_server::AuthorizationServiceServer;
 use plinth::config::v1::config_service_server::ConfigServiceServer;
+use plinth::queue::v1::queue_service_server::QueueServiceServer;
 use plinth_gateway::{Gateway, GatewayOptions, Upstreams};
 use plinth_runtime::auth::{
     ApiKeySource, AuthLayer, Authenticator, GrpcJwksSource, JwksSource, PermissionMap, Revocations,
@@ -172,6 +173,20 @@ impl Plinth {
                     );
                     tasks.spawn("config-hints", config.clone().follow_events(bus.clone(), tasks.token()));
                     tasks.spawn("config-compaction", config.compact(COMPACTION_INTERVAL, tasks.token()));
+                }
+                if component == Component::Queue {
+                    let queues = plinth_queue::Queues::new(
+                        plinth_queue::Store::new(db.clone()),
+                        cfg.queue.clone(),
+                        Some(relay.clone()),
+                    );
+                    builder = builder.add_service(
+                        QueueServiceServer::new(plinth_queue::QueueGrpc::new(queues.clone())),
+                        plinth::FILE_DESCRIPTOR_SET,
+                    );
+                    health.register("plinth.queue.v1.QueueService", &required).await;
+                    tasks.spawn("queue-sweeper", queues.clone().run_sweeper(tasks.token()));
+                    tasks.spawn("queue-listener", queues.listen(tasks.token()));
                 }
                 tracing::info!(component = %component, storage = db.kind(), events = bus.kind(), state = state.kind(), "component ready");
                 Some(db)
@@ -345,7 +360,8 @@ fn migrations(component: Component) -> Migrations {
     match component {
         Component::Auth => plinth_auth::MIGRATIONS,
         Component::Config => plinth_config::MIGRATIONS,
-        Component::Gateway | Component::Queue | Component::Audit | Component::Ai => Migrations::RUNTIME_ONLY,
+        Component::Queue => plinth_queue::MIGRATIONS,
+        Component::Gateway | Component::Audit | Component::Ai => Migrations::RUNTIME_ONLY,
     }
 }
 

@@ -14,13 +14,7 @@ use crate::service::Shown;
 /// Largest page.
 pub const MAX_PAGE: i32 = 1000;
 
-/// Milliseconds as a protobuf timestamp.
-pub fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    }
-}
+pub use plinth_runtime::wire::timestamp;
 
 /// Checks and names a namespace/environment pair.
 pub fn env_id(namespace: &str, environment: &str) -> Result<EnvId, ConfigError> {

@@ -58,6 +58,8 @@ pub struct Config {
     pub auth: AuthSettings,
     /// Versioned configuration (`PLINTH_CONFIG__*`).
     pub config: ConfigSettings,
+    /// The queue service (`PLINTH_QUEUE__*`).
+    pub queue: QueueSettings,
     /// The HTTP/JSON edge (`PLINTH_GATEWAY__*`).
     pub gateway: GatewaySettings,
     /// Comma-separated addresses or CIDR ranges of proxies (the split
@@ -87,6 +89,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             auth: AuthSettings::default(),
             config: ConfigSettings::default(),
+            queue: QueueSettings::default(),
             gateway: GatewaySettings::default(),
             trusted_proxies: String::new(),
             tls: None,
@@ -259,6 +262,32 @@ impl Default for ConfigSettings {
     }
 }
 
+/// The queue service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSettings {
+    /// Largest message payload, in bytes (`PLINTH_QUEUE__MAX_PAYLOAD_BYTES`).
+    pub max_payload_bytes: usize,
+    /// Milliseconds a waiting lease sleeps between looks at the database when
+    /// no wake-up arrives (another replica's enqueue without LISTEN/NOTIFY,
+    /// a rate limit refilling) (`PLINTH_QUEUE__POLL_MS`).
+    pub poll_ms: u64,
+    /// Milliseconds between sweeps that make due messages ready, return
+    /// expired leases, dead-letter expired messages and raise depth alerts
+    /// (`PLINTH_QUEUE__SWEEP_MS`).
+    pub sweep_ms: u64,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 1024 * 1024,
+            poll_ms: 500,
+            sweep_ms: 100,
+        }
+    }
+}
+
 impl Default for AuthSettings {
     fn default() -> Self {
         Self {
@@ -390,6 +419,12 @@ impl Config {
                     });
                 }
             }
+        }
+        if self.queue.poll_ms == 0 || self.queue.sweep_ms == 0 {
+            return Err(ConfigError::Rejected {
+                key: "PLINTH_QUEUE__SWEEP_MS",
+                reason: "PLINTH_QUEUE__POLL_MS and PLINTH_QUEUE__SWEEP_MS must be at least 1".into(),
+            });
         }
         if self.storage.max_connections == 0 {
             return Err(ConfigError::Rejected {

@@ -21,6 +21,7 @@ pub mod storage;
 pub mod tasks;
 pub mod telemetry;
 pub mod testing;
+pub mod wire;
 
 pub use component::Component;
 pub use config::Config;

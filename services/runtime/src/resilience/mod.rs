@@ -7,7 +7,7 @@ mod clock;
 mod retry;
 
 pub use breaker::{BreakerConfig, BreakerOpen, BreakerState, CircuitBreaker};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock, ManualWallClock, SystemClock, SystemWallClock, WallClock};
 pub use retry::{Backoff, retry};
 
 use std::time::Duration;

@@ -1,0 +1,534 @@
+//! The queue's domain operations over [`Store`]: what each call means, the
+//! events it records, who is woken when work appears, and the background
+//! sweep. Time comes from a [`WallClock`] so tests move it by hand.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use plinth::queue::v1 as pb;
+use plinth_runtime::config::QueueSettings;
+use plinth_runtime::events::outbox::{OutboxEvent, Relay};
+use plinth_runtime::resilience::{SystemWallClock, WallClock};
+use plinth_runtime::storage::Db;
+use plinth_runtime::wire::timestamp;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::QueueError;
+use crate::model::{
+    AckOutcome, Counts, Enqueued, Leased, Message, Nack, NackOutcome, NewMessage, Queue, RetryFilter, Settings, State,
+};
+use crate::rates::{Rates, Sample};
+use crate::store::{NOTIFY_CHANNEL, Store, Swept};
+
+/// The queue service's domain, shared by its gRPC face and background tasks.
+#[derive(Clone)]
+pub struct Queues {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    clock: Arc<dyn WallClock>,
+    settings: QueueSettings,
+    relay: Option<Relay>,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    rates: Rates,
+}
+
+/// A queue with its counts.
+#[derive(Debug, Clone)]
+pub struct QueueView {
+    /// The queue.
+    pub queue: Queue,
+    /// Messages by state.
+    pub counts: Counts,
+}
+
+/// A queue's status.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// The queue.
+    pub queue: Queue,
+    /// Messages by state.
+    pub counts: Counts,
+    /// How long the oldest ready message has waited (ms).
+    pub oldest_ready_ms: i64,
+    /// Per-second rates over the last minute, this replica.
+    pub rates: Sample,
+}
+
+/// A settings change: the new settings and which of them to apply.
+#[derive(Debug, Clone)]
+pub struct SettingsUpdate {
+    /// The new values.
+    pub settings: Settings,
+    /// Setting names to apply (`max_attempts`, `backoff`, `backoff.initial`, …).
+    pub fields: Vec<String>,
+    /// Refuse unless the queue's generation is this (0: any).
+    pub generation: i64,
+}
+
+impl Queues {
+    /// The domain over `store`, publishing through `relay`'s outbox.
+    pub fn new(store: Store, settings: QueueSettings, relay: Option<Relay>) -> Self {
+        Self::with_clock(store, settings, relay, Arc::new(SystemWallClock))
+    }
+
+    /// As [`Queues::new`] with a given clock (tests move it by hand).
+    pub fn with_clock(store: Store, settings: QueueSettings, relay: Option<Relay>, clock: Arc<dyn WallClock>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                clock,
+                settings,
+                relay,
+                wakers: Mutex::new(HashMap::new()),
+                rates: Rates::default(),
+            }),
+        }
+    }
+
+    fn now(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+
+    /// The service's settings.
+    pub fn settings(&self) -> &QueueSettings {
+        &self.inner.settings
+    }
+
+    fn published(&self) {
+        if let Some(r) = &self.inner.relay {
+            r.wake();
+        }
+    }
+
+    fn waker(&self, queue: &str) -> Arc<Notify> {
+        let mut w = self.inner.wakers.lock().unwrap_or_else(PoisonError::into_inner);
+        w.entry(queue.to_owned()).or_default().clone()
+    }
+
+    /// Wakes this replica's waiting leases on `queue`.
+    pub fn wake(&self, queue: &str) {
+        let w = self.inner.wakers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = w.get(queue) {
+            n.notify_waiters();
+        }
+    }
+
+    fn changed(&self, queue: &str, change: &str, subject: &str, messages: i64) -> OutboxEvent {
+        let event = pb::QueueChangedEvent {
+            queue: queue.to_owned(),
+            change: change.to_owned(),
+            subject: subject.to_owned(),
+            messages,
+            time: Some(timestamp(self.now())),
+        };
+        OutboxEvent::new("plinth.queue.queue_changed", queue, &event)
+    }
+
+    /// Creates a queue.
+    pub async fn create_queue(&self, name: &str, settings: &Settings, subject: &str) -> Result<QueueView, QueueError> {
+        let queue = self
+            .inner
+            .store
+            .create_queue(name, settings, self.now(), &self.changed(name, "created", subject, 0))
+            .await?;
+        self.published();
+        Ok(QueueView {
+            queue,
+            counts: Counts::default(),
+        })
+    }
+
+    /// One queue with counts.
+    pub async fn queue(&self, name: &str) -> Result<QueueView, QueueError> {
+        let queue = self.inner.store.queue(name).await?;
+        let counts = self.counts(name).await?;
+        Ok(QueueView { queue, counts })
+    }
+
+    async fn counts(&self, name: &str) -> Result<Counts, QueueError> {
+        Ok(self.inner.store.counts(&[name]).await?.remove(name).unwrap_or_default())
+    }
+
+    /// Queues by name after `after`, with counts.
+    pub async fn queues(&self, after: &str, limit: usize) -> Result<Vec<QueueView>, QueueError> {
+        let queues = self.inner.store.queues(after, limit).await?;
+        let names: Vec<&str> = queues.iter().map(|q| q.name.as_str()).collect();
+        let mut counts = self.inner.store.counts(&names).await?;
+        Ok(queues
+            .into_iter()
+            .map(|q| {
+                let counts = counts.remove(&q.name).unwrap_or_default();
+                QueueView { queue: q, counts }
+            })
+            .collect())
+    }
+
+    /// Applies a settings change (read, merge, write if unchanged since the read).
+    pub async fn update_queue(
+        &self,
+        name: &str,
+        update: SettingsUpdate,
+        subject: &str,
+    ) -> Result<QueueView, QueueError> {
+        let current = self.inner.store.queue(name).await?;
+        if update.generation != 0 && update.generation != current.generation {
+            return Err(QueueError::Conflict(name.to_owned()));
+        }
+        let merged = merge(&current.settings, &update)?;
+        merged.check("settings", name)?;
+        let queue = self
+            .inner
+            .store
+            .update_queue(
+                name,
+                current.generation,
+                &merged,
+                self.now(),
+                &self.changed(name, "updated", subject, 0),
+            )
+            .await?;
+        self.published();
+        let counts = self.counts(name).await?;
+        Ok(QueueView { queue, counts })
+    }
+
+    /// Deletes a queue and its messages.
+    pub async fn delete_queue(&self, name: &str, subject: &str) -> Result<i64, QueueError> {
+        let n = self
+            .inner
+            .store
+            .delete_queue(name, &self.changed(name, "deleted", subject, 0))
+            .await?;
+        self.published();
+        self.wake(name);
+        Ok(n)
+    }
+
+    /// Stops handing out leases.
+    pub async fn pause(&self, name: &str, subject: &str) -> Result<QueueView, QueueError> {
+        let current = self.inner.store.queue(name).await?;
+        self.set_flow(name, true, current.drain_state, "paused", subject).await
+    }
+
+    /// Hands out leases again (ends a pause and a drain).
+    pub async fn resume(&self, name: &str, subject: &str) -> Result<QueueView, QueueError> {
+        let view = self.set_flow(name, false, 0, "resumed", subject).await?;
+        self.wake(name);
+        Ok(view)
+    }
+
+    async fn set_flow(
+        &self,
+        name: &str,
+        paused: bool,
+        drain_state: i32,
+        change: &str,
+        subject: &str,
+    ) -> Result<QueueView, QueueError> {
+        let queue = self
+            .inner
+            .store
+            .set_flow(
+                name,
+                paused,
+                drain_state,
+                self.now(),
+                &self.changed(name, change, subject, 0),
+            )
+            .await?;
+        self.published();
+        let counts = self.counts(name).await?;
+        Ok(QueueView { queue, counts })
+    }
+
+    /// Starts (or continues) a drain and reports leases in flight, waiting
+    /// up to `wait` for them to reach zero.
+    pub async fn drain(&self, name: &str, wait: Duration, subject: &str) -> Result<i64, QueueError> {
+        let current = self.inner.store.queue(name).await?;
+        if current.drain_state == 0 {
+            self.set_flow(name, current.paused, 1, "draining", subject).await?;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let in_flight = self.counts(name).await?.leased;
+            if in_flight == 0 {
+                if self.inner.store.watch_thresholds(self.now()).await? {
+                    self.published();
+                }
+                return Ok(0);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(in_flight);
+            }
+            let step = Duration::from_millis(self.inner.settings.poll_ms.min(100));
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + step)).await;
+        }
+    }
+
+    /// Counts, oldest ready age and this replica's rates.
+    pub async fn status(&self, name: &str) -> Result<Status, QueueError> {
+        let QueueView { queue, counts } = self.queue(name).await?;
+        let oldest = self.inner.store.oldest_ready(name).await?;
+        let now = self.now();
+        Ok(Status {
+            queue,
+            counts,
+            oldest_ready_ms: oldest.map_or(0, |t| (now - t).max(0)),
+            rates: self.inner.rates.sample(name),
+        })
+    }
+
+    /// Adds messages (all or none); one result each, in order.
+    pub async fn enqueue(&self, queue: &str, messages: &[NewMessage]) -> Result<Vec<Enqueued>, QueueError> {
+        let results = self.inner.store.enqueue(queue, messages, self.now()).await?;
+        let added = results.iter().filter(|r| !r.duplicate).count();
+        self.inner.rates.record(queue, added as u64, 0, 0);
+        if results.iter().any(|r| !r.duplicate && r.state == Some(State::Ready)) {
+            self.wake(queue);
+        }
+        Ok(results)
+    }
+
+    /// Leases up to `max` messages, waiting up to `wait` when none is ready.
+    pub async fn lease(
+        &self,
+        queue: &str,
+        max: i64,
+        lease_ms: Option<i64>,
+        wait: Duration,
+    ) -> Result<Vec<Leased>, QueueError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let poll = Duration::from_millis(self.inner.settings.poll_ms);
+        let waker = self.waker(queue);
+        loop {
+            // Registered before looking, so an enqueue between the look and
+            // the wait still wakes this lease.
+            let woken = waker.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let got = self.inner.store.claim(queue, max, lease_ms, self.now()).await?;
+            let now = tokio::time::Instant::now();
+            if !got.is_empty() || now >= deadline {
+                return Ok(got);
+            }
+            tokio::select! {
+                () = woken => {}
+                () = tokio::time::sleep_until(deadline.min(now + poll)) => {}
+            }
+        }
+    }
+
+    /// Completes deliveries.
+    pub async fn ack(&self, queue: &str, acks: &[(i64, i64)]) -> Result<Vec<AckOutcome>, QueueError> {
+        let outcomes = self.inner.store.ack(queue, acks).await?;
+        let acked = outcomes.iter().filter(|o| **o == AckOutcome::Acked).count();
+        self.inner.rates.record(queue, 0, acked as u64, 0);
+        Ok(outcomes)
+    }
+
+    /// Gives a delivery back: retry after backoff (or `delay`), or dead letter.
+    pub async fn nack(&self, queue: &str, id: i64, token: i64, nack: &Nack) -> Result<NackOutcome, QueueError> {
+        let (attempts, settings) = self.inner.store.delivery(queue, id, token).await?;
+        self.inner.rates.record(queue, 0, 0, 1);
+        let now = self.now();
+        if nack.dead_letter || attempts >= settings.max_attempts {
+            let reason = if nack.dead_letter {
+                "nacked"
+            } else {
+                "attempts_exhausted"
+            };
+            let woken = self
+                .inner
+                .store
+                .kill(queue, id, token, &nack.error, reason, now)
+                .await?;
+            self.published();
+            for q in woken {
+                self.wake(&q);
+            }
+            return Ok(NackOutcome::Dead);
+        }
+        let delay = nack.delay_ms.unwrap_or_else(|| settings.backoff.delay_ms(attempts));
+        let at = now.saturating_add(delay);
+        self.inner.store.retry_at(queue, id, token, at, &nack.error).await?;
+        Ok(NackOutcome::Retry(at))
+    }
+
+    /// Extends a lease to now + `lease_ms` (default: the queue's).
+    pub async fn extend(&self, queue: &str, id: i64, token: i64, lease_ms: Option<i64>) -> Result<i64, QueueError> {
+        let lease = match lease_ms {
+            Some(ms) => ms,
+            None => self.inner.store.queue(queue).await?.settings.lease_ms,
+        };
+        let expires = self.now().saturating_add(lease);
+        self.inner.store.extend(queue, id, token, expires).await?;
+        Ok(expires)
+    }
+
+    /// One message.
+    pub async fn message(&self, queue: &str, id: i64) -> Result<Message, QueueError> {
+        self.inner.store.message(queue, id).await
+    }
+
+    /// Messages in one state after id `after`.
+    pub async fn messages(
+        &self,
+        queue: &str,
+        state: State,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Message>, QueueError> {
+        self.inner.store.queue(queue).await?;
+        self.inner.store.messages(queue, state, after, limit).await
+    }
+
+    /// Deletes messages in `states`.
+    pub async fn purge(&self, queue: &str, states: &[State], subject: &str) -> Result<i64, QueueError> {
+        let n = self
+            .inner
+            .store
+            .purge(queue, states, |n| self.changed(queue, "purged", subject, n))
+            .await?;
+        self.published();
+        Ok(n)
+    }
+
+    /// Redrives dead letters.
+    pub async fn retry_failed(&self, queue: &str, filter: &RetryFilter, subject: &str) -> Result<i64, QueueError> {
+        let n = self
+            .inner
+            .store
+            .retry_failed(queue, filter, self.now(), |n| {
+                self.changed(queue, "retried", subject, n)
+            })
+            .await?;
+        if n > 0 {
+            self.published();
+            self.wake(queue);
+        }
+        Ok(n)
+    }
+
+    /// One sweep: due messages, expired leases and messages, dedup keys,
+    /// depth alerts and drains. The background task calls it every
+    /// `sweep_ms`; tests call it after moving the clock.
+    pub async fn tick(&self) -> Result<Swept, QueueError> {
+        let now = self.now();
+        let swept = self.inner.store.sweep(now).await?;
+        for q in &swept.woken {
+            self.wake(q);
+        }
+        let alerts = self.inner.store.watch_thresholds(now).await?;
+        if swept.events || alerts {
+            self.published();
+        }
+        Ok(swept)
+    }
+
+    /// Sweeps until `token` is cancelled.
+    pub async fn run_sweeper(self, token: CancellationToken) -> Result<(), QueueError> {
+        let every = Duration::from_millis(self.inner.settings.sweep_ms);
+        let mut failures = 0u32;
+        while plinth_runtime::tasks::pause(&token, every).await {
+            match self.tick().await {
+                Ok(s) => {
+                    failures = 0;
+                    if s.expired_leases > 0 || s.dead_lettered > 0 {
+                        tracing::info!(
+                            expired_leases = s.expired_leases,
+                            dead_lettered = s.dead_lettered,
+                            "queue sweep returned expired work"
+                        );
+                    }
+                }
+                Err(e) => {
+                    if failures == 0 || failures.is_power_of_two() {
+                        tracing::warn!(error = %e, attempt = failures, "queue sweep failed, will retry");
+                    }
+                    failures = failures.saturating_add(1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// On PostgreSQL, wakes this replica's waiting leases when another
+    /// replica makes work ready (LISTEN/NOTIFY); returns at once on SQLite,
+    /// where every writer is in this process.
+    pub async fn listen(self, token: CancellationToken) -> Result<(), QueueError> {
+        let Db::Postgres(pool) = self.inner.store.db().clone() else {
+            return Ok(());
+        };
+        let backoff = plinth_runtime::resilience::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut attempt = 0u32;
+        loop {
+            let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "queue listener cannot connect, will retry");
+                    if !plinth_runtime::tasks::pause(&token, backoff.delay(attempt)).await {
+                        return Ok(());
+                    }
+                    attempt = attempt.saturating_add(1);
+                    continue;
+                }
+            };
+            if let Err(e) = listener.listen(NOTIFY_CHANNEL).await {
+                tracing::warn!(error = %e, "queue listener cannot listen, will retry");
+                if !plinth_runtime::tasks::pause(&token, backoff.delay(attempt)).await {
+                    return Ok(());
+                }
+                attempt = attempt.saturating_add(1);
+                continue;
+            }
+            attempt = 0;
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return Ok(()),
+                    n = listener.recv() => match n {
+                        Ok(n) => self.wake(n.payload()),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "queue listener lost its connection, reconnecting");
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Applies the fields of `update` to `current`.
+fn merge(current: &Settings, update: &SettingsUpdate) -> Result<Settings, QueueError> {
+    let mut out = current.clone();
+    let new = &update.settings;
+    for field in &update.fields {
+        match field.as_str() {
+            "max_attempts" => out.max_attempts = new.max_attempts,
+            "backoff" => out.backoff = new.backoff,
+            "backoff.initial" => out.backoff.initial_ms = new.backoff.initial_ms,
+            "backoff.max" => out.backoff.max_ms = new.backoff.max_ms,
+            "backoff.multiplier" => out.backoff.multiplier = new.backoff.multiplier,
+            "backoff.jitter" => out.backoff.jitter = new.backoff.jitter,
+            "lease_duration" => out.lease_ms = new.lease_ms,
+            "message_ttl" => out.ttl_ms = new.ttl_ms,
+            "dedup_window" => out.dedup_window_ms = new.dedup_window_ms,
+            "rate_limit_per_second" => out.rate_limit = new.rate_limit,
+            "max_concurrency" => out.max_concurrency = new.max_concurrency,
+            "depth_alert_threshold" => out.depth_alert = new.depth_alert,
+            "dead_letter_queue" => out.dead_letter_queue.clone_from(&new.dead_letter_queue),
+            other => {
+                return Err(QueueError::invalid(
+                    "update_mask",
+                    format!("`{other}` is not a queue setting"),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}

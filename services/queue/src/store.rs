@@ -1,0 +1,1251 @@
+//! SQL for queues and messages, written once for SQLite and PostgreSQL
+//! where the dialects agree. Storage writes what it is given: validation
+//! happens before a call reaches here; only what must be decided under the
+//! transaction's locks (dedup, lease tokens, rate and concurrency limits) is
+//! decided inside.
+//!
+//! Table design for throughput under bloat: an acknowledged message is
+//! deleted in the ack's statement, so the tables hold only live work and
+//! dead letters; every hot query (claim, due sweep, counts) walks a partial
+//! or leading-column index, never the table. Claims on PostgreSQL take rows
+//! with `FOR UPDATE SKIP LOCKED`, so concurrent workers never queue behind
+//! each other's row locks.
+//!
+//! Fairness: each message carries a start tag (`slot`). A group's messages
+//! get consecutive slots from the group's counter, which first catches up
+//! with the slot of the message about to be handed out. A busy group's
+//! backlog therefore holds far-future slots while a quiet group's new
+//! message lands next to the head, so ready messages interleave across
+//! groups (start-time fair queueing) with one ordered index scan.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use plinth::queue::v1 as pb;
+use plinth_runtime::events::outbox::OutboxEvent;
+use plinth_runtime::on_db;
+use plinth_runtime::storage::{BeginWrite, Db};
+use plinth_runtime::wire::timestamp;
+
+use crate::error::QueueError;
+use crate::model::{
+    AckOutcome, Backoff, Counts, Enqueued, Leased, Message, NewMessage, Queue, RetryFilter, Settings, State,
+};
+
+/// The channel PostgreSQL replicas announce new ready work on.
+pub const NOTIFY_CHANNEL: &str = "plinth_queue";
+
+macro_rules! queue_columns {
+    () => {
+        "name, max_attempts, backoff_initial_ms, backoff_max_ms, backoff_multiplier, backoff_jitter, lease_ms, \
+         ttl_ms, dedup_window_ms, rate_limit, max_concurrency, depth_alert, dead_letter_queue, paused, drain_state, \
+         generation, created_at, updated_at"
+    };
+}
+
+macro_rules! message_columns {
+    () => {
+        "id, queue, state, priority, slot, group_key, ready_at, next_at, expires_at, attempts, lease_token, payload, \
+         content_type, headers, dedup_key, last_error, origin_queue, enqueued_at"
+    };
+}
+
+/// Dead-letters `failures` (a `Vec<Failure>`) in the transaction `$tx`:
+/// moved as READY to their queue's dead letter queue when it has one that
+/// exists, else DEAD where they are; one event each. Evaluates to the
+/// queues that gained ready messages. A macro so that one text serves
+/// both backends' transactions inside [`on_db!`].
+macro_rules! dead_letter {
+    ($tx:expr, $failures:expr, $now:expr) => {{
+        let now: i64 = $now;
+        let mut woken: Vec<String> = Vec::new();
+        let mut targets: HashMap<String, Option<String>> = HashMap::new();
+        for f in $failures {
+            let f: Failure = f;
+            if !targets.contains_key(&f.queue) {
+                let dlq: Option<(String,)> = sqlx::query_as(
+                    "SELECT d.name FROM queues q JOIN queues d ON d.name = q.dead_letter_queue WHERE q.name = $1",
+                )
+                .bind(&f.queue)
+                .fetch_optional(&mut *$tx)
+                .await?;
+                targets.insert(f.queue.clone(), dlq.map(|(d,)| d));
+            }
+            let dlq = targets.get(&f.queue).cloned().flatten();
+            match &dlq {
+                Some(dlq) => {
+                    sqlx::query(
+                        "UPDATE messages SET queue = $2, state = 2, attempts = 0, origin_queue = $3, lease_token = NULL, \
+                         ready_at = $4, next_at = $4, expires_at = NULL, last_error = $5 WHERE id = $1",
+                    )
+                    .bind(f.id)
+                    .bind(dlq)
+                    .bind(&f.queue)
+                    .bind(now)
+                    .bind(&f.last_error)
+                    .execute(&mut *$tx)
+                    .await?;
+                    woken.push(dlq.clone());
+                }
+                None => {
+                    sqlx::query(
+                        "UPDATE messages SET state = 4, lease_token = NULL, next_at = $2, last_error = $3 WHERE id = $1",
+                    )
+                    .bind(f.id)
+                    .bind(now)
+                    .bind(&f.last_error)
+                    .execute(&mut *$tx)
+                    .await?;
+                }
+            }
+            let event = pb::MessageDeadLetteredEvent {
+                queue: f.queue.clone(),
+                message_id: f.id,
+                attempts: f.attempts,
+                reason: f.reason.into(),
+                last_error: f.last_error,
+                dead_letter_queue: dlq.unwrap_or_default(),
+                time: Some(timestamp(now)),
+            };
+            OutboxEvent::new("plinth.queue.dead_lettered", f.queue.as_str(), &event)
+                .write(&mut *$tx)
+                .await?;
+        }
+        woken
+    }};
+}
+
+#[derive(sqlx::FromRow)]
+struct QueueRow {
+    name: String,
+    max_attempts: i32,
+    backoff_initial_ms: i64,
+    backoff_max_ms: i64,
+    backoff_multiplier: f64,
+    backoff_jitter: bool,
+    lease_ms: i64,
+    ttl_ms: i64,
+    dedup_window_ms: i64,
+    rate_limit: f64,
+    max_concurrency: i32,
+    depth_alert: i64,
+    dead_letter_queue: String,
+    paused: bool,
+    drain_state: i32,
+    generation: i64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl From<QueueRow> for Queue {
+    fn from(r: QueueRow) -> Self {
+        Queue {
+            name: r.name,
+            settings: Settings {
+                max_attempts: r.max_attempts,
+                backoff: Backoff {
+                    initial_ms: r.backoff_initial_ms,
+                    max_ms: r.backoff_max_ms,
+                    multiplier: r.backoff_multiplier,
+                    jitter: r.backoff_jitter,
+                },
+                lease_ms: r.lease_ms,
+                ttl_ms: r.ttl_ms,
+                dedup_window_ms: r.dedup_window_ms,
+                rate_limit: r.rate_limit,
+                max_concurrency: r.max_concurrency,
+                depth_alert: r.depth_alert,
+                dead_letter_queue: r.dead_letter_queue,
+            },
+            paused: r.paused,
+            drain_state: r.drain_state,
+            generation: r.generation,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct MessageRow {
+    id: i64,
+    queue: String,
+    state: i32,
+    priority: i32,
+    slot: i64,
+    group_key: String,
+    ready_at: i64,
+    next_at: i64,
+    expires_at: Option<i64>,
+    attempts: i32,
+    lease_token: Option<i64>,
+    payload: Vec<u8>,
+    content_type: String,
+    headers: String,
+    dedup_key: String,
+    last_error: String,
+    origin_queue: String,
+    enqueued_at: i64,
+}
+
+impl MessageRow {
+    fn into_message(self) -> Message {
+        Message {
+            id: self.id,
+            queue: self.queue,
+            state: State::from_i32(self.state).unwrap_or(State::Dead),
+            payload: self.payload,
+            content_type: self.content_type,
+            headers: if self.headers.is_empty() {
+                BTreeMap::new()
+            } else {
+                serde_json::from_str(&self.headers).unwrap_or_default()
+            },
+            priority: self.priority,
+            dedup_key: self.dedup_key,
+            group_key: self.group_key,
+            attempts: self.attempts,
+            enqueued_at: self.enqueued_at,
+            next_at: self.next_at,
+            ready_at: self.ready_at,
+            expires_at: self.expires_at,
+            last_error: self.last_error,
+            origin_queue: self.origin_queue,
+            lease_token: self.lease_token,
+        }
+    }
+}
+
+/// One failed message on its way to the dead letters.
+struct Failure {
+    id: i64,
+    queue: String,
+    attempts: i32,
+    last_error: String,
+    reason: &'static str,
+}
+
+/// What a sweep did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Swept {
+    /// Queues that gained ready messages (wake their waiters).
+    pub woken: HashSet<String>,
+    /// Scheduled messages that became ready.
+    pub promoted: u64,
+    /// Expired leases made ready again.
+    pub expired_leases: u64,
+    /// Messages dead-lettered (attempts exhausted on expiry, TTL).
+    pub dead_lettered: u64,
+    /// Whether any event was written.
+    pub events: bool,
+}
+
+/// Rows touched per sweep statement, so one sweep never holds locks long.
+const SWEEP_BATCH: i64 = 2000;
+
+/// The queue service's tables.
+#[derive(Clone)]
+pub struct Store {
+    db: Db,
+}
+
+impl Store {
+    /// Queries `db` (already migrated).
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// The pool, for the PostgreSQL listener.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    fn is_postgres(&self) -> bool {
+        matches!(self.db, Db::Postgres(_))
+    }
+
+    /// Creates a queue; `AlreadyExists` when the name is taken.
+    pub async fn create_queue(
+        &self,
+        name: &str,
+        s: &Settings,
+        now: i64,
+        event: &OutboxEvent,
+    ) -> Result<Queue, QueueError> {
+        on_db!(&self.db, |pool| {
+            let mut tx = pool.begin_write().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO queues (name, max_attempts, backoff_initial_ms, backoff_max_ms, backoff_multiplier, \
+                 backoff_jitter, lease_ms, ttl_ms, dedup_window_ms, rate_limit, max_concurrency, depth_alert, \
+                 dead_letter_queue, generation, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 1, $14, $14) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .bind(s.max_attempts)
+            .bind(s.backoff.initial_ms)
+            .bind(s.backoff.max_ms)
+            .bind(s.backoff.multiplier)
+            .bind(s.backoff.jitter)
+            .bind(s.lease_ms)
+            .bind(s.ttl_ms)
+            .bind(s.dedup_window_ms)
+            .bind(s.rate_limit)
+            .bind(s.max_concurrency)
+            .bind(s.depth_alert)
+            .bind(&s.dead_letter_queue)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                return Err(QueueError::AlreadyExists(name.to_owned()));
+            }
+            event.write(&mut *tx).await?;
+            tx.commit().await?;
+        });
+        self.queue(name).await
+    }
+
+    /// One queue.
+    pub async fn queue(&self, name: &str) -> Result<Queue, QueueError> {
+        let row: Option<QueueRow> = on_db!(&self.db, |pool| {
+            sqlx::query_as(concat!("SELECT ", queue_columns!(), " FROM queues WHERE name = $1"))
+                .bind(name)
+                .fetch_optional(pool)
+                .await?
+        });
+        row.map(Queue::from)
+            .ok_or_else(|| QueueError::QueueNotFound(name.to_owned()))
+    }
+
+    /// Queues by name after `after`.
+    pub async fn queues(&self, after: &str, limit: usize) -> Result<Vec<Queue>, QueueError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<QueueRow> = on_db!(&self.db, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                queue_columns!(),
+                " FROM queues WHERE name > $1 ORDER BY name LIMIT $2"
+            ))
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows.into_iter().map(Queue::from).collect())
+    }
+
+    /// Replaces a queue's settings if its generation is still `generation`.
+    pub async fn update_queue(
+        &self,
+        name: &str,
+        generation: i64,
+        s: &Settings,
+        now: i64,
+        event: &OutboxEvent,
+    ) -> Result<Queue, QueueError> {
+        on_db!(&self.db, |pool| {
+            let mut tx = pool.begin_write().await?;
+            let updated = sqlx::query(
+                "UPDATE queues SET max_attempts = $3, backoff_initial_ms = $4, backoff_max_ms = $5, \
+                 backoff_multiplier = $6, backoff_jitter = $7, lease_ms = $8, ttl_ms = $9, dedup_window_ms = $10, \
+                 rate_limit = $11, max_concurrency = $12, depth_alert = $13, dead_letter_queue = $14, \
+                 generation = generation + 1, updated_at = $15 WHERE name = $1 AND generation = $2",
+            )
+            .bind(name)
+            .bind(generation)
+            .bind(s.max_attempts)
+            .bind(s.backoff.initial_ms)
+            .bind(s.backoff.max_ms)
+            .bind(s.backoff.multiplier)
+            .bind(s.backoff.jitter)
+            .bind(s.lease_ms)
+            .bind(s.ttl_ms)
+            .bind(s.dedup_window_ms)
+            .bind(s.rate_limit)
+            .bind(s.max_concurrency)
+            .bind(s.depth_alert)
+            .bind(&s.dead_letter_queue)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated == 0 {
+                return Err(QueueError::Conflict(name.to_owned()));
+            }
+            event.write(&mut *tx).await?;
+            tx.commit().await?;
+        });
+        self.queue(name).await
+    }
+
+    /// Deletes a queue and its messages; the number of messages deleted.
+    pub async fn delete_queue(&self, name: &str, event: &OutboxEvent) -> Result<i64, QueueError> {
+        on_db!(&self.db, |pool| {
+            let mut tx = pool.begin_write().await?;
+            let gone = sqlx::query("DELETE FROM queues WHERE name = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if gone == 0 {
+                return Err(QueueError::QueueNotFound(name.to_owned()));
+            }
+            let messages = sqlx::query("DELETE FROM messages WHERE queue = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query("DELETE FROM dedup WHERE queue = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM fair_groups WHERE queue = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            event.write(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(i64::try_from(messages).unwrap_or(i64::MAX))
+        })
+    }
+
+    /// Sets `paused` and `drain_state`; the queue after the change.
+    pub async fn set_flow(
+        &self,
+        name: &str,
+        paused: bool,
+        drain_state: i32,
+        now: i64,
+        event: &OutboxEvent,
+    ) -> Result<Queue, QueueError> {
+        on_db!(&self.db, |pool| {
+            let mut tx = pool.begin_write().await?;
+            let changed = sqlx::query(
+                "UPDATE queues SET paused = $2, drain_state = $3, generation = generation + 1, updated_at = $4 \
+                 WHERE name = $1",
+            )
+            .bind(name)
+            .bind(paused)
+            .bind(drain_state)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if changed == 0 {
+                return Err(QueueError::QueueNotFound(name.to_owned()));
+            }
+            event.write(&mut *tx).await?;
+            tx.commit().await?;
+        });
+        self.queue(name).await
+    }
+
+    /// Messages by state, per queue, for the queues named.
+    pub async fn counts(&self, names: &[&str]) -> Result<HashMap<String, Counts>, QueueError> {
+        let mut out: HashMap<String, Counts> = names.iter().map(|n| ((*n).to_owned(), Counts::default())).collect();
+        for chunk in names.chunks(500) {
+            let rows: Vec<(String, i32, i64)> = on_db!(&self.db, |pool| {
+                let mut q = sqlx::QueryBuilder::new("SELECT queue, state, COUNT(*) FROM messages WHERE queue IN (");
+                let mut list = q.separated(", ");
+                for n in chunk {
+                    list.push_bind(*n);
+                }
+                q.push(") GROUP BY queue, state");
+                q.build_query_as().fetch_all(pool).await?
+            });
+            for (queue, state, n) in rows {
+                let c = out.entry(queue).or_default();
+                match State::from_i32(state) {
+                    Some(State::Scheduled) => c.scheduled += n,
+                    Some(State::Ready) => c.ready += n,
+                    Some(State::Leased) => c.leased += n,
+                    Some(State::Dead) | None => c.dead += n,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the oldest ready message became ready.
+    pub async fn oldest_ready(&self, name: &str) -> Result<Option<i64>, QueueError> {
+        let (oldest,): (Option<i64>,) = on_db!(&self.db, |pool| {
+            sqlx::query_as("SELECT MIN(ready_at) FROM messages WHERE queue = $1 AND state = 2")
+                .bind(name)
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(oldest)
+    }
+
+    /// Adds `messages` to `queue` in one transaction, in order; duplicates
+    /// (by dedup key within the window) are answered with the first id.
+    pub async fn enqueue(&self, queue: &str, messages: &[NewMessage], now: i64) -> Result<Vec<Enqueued>, QueueError> {
+        let notify = self.is_postgres();
+        on_db!(&self.db, |pool| {
+            let mut tx = pool.begin_write().await?;
+            let q: Option<(i64, i64)> = sqlx::query_as("SELECT ttl_ms, dedup_window_ms FROM queues WHERE name = $1")
+                .bind(queue)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let (ttl_ms, window_ms) = q.ok_or_else(|| QueueError::QueueNotFound(queue.to_owned()))?;
+
+            let mut results: Vec<Option<Enqueued>> = vec![None; messages.len()];
+            let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+            let mut copies: Vec<(usize, usize)> = Vec::new();
+            let mut fresh: Vec<usize> = Vec::with_capacity(messages.len());
+            for (i, m) in messages.iter().enumerate() {
+                if m.dedup_key.is_empty() {
+                    fresh.push(i);
+                    continue;
+                }
+                if let Some(&first) = first_with_key.get(m.dedup_key.as_str()) {
+                    copies.push((i, first));
+                    continue;
+                }
+                first_with_key.insert(&m.dedup_key, i);
+                // Taking the key is one statement: a concurrent enqueue of
+                // the same key waits on the unique index until this commits,
+                // then finds the key taken.
+                let taken: Option<(i64,)> = sqlx::query_as(
+                    "INSERT INTO dedup (queue, dedup_key, message_id, expires_at) VALUES ($1, $2, 0, $3) \
+                     ON CONFLICT (queue, dedup_key) DO UPDATE SET message_id = 0, expires_at = excluded.expires_at \
+                     WHERE dedup.expires_at <= $4 RETURNING message_id",
+                )
+                .bind(queue)
+                .bind(&m.dedup_key)
+                .bind(now.saturating_add(window_ms))
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if taken.is_some() {
+                    fresh.push(i);
+                } else {
+                    let (id,): (i64,) =
+                        sqlx::query_as("SELECT message_id FROM dedup WHERE queue = $1 AND dedup_key = $2")
+                            .bind(queue)
+                            .bind(&m.dedup_key)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    let state: Option<(i32,)> = sqlx::query_as("SELECT state FROM messages WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    results[i] = Some(Enqueued {
+                        id,
+                        duplicate: true,
+                        state: state.and_then(|(s,)| State::from_i32(s)),
+                    });
+                }
+            }
+
+            // Start tags: each group continues from its counter, caught up
+            // with the tag of the message at the head of the queue.
+            let mut slots: HashMap<usize, i64> = HashMap::with_capacity(fresh.len());
+            if !fresh.is_empty() {
+                let head: Option<(i64,)> = sqlx::query_as(
+                    "SELECT slot FROM messages WHERE queue = $1 AND state = 2 ORDER BY priority DESC, slot, id LIMIT 1",
+                )
+                .bind(queue)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let floor = head.map_or(0, |(s,)| s);
+                let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+                for &i in &fresh {
+                    groups.entry(messages[i].group_key.as_str()).or_default().push(i);
+                }
+                for (group, members) in groups {
+                    let count = i64::try_from(members.len()).unwrap_or(i64::MAX);
+                    let (last,): (i64,) = sqlx::query_as(
+                        "INSERT INTO fair_groups (queue, group_key, next_slot) VALUES ($1, $2, $3 + $4) \
+                         ON CONFLICT (queue, group_key) DO UPDATE SET next_slot = \
+                         (CASE WHEN fair_groups.next_slot > $3 THEN fair_groups.next_slot ELSE $3 END) + $4 \
+                         RETURNING next_slot",
+                    )
+                    .bind(queue)
+                    .bind(group)
+                    .bind(floor)
+                    .bind(count)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    for (k, i) in members.into_iter().enumerate() {
+                        slots.insert(i, last - count + 1 + i64::try_from(k).unwrap_or(0));
+                    }
+                }
+            }
+
+            let mut ready_any = false;
+            for chunk in fresh.chunks(500) {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO messages (queue, state, priority, slot, group_key, ready_at, next_at, expires_at, \
+                     payload, content_type, headers, dedup_key, enqueued_at) ",
+                );
+                q.push_values(chunk, |mut b, &i| {
+                    let m = &messages[i];
+                    let ready_at = m.ready_at(now);
+                    let state = if ready_at > now { State::Scheduled } else { State::Ready };
+                    ready_any |= state == State::Ready;
+                    let ttl = m.ttl_ms.unwrap_or(ttl_ms);
+                    let headers = if m.headers.is_empty() {
+                        String::new()
+                    } else {
+                        serde_json::to_string(&m.headers).unwrap_or_default()
+                    };
+                    b.push_bind(queue.to_owned())
+                        .push_bind(state as i32)
+                        .push_bind(m.priority)
+                        .push_bind(slots.get(&i).copied().unwrap_or(0))
+                        .push_bind(m.group_key.clone())
+                        .push_bind(ready_at)
+                        .push_bind(ready_at)
+                        .push_bind((ttl > 0).then(|| now.saturating_add(ttl)))
+                        .push_bind(m.payload.clone())
+                        .push_bind(m.content_type.clone())
+                        .push_bind(headers)
+                        .push_bind(m.dedup_key.clone())
+                        .push_bind(now);
+                });
+                q.push(" RETURNING id, state");
+                let mut rows: Vec<(i64, i32)> = q.build_query_as().fetch_all(&mut *tx).await?;
+                // Ids grow in VALUES order on both backends; RETURNING order
+                // is not promised, so sort.
+                rows.sort_unstable();
+                for (&i, (id, state)) in chunk.iter().zip(rows) {
+                    results[i] = Some(Enqueued {
+                        id,
+                        duplicate: false,
+                        state: State::from_i32(state),
+                    });
+                    let m = &messages[i];
+                    if !m.dedup_key.is_empty() {
+                        sqlx::query("UPDATE dedup SET message_id = $3 WHERE queue = $1 AND dedup_key = $2")
+                            .bind(queue)
+                            .bind(&m.dedup_key)
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
+            for (copy, first) in copies {
+                results[copy] = results[first].map(|r| Enqueued { duplicate: true, ..r });
+            }
+            if notify && ready_any {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(NOTIFY_CHANNEL)
+                    .bind(queue)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(results.into_iter().flatten().collect())
+        })
+    }
+
+    /// Leases up to `max` ready messages for `lease_ms`, within the queue's
+    /// rate and concurrency limits. Empty when paused or draining.
+    pub async fn claim(
+        &self,
+        queue: &str,
+        max: i64,
+        lease_ms: Option<i64>,
+        now: i64,
+    ) -> Result<Vec<Leased>, QueueError> {
+        let token: i64 = rand::random::<i64>() | 1;
+        let postgres = self.is_postgres();
+        on_db!(&self.db, |pool| {
+            let mut tx = pool.begin_write().await?;
+            let q: Option<(bool, i32, i64, f64, i32)> = sqlx::query_as(
+                "SELECT paused, drain_state, lease_ms, rate_limit, max_concurrency FROM queues WHERE name = $1",
+            )
+            .bind(queue)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let (paused, drain_state, default_lease, rate, concurrency) =
+                q.ok_or_else(|| QueueError::QueueNotFound(queue.to_owned()))?;
+            if paused || drain_state != 0 {
+                return Ok(Vec::new());
+            }
+            let mut n = max;
+            let limited = rate > 0.0 || concurrency > 0;
+            let mut bucket = (0.0, 0);
+            if limited {
+                // Limits are decided under the queue row's lock, so claims on
+                // every replica share them exactly.
+                let (tokens, at): (f64, i64) = sqlx::query_as(if postgres {
+                    "SELECT rate_tokens, rate_at FROM queues WHERE name = $1 FOR UPDATE"
+                } else {
+                    "SELECT rate_tokens, rate_at FROM queues WHERE name = $1"
+                })
+                .bind(queue)
+                .fetch_one(&mut *tx)
+                .await?;
+                if concurrency > 0 {
+                    let (in_flight,): (i64,) =
+                        sqlx::query_as("SELECT COUNT(*) FROM messages WHERE queue = $1 AND state = 3 AND next_at > $2")
+                            .bind(queue)
+                            .bind(now)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    n = n.min(i64::from(concurrency) - in_flight);
+                }
+                if rate > 0.0 {
+                    let burst = rate.max(1.0);
+                    let elapsed = (now - at).max(0) as f64 / 1000.0;
+                    let available = (tokens + elapsed * rate).min(burst);
+                    bucket = (available, now);
+                    n = n.min(available.floor() as i64);
+                }
+                if n <= 0 {
+                    return Ok(Vec::new());
+                }
+            }
+            let expires = now.saturating_add(lease_ms.unwrap_or(default_lease));
+            let rows: Vec<MessageRow> = if postgres {
+                sqlx::query_as(concat!(
+                    "WITH picked AS (SELECT id FROM messages WHERE queue = $3 AND state = 2 \
+                     AND (expires_at IS NULL OR expires_at > $4) ORDER BY priority DESC, slot, id LIMIT $5 \
+                     FOR UPDATE SKIP LOCKED) \
+                     UPDATE messages m SET state = 3, attempts = m.attempts + 1, lease_token = $1, next_at = $2 \
+                     FROM picked WHERE m.id = picked.id RETURNING ",
+                    "m.id, m.queue, m.state, m.priority, m.slot, m.group_key, m.ready_at, m.next_at, m.expires_at, \
+                     m.attempts, m.lease_token, m.payload, m.content_type, m.headers, m.dedup_key, m.last_error, \
+                     m.origin_queue, m.enqueued_at"
+                ))
+            } else {
+                sqlx::query_as(concat!(
+                    "UPDATE messages SET state = 3, attempts = attempts + 1, lease_token = $1, next_at = $2 \
+                     WHERE id IN (SELECT id FROM messages WHERE queue = $3 AND state = 2 \
+                     AND (expires_at IS NULL OR expires_at > $4) ORDER BY priority DESC, slot, id LIMIT $5) RETURNING ",
+                    message_columns!()
+                ))
+            }
+            .bind(token)
+            .bind(expires)
+            .bind(queue)
+            .bind(now)
+            .bind(n)
+            .fetch_all(&mut *tx)
+            .await?;
+            if rate > 0.0 && !rows.is_empty() {
+                sqlx::query("UPDATE queues SET rate_tokens = $2, rate_at = $3 WHERE name = $1")
+                    .bind(queue)
+                    .bind(bucket.0 - rows.len() as f64)
+                    .bind(bucket.1)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            let mut rows = rows;
+            rows.sort_unstable_by_key(|r| (std::cmp::Reverse(r.priority), r.slot, r.id));
+            Ok(rows
+                .into_iter()
+                .map(|r| Leased {
+                    message: r.into_message(),
+                    token,
+                    expires_at: expires,
+                })
+                .collect())
+        })
+    }
+
+    /// Completes deliveries; one outcome per entry, in order.
+    pub async fn ack(&self, queue: &str, acks: &[(i64, i64)]) -> Result<Vec<AckOutcome>, QueueError> {
+        let mut done: HashSet<i64> = HashSet::with_capacity(acks.len());
+        let mut present: HashSet<i64> = HashSet::new();
+        on_db!(&self.db, |pool| {
+            let mut tx = pool.begin_write().await?;
+            for chunk in acks.chunks(500) {
+                let mut q = sqlx::QueryBuilder::new("DELETE FROM messages WHERE queue = ");
+                q.push_bind(queue.to_owned())
+                    .push(" AND state IN (2, 3) AND (id, lease_token) IN (VALUES ");
+                let mut list = q.separated(", ");
+                for (id, token) in chunk {
+                    list.push("(")
+                        .push_bind_unseparated(*id)
+                        .push_unseparated(", ")
+                        .push_bind_unseparated(*token)
+                        .push_unseparated(")");
+                }
+                q.push(") RETURNING id");
+                let ids: Vec<(i64,)> = q.build_query_as().fetch_all(&mut *tx).await?;
+                done.extend(ids.into_iter().map(|(id,)| id));
+            }
+            let missing: Vec<i64> = acks.iter().map(|(id, _)| *id).filter(|id| !done.contains(id)).collect();
+            for chunk in missing.chunks(500) {
+                let mut q = sqlx::QueryBuilder::new("SELECT id FROM messages WHERE queue = ");
+                q.push_bind(queue.to_owned()).push(" AND id IN (");
+                let mut list = q.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                q.push(")");
+                let ids: Vec<(i64,)> = q.build_query_as().fetch_all(&mut *tx).await?;
+                present.extend(ids.into_iter().map(|(id,)| id));
+            }
+            tx.commit().await?;
+        });
+        Ok(acks
+            .iter()
+            .map(|(id, _)| {
+                if done.contains(id) {
+                    AckOutcome::Acked
+                } else if present.contains(id) {
+                    AckOutcome::Stale
+                } else {
+                    AckOutcome::NotFound
+                }
+            })
+            .collect())
+    }
+
+    /// Why a token did not match: the message exists (stale) or not.
+    async fn mismatch(&self, queue: &str, id: i64) -> QueueError {
+        let found: Result<Option<(i64,)>, sqlx::Error> = on_db!(&self.db, |pool| {
+            sqlx::query_as("SELECT id FROM messages WHERE id = $1 AND queue = $2")
+                .bind(id)
+                .bind(queue)
+                .fetch_optional(pool)
+                .await
+        });
+        match found {
+            Ok(Some(_)) => QueueError::StaleLease(id),
+            Ok(None) => QueueError::MessageNotFound {
+                queue: queue.to_owned(),
+                id,
+            },
+            Err(e) => e.into(),
+        }
+    }
+
+    /// The current delivery of message `id`, with its queue's retry settings:
+    /// (attempts, max_attempts, backoff). Stale or missing → the error.
+    pub async fn delivery(&self, queue: &str, id: i64, token: i64) -> Result<(i32, Settings), QueueError> {
+        let row: Option<(i32,)> = on_db!(&self.db, |pool| {
+            sqlx::query_as(
+                "SELECT attempts FROM messages WHERE id = $1 AND queue = $2 AND lease_token = $3 AND state IN (2, 3)",
+            )
+            .bind(id)
+            .bind(queue)
+            .bind(token)
+            .fetch_optional(pool)
+            .await?
+        });
+        match row {
+            Some((attempts,)) => Ok((attempts, self.queue(queue).await?.settings)),
+            None => Err(self.mismatch(queue, id).await),
+        }
+    }
+
+    /// Schedules a retry of the delivery at `at`, if `token` is still current.
+    pub async fn retry_at(&self, queue: &str, id: i64, token: i64, at: i64, error: &str) -> Result<(), QueueError> {
+        let changed = on_db!(&self.db, |pool| {
+            sqlx::query(
+                "UPDATE messages SET state = 1, next_at = $4, ready_at = $4, lease_token = NULL, last_error = $5 \
+                 WHERE id = $1 AND queue = $2 AND lease_token = $3 AND state IN (2, 3)",
+            )
+            .bind(id)
+            .bind(queue)
+            .bind(token)
+            .bind(at)
+            .bind(error)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        if changed == 0 {
+            return Err(self.mismatch(queue, id).await);
+        }
+        Ok(())
+    }
+
+    /// Dead-letters the delivery, if `token` is still current; the queues
+    /// that gained ready messages (a dead letter queue).
+    pub async fn kill(
+        &self,
+        queue: &str,
+        id: i64,
+        token: i64,
+        error: &str,
+        reason: &'static str,
+        now: i64,
+    ) -> Result<Vec<String>, QueueError> {
+        let woken: Option<Vec<String>> = on_db!(&self.db, |pool| {
+            let mut tx = pool.begin_write().await?;
+            let row: Option<(i32,)> = sqlx::query_as(
+                "UPDATE messages SET last_error = $4, lease_token = NULL \
+                 WHERE id = $1 AND queue = $2 AND lease_token = $3 AND state IN (2, 3) RETURNING attempts",
+            )
+            .bind(id)
+            .bind(queue)
+            .bind(token)
+            .bind(error)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match row {
+                Some((attempts,)) => {
+                    let failures = vec![Failure {
+                        id,
+                        queue: queue.to_owned(),
+                        attempts,
+                        last_error: error.to_owned(),
+                        reason,
+                    }];
+                    let woken = dead_letter!(tx, failures, now);
+                    tx.commit().await?;
+                    Some(woken)
+                }
+                None => None,
+            }
+        });
+        match woken {
+            Some(w) => Ok(w),
+            None => Err(self.mismatch(queue, id).await),
+        }
+    }
+
+    /// Moves the lease of the delivery to `expires`, if `token` is current.
+    pub async fn extend(&self, queue: &str, id: i64, token: i64, expires: i64) -> Result<(), QueueError> {
+        let changed = on_db!(&self.db, |pool| {
+            sqlx::query(
+                "UPDATE messages SET state = 3, next_at = $4 \
+                 WHERE id = $1 AND queue = $2 AND lease_token = $3 AND state IN (2, 3)",
+            )
+            .bind(id)
+            .bind(queue)
+            .bind(token)
+            .bind(expires)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        if changed == 0 {
+            return Err(self.mismatch(queue, id).await);
+        }
+        Ok(())
+    }
+
+    /// One message.
+    pub async fn message(&self, queue: &str, id: i64) -> Result<Message, QueueError> {
+        let row: Option<MessageRow> = on_db!(&self.db, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages WHERE id = $1 AND queue = $2"
+            ))
+            .bind(id)
+            .bind(queue)
+            .fetch_optional(pool)
+            .await?
+        });
+        row.map(MessageRow::into_message)
+            .ok_or_else(|| QueueError::MessageNotFound {
+                queue: queue.to_owned(),
+                id,
+            })
+    }
+
+    /// Messages of one state by id, after `after`.
+    pub async fn messages(
+        &self,
+        queue: &str,
+        state: State,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Message>, QueueError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<MessageRow> = on_db!(&self.db, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages WHERE queue = $1 AND state = $2 AND id > $3 ORDER BY id LIMIT $4"
+            ))
+            .bind(queue)
+            .bind(state as i32)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows.into_iter().map(MessageRow::into_message).collect())
+    }
+
+    /// Deletes messages in `states`; how many.
+    pub async fn purge(
+        &self,
+        queue: &str,
+        states: &[State],
+        event: impl Fn(i64) -> OutboxEvent,
+    ) -> Result<i64, QueueError> {
+        on_db!(&self.db, |pool| {
+            let mut tx = pool.begin_write().await?;
+            let exists: Option<(String,)> = sqlx::query_as("SELECT name FROM queues WHERE name = $1")
+                .bind(queue)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if exists.is_none() {
+                return Err(QueueError::QueueNotFound(queue.to_owned()));
+            }
+            let mut q = sqlx::QueryBuilder::new("DELETE FROM messages WHERE queue = ");
+            q.push_bind(queue.to_owned()).push(" AND state IN (");
+            let mut list = q.separated(", ");
+            for s in states {
+                list.push_bind(*s as i32);
+            }
+            q.push(")");
+            let purged = i64::try_from(q.build().execute(&mut *tx).await?.rows_affected()).unwrap_or(i64::MAX);
+            event(purged).write(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(purged)
+        })
+    }
+
+    /// Makes dead letters of `queue` (and those its dead letter queue holds
+    /// from it) ready again in `queue`; how many.
+    pub async fn retry_failed(
+        &self,
+        queue: &str,
+        filter: &RetryFilter,
+        now: i64,
+        event: impl Fn(i64) -> OutboxEvent,
+    ) -> Result<i64, QueueError> {
+        let contains = if self.is_postgres() {
+            " AND strpos(last_error, "
+        } else {
+            " AND instr(last_error, "
+        };
+        let notify = self.is_postgres();
+        on_db!(&self.db, |pool| {
+            let mut tx = pool.begin_write().await?;
+            let dlq: Option<(String,)> = sqlx::query_as("SELECT dead_letter_queue FROM queues WHERE name = $1")
+                .bind(queue)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let (dlq,) = dlq.ok_or_else(|| QueueError::QueueNotFound(queue.to_owned()))?;
+            let mut retried = 0i64;
+            let sources: Vec<(&str, &str)> = if dlq.is_empty() {
+                vec![(queue, "state = 4")]
+            } else {
+                vec![(queue, "state = 4"), (dlq.as_str(), "state IN (2, 4)")]
+            };
+            for (source, states) in sources {
+                if retried >= filter.limit {
+                    break;
+                }
+                let mut q = sqlx::QueryBuilder::new("UPDATE messages SET queue = ");
+                q.push_bind(queue.to_owned())
+                    .push(", state = 2, attempts = 0, origin_queue = '', lease_token = NULL, ready_at = ")
+                    .push_bind(now)
+                    .push(", next_at = ")
+                    .push_bind(now)
+                    .push(" WHERE id IN (SELECT id FROM messages WHERE queue = ")
+                    .push_bind(source.to_owned())
+                    .push(" AND ")
+                    .push(states);
+                if source != queue {
+                    q.push(" AND origin_queue = ").push_bind(queue.to_owned());
+                }
+                if !filter.error_contains.is_empty() {
+                    q.push(contains).push_bind(filter.error_contains.clone()).push(") > 0");
+                }
+                if !filter.ids.is_empty() {
+                    q.push(" AND id IN (");
+                    let mut list = q.separated(", ");
+                    for id in &filter.ids {
+                        list.push_bind(*id);
+                    }
+                    q.push(")");
+                }
+                q.push(" ORDER BY id LIMIT ")
+                    .push_bind(filter.limit - retried)
+                    .push(")");
+                retried += i64::try_from(q.build().execute(&mut *tx).await?.rows_affected()).unwrap_or(0);
+            }
+            if retried > 0 {
+                event(retried).write(&mut *tx).await?;
+                if notify {
+                    sqlx::query("SELECT pg_notify($1, $2)")
+                        .bind(NOTIFY_CHANNEL)
+                        .bind(queue)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(retried)
+        })
+    }
+
+    /// Moves time-driven states on: due scheduled messages become ready,
+    /// expired leases are returned (or dead-lettered when out of attempts),
+    /// expired messages are dead-lettered, expired dedup keys are dropped.
+    pub async fn sweep(&self, now: i64) -> Result<Swept, QueueError> {
+        let mut swept = Swept::default();
+        let postgres = self.is_postgres();
+        on_db!(&self.db, |pool| {
+            let mut tx = pool.begin_write().await?;
+            let promoted: Vec<(String,)> = sqlx::query_as(
+                "UPDATE messages SET state = 2 WHERE id IN \
+                 (SELECT id FROM messages WHERE state = 1 AND next_at <= $1 ORDER BY next_at LIMIT $2) RETURNING queue",
+            )
+            .bind(now)
+            .bind(SWEEP_BATCH)
+            .fetch_all(&mut *tx)
+            .await?;
+            swept.promoted = promoted.len() as u64;
+            swept.woken.extend(promoted.into_iter().map(|(q,)| q));
+
+            let expired: Vec<(i64, String, i32, i32, String)> = sqlx::query_as(
+                "SELECT m.id, m.queue, m.attempts, q.max_attempts, m.last_error FROM messages m \
+                 JOIN queues q ON q.name = m.queue WHERE m.state = 3 AND m.next_at <= $1 ORDER BY m.next_at LIMIT $2",
+            )
+            .bind(now)
+            .bind(SWEEP_BATCH)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut again = Vec::new();
+            let mut failures = Vec::new();
+            for (id, queue, attempts, max_attempts, last_error) in expired {
+                if attempts >= max_attempts {
+                    failures.push(Failure {
+                        id,
+                        queue,
+                        attempts,
+                        last_error: if last_error.is_empty() {
+                            "lease expired".to_owned()
+                        } else {
+                            last_error
+                        },
+                        reason: "attempts_exhausted",
+                    });
+                } else {
+                    again.push(id);
+                }
+            }
+            for chunk in again.chunks(500) {
+                let mut q = sqlx::QueryBuilder::new("UPDATE messages SET state = 2, ready_at = ");
+                q.push_bind(now)
+                    .push(", last_error = 'lease expired' WHERE state = 3 AND next_at <= ")
+                    .push_bind(now)
+                    .push(" AND id IN (");
+                let mut list = q.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                q.push(") RETURNING queue");
+                let queues: Vec<(String,)> = q.build_query_as().fetch_all(&mut *tx).await?;
+                swept.expired_leases += queues.len() as u64;
+                swept.woken.extend(queues.into_iter().map(|(q,)| q));
+            }
+
+            let stale: Vec<(i64, String, i32, String)> = sqlx::query_as(
+                "SELECT id, queue, attempts, last_error FROM messages \
+                 WHERE expires_at <= $1 AND state IN (1, 2) LIMIT $2",
+            )
+            .bind(now)
+            .bind(SWEEP_BATCH)
+            .fetch_all(&mut *tx)
+            .await?;
+            failures.extend(stale.into_iter().map(|(id, queue, attempts, last_error)| Failure {
+                id,
+                queue,
+                attempts,
+                last_error,
+                reason: "ttl_expired",
+            }));
+            swept.dead_lettered = failures.len() as u64;
+            swept.events = !failures.is_empty();
+            swept.woken.extend(dead_letter!(tx, failures, now));
+            if postgres {
+                for queue in &swept.woken {
+                    sqlx::query("SELECT pg_notify($1, $2)")
+                        .bind(NOTIFY_CHANNEL)
+                        .bind(queue)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            sqlx::query("DELETE FROM dedup WHERE expires_at <= $1")
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        });
+        Ok(swept)
+    }
+
+    /// Raises and clears depth alerts, and completes drains; whether any
+    /// event was written.
+    pub async fn watch_thresholds(&self, now: i64) -> Result<bool, QueueError> {
+        let mut wrote = false;
+        on_db!(&self.db, |pool| {
+            let watched: Vec<(String, i64, bool, i32)> = sqlx::query_as(
+                "SELECT name, depth_alert, alerting, drain_state FROM queues WHERE depth_alert > 0 OR drain_state = 1",
+            )
+            .fetch_all(pool)
+            .await?;
+            for (name, threshold, alerting, drain_state) in watched {
+                let mut tx = pool.begin_write().await?;
+                if threshold > 0 {
+                    let (depth,): (i64,) =
+                        sqlx::query_as("SELECT COUNT(*) FROM messages WHERE queue = $1 AND state = 2")
+                            .bind(&name)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    let raised = depth >= threshold;
+                    if raised != alerting {
+                        let changed = sqlx::query("UPDATE queues SET alerting = $2 WHERE name = $1 AND alerting = $3")
+                            .bind(&name)
+                            .bind(raised)
+                            .bind(alerting)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                        if changed > 0 {
+                            let event = pb::DepthAlertEvent {
+                                queue: name.clone(),
+                                raised,
+                                depth,
+                                threshold,
+                                time: Some(timestamp(now)),
+                            };
+                            OutboxEvent::new("plinth.queue.depth_alert", name.as_str(), &event)
+                                .write(&mut *tx)
+                                .await?;
+                            wrote = true;
+                        }
+                    }
+                }
+                if drain_state == 1 {
+                    let (in_flight,): (i64,) =
+                        sqlx::query_as("SELECT COUNT(*) FROM messages WHERE queue = $1 AND state = 3")
+                            .bind(&name)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    if in_flight == 0 {
+                        let changed =
+                            sqlx::query("UPDATE queues SET drain_state = 2 WHERE name = $1 AND drain_state = 1")
+                                .bind(&name)
+                                .execute(&mut *tx)
+                                .await?
+                                .rows_affected();
+                        if changed > 0 {
+                            let event = pb::QueueChangedEvent {
+                                queue: name.clone(),
+                                change: "drained".into(),
+                                subject: String::new(),
+                                messages: 0,
+                                time: Some(timestamp(now)),
+                            };
+                            OutboxEvent::new("plinth.queue.queue_changed", name.as_str(), &event)
+                                .write(&mut *tx)
+                                .await?;
+                            wrote = true;
+                        }
+                    }
+                }
+                tx.commit().await?;
+            }
+        });
+        Ok(wrote)
+    }
+}

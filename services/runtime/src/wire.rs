@@ -1,0 +1,86 @@
+//! Conversions between protobuf well-known types and the plain numbers the
+//! services store (milliseconds since the epoch, milliseconds of duration),
+//! refusing values out of range with the field named. Nothing here knows a
+//! particular service's messages.
+
+use crate::error::InvalidRequest;
+
+/// Milliseconds since the epoch as a protobuf timestamp.
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// Milliseconds as a protobuf duration.
+pub fn duration(ms: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// A timestamp as milliseconds since the epoch; `field` names it when it is
+/// malformed or outside years 1970–9999.
+pub fn timestamp_ms(field: &str, t: &prost_types::Timestamp) -> Result<i64, InvalidRequest> {
+    const MAX_SECONDS: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    if !(0..=MAX_SECONDS).contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(InvalidRequest::field(
+            field,
+            "must be a valid time between 1970 and 9999",
+        ));
+    }
+    Ok(t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
+}
+
+/// A duration as milliseconds, which must lie within `min_ms..=max_ms`;
+/// `field` names it otherwise.
+pub fn duration_ms(field: &str, d: &prost_types::Duration, min_ms: i64, max_ms: i64) -> Result<i64, InvalidRequest> {
+    let valid_nanos = (-999_999_999..=999_999_999).contains(&d.nanos)
+        && (d.seconds == 0 || d.nanos == 0 || (d.seconds > 0) == (d.nanos > 0));
+    let ms = d
+        .seconds
+        .checked_mul(1000)
+        .and_then(|s| s.checked_add(i64::from(d.nanos / 1_000_000)))
+        .filter(|_| valid_nanos);
+    match ms {
+        Some(ms) if (min_ms..=max_ms).contains(&ms) => Ok(ms),
+        _ => Err(InvalidRequest::field(
+            field,
+            format!("must be between {} and {}", human(min_ms), human(max_ms)),
+        )),
+    }
+}
+
+fn human(ms: i64) -> String {
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_outside_their_range_name_the_field() {
+        let d = prost_types::Duration { seconds: 5, nanos: 0 };
+        assert_eq!(duration_ms("lease", &d, 1000, 10_000).unwrap(), 5000);
+        let err = duration_ms("lease", &d, 10_000, 20_000).unwrap_err();
+        assert_eq!(err.0[0].field, "lease");
+        assert!(err.0[0].description.contains("10s"));
+        let negative = prost_types::Duration { seconds: -1, nanos: 0 };
+        assert!(duration_ms("lease", &negative, 0, 20_000).is_err());
+    }
+
+    #[test]
+    fn timestamps_round_trip_through_milliseconds() {
+        let t = timestamp(1_700_000_000_123);
+        assert_eq!(timestamp_ms("at", &t).unwrap(), 1_700_000_000_123);
+        let bad = prost_types::Timestamp { seconds: -5, nanos: 0 };
+        assert_eq!(timestamp_ms("at", &bad).unwrap_err().0[0].field, "at");
+    }
+}
