@@ -1,0 +1,639 @@
+//! The queue's semantics, one suite run on every backend (SQLite, the
+//! embedded default, and PostgreSQL): priorities, delays, TTL, dedup under
+//! concurrency, lease expiry and redelivery, stale-token rejection, backoff
+//! timing, dead letters and redrive, pause and drain, rate and concurrency
+//! limits, fairness between groups, long-poll wake-ups, and a restart that
+//! loses nothing. Time is a hand-moved clock; sweeps run when the test says.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "the scenarios run inside the SQLite and PostgreSQL tests; an unexpected answer fails the test"
+)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plinth_queue::model::{AckOutcome, Backoff, Nack, NackOutcome, NewMessage, RetryFilter, Settings, State};
+use plinth_queue::{QueueError, Queues, Store};
+use plinth_runtime::config::QueueSettings;
+use plinth_runtime::on_db;
+use plinth_runtime::resilience::{ManualWallClock, WallClock};
+use plinth_runtime::storage::Db;
+use plinth_runtime::testing::{Backend, TestDatabase, backend_url};
+
+/// Runs a scenario on SQLite and, when configured, on PostgreSQL.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                let db = plinth_runtime::testing::TestDatabase::sqlite("queue", &plinth_queue::MIGRATIONS).await.unwrap();
+                super::run(db, super::$name).await;
+            }
+            #[tokio::test]
+            async fn postgres() {
+                if let Some(url) = super::backend_url(super::Backend::Postgres, stringify!($name)).unwrap() {
+                    let db = plinth_runtime::testing::TestDatabase::postgres(&url, "queue", &plinth_queue::MIGRATIONS).await.unwrap();
+                    super::run(db, super::$name).await;
+                }
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    priority_first_then_oldest,
+    delayed_messages_wait_for_their_time,
+    expired_messages_become_dead_letters,
+    dedup_holds_under_concurrent_enqueues,
+    expired_lease_redelivers_and_the_old_token_is_refused,
+    backoff_follows_the_queue_settings_then_dead_letters,
+    dead_letters_are_redriven_by_retry_failed,
+    dead_letter_queue_receives_failures_and_gives_them_back,
+    pause_and_drain_stop_handing_out_work,
+    rate_limit_caps_messages_per_second,
+    concurrency_limit_caps_leases_in_flight,
+    busy_group_does_not_starve_a_quiet_one,
+    waiting_lease_wakes_when_work_arrives,
+    extended_lease_outlives_its_first_expiry,
+    restart_loses_nothing_in_any_state,
+    batch_enqueue_is_ordered_and_purge_counts,
+);
+
+struct Ctx {
+    queues: Queues,
+    clock: ManualWallClock,
+    db: Db,
+}
+
+fn service(db: &Db, clock: &ManualWallClock) -> Queues {
+    Queues::with_clock(
+        Store::new(db.clone()),
+        QueueSettings {
+            poll_ms: 50,
+            ..QueueSettings::default()
+        },
+        None,
+        Arc::new(clock.clone()),
+    )
+}
+
+async fn run<F, Fut>(db: TestDatabase, scenario: F)
+where
+    F: FnOnce(Ctx, TestDatabase) -> Fut,
+    Fut: std::future::Future<Output = TestDatabase>,
+{
+    let clock = ManualWallClock::new();
+    let ctx = Ctx {
+        queues: service(&db.db, &clock),
+        clock,
+        db: db.db.clone(),
+    };
+    let db = scenario(ctx, db).await;
+    db.cleanup().await.unwrap();
+}
+
+fn job(payload: &str) -> NewMessage {
+    NewMessage {
+        payload: payload.as_bytes().to_vec(),
+        ..NewMessage::default()
+    }
+}
+
+fn plain_backoff(initial_ms: i64) -> Backoff {
+    Backoff {
+        initial_ms,
+        max_ms: 60_000,
+        multiplier: 2.0,
+        jitter: false,
+    }
+}
+
+async fn queue(ctx: &Ctx, name: &str, settings: Settings) {
+    ctx.queues.create_queue(name, &settings, "tester").await.unwrap();
+}
+
+async fn payloads(ctx: &Ctx, name: &str, max: i64) -> Vec<String> {
+    ctx.queues
+        .lease(name, max, None, Duration::ZERO)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| String::from_utf8(l.message.payload).unwrap())
+        .collect()
+}
+
+async fn advance(ctx: &Ctx, by: Duration) {
+    ctx.clock.advance(by);
+    ctx.queues.tick().await.unwrap();
+}
+
+async fn outbox_subjects(db: &Db) -> Vec<String> {
+    on_db!(db, |pool| {
+        sqlx::query_scalar("SELECT subject FROM plinth_outbox ORDER BY seq")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    })
+}
+
+async fn priority_first_then_oldest(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    for (p, name) in [(0, "a"), (5, "urgent"), (0, "b"), (-3, "later"), (0, "c")] {
+        let m = NewMessage {
+            priority: p,
+            ..job(name)
+        };
+        ctx.queues.enqueue("jobs", &[m]).await.unwrap();
+    }
+    assert_eq!(payloads(&ctx, "jobs", 3).await, ["urgent", "a", "b"]);
+    assert_eq!(payloads(&ctx, "jobs", 5).await, ["c", "later"]);
+    db
+}
+
+async fn delayed_messages_wait_for_their_time(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    let delayed = NewMessage {
+        delay_ms: 10_000,
+        ..job("later")
+    };
+    let r = ctx.queues.enqueue("jobs", &[delayed]).await.unwrap();
+    assert_eq!(r[0].state, Some(State::Scheduled));
+    assert!(payloads(&ctx, "jobs", 1).await.is_empty());
+    advance(&ctx, Duration::from_millis(9_999)).await;
+    assert!(payloads(&ctx, "jobs", 1).await.is_empty(), "ready a millisecond early");
+    advance(&ctx, Duration::from_millis(1)).await;
+    assert_eq!(payloads(&ctx, "jobs", 1).await, ["later"]);
+    db
+}
+
+async fn expired_messages_become_dead_letters(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    let settings = Settings {
+        ttl_ms: 5_000,
+        ..Settings::default()
+    };
+    queue(&ctx, "jobs", settings).await;
+    ctx.queues.enqueue("jobs", &[job("stale")]).await.unwrap();
+    let kept = NewMessage {
+        ttl_ms: Some(60_000),
+        ..job("kept")
+    };
+    ctx.queues.enqueue("jobs", &[kept]).await.unwrap();
+    advance(&ctx, Duration::from_secs(6)).await;
+    let view = ctx.queues.queue("jobs").await.unwrap();
+    assert_eq!((view.counts.ready, view.counts.dead), (1, 1));
+    assert_eq!(payloads(&ctx, "jobs", 5).await, ["kept"]);
+    let dead = ctx.queues.messages("jobs", State::Dead, 0, 10).await.unwrap();
+    assert_eq!(dead[0].payload, b"stale");
+    assert!(
+        outbox_subjects(&ctx.db)
+            .await
+            .contains(&"plinth.queue.dead_lettered".to_owned())
+    );
+    db
+}
+
+async fn dedup_holds_under_concurrent_enqueues(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let q = ctx.queues.clone();
+        tasks.push(tokio::spawn(async move {
+            let m = NewMessage {
+                dedup_key: "order-42".into(),
+                ..job(&format!("copy {i}"))
+            };
+            q.enqueue("jobs", &[m]).await.unwrap().remove(0)
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let first = results.iter().filter(|r| !r.duplicate).count();
+    assert_eq!(first, 1, "exactly one enqueue adds the message");
+    assert!(
+        results.iter().all(|r| r.id == results[0].id),
+        "every duplicate names the first id"
+    );
+    assert_eq!(ctx.queues.queue("jobs").await.unwrap().counts.ready, 1);
+    // In one batch, too; and after the window the key is free again.
+    let batch = [
+        NewMessage {
+            dedup_key: "b".into(),
+            ..job("1")
+        },
+        NewMessage {
+            dedup_key: "b".into(),
+            ..job("2")
+        },
+    ];
+    let r = ctx.queues.enqueue("jobs", &batch).await.unwrap();
+    assert_eq!(
+        (r[0].duplicate, r[1].duplicate, r[0].id == r[1].id),
+        (false, true, true)
+    );
+    advance(&ctx, Duration::from_secs(3601)).await;
+    let again = NewMessage {
+        dedup_key: "order-42".into(),
+        ..job("again")
+    };
+    assert!(!ctx.queues.enqueue("jobs", &[again]).await.unwrap()[0].duplicate);
+    db
+}
+
+async fn expired_lease_redelivers_and_the_old_token_is_refused(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    ctx.queues.enqueue("jobs", &[job("work")]).await.unwrap();
+    let first = ctx
+        .queues
+        .lease("jobs", 1, Some(5_000), Duration::ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(
+        payloads(&ctx, "jobs", 1).await.is_empty(),
+        "leased work is not handed out twice"
+    );
+    advance(&ctx, Duration::from_secs(6)).await;
+    let second = ctx
+        .queues
+        .lease("jobs", 1, None, Duration::ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(second.message.id, first.message.id);
+    assert_eq!(second.message.attempts, 2);
+    assert_ne!(second.token, first.token);
+    let id = first.message.id;
+    let late = ctx.queues.ack("jobs", &[(id, first.token)]).await.unwrap();
+    assert_eq!(late, [AckOutcome::Stale]);
+    let nack = ctx.queues.nack("jobs", id, first.token, &Nack::default()).await;
+    assert!(matches!(nack, Err(QueueError::StaleLease(_))), "{nack:?}");
+    let ext = ctx.queues.extend("jobs", id, first.token, None).await;
+    assert!(matches!(ext, Err(QueueError::StaleLease(_))), "{ext:?}");
+    assert_eq!(
+        ctx.queues.ack("jobs", &[(id, second.token)]).await.unwrap(),
+        [AckOutcome::Acked]
+    );
+    assert_eq!(
+        ctx.queues.ack("jobs", &[(id, second.token)]).await.unwrap(),
+        [AckOutcome::NotFound]
+    );
+    db
+}
+
+async fn backoff_follows_the_queue_settings_then_dead_letters(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    let settings = Settings {
+        max_attempts: 3,
+        backoff: plain_backoff(1_000),
+        ..Settings::default()
+    };
+    queue(&ctx, "jobs", settings).await;
+    ctx.queues.enqueue("jobs", &[job("flaky")]).await.unwrap();
+    for wait_ms in [1_000u64, 2_000] {
+        let l = ctx
+            .queues
+            .lease("jobs", 1, None, Duration::ZERO)
+            .await
+            .unwrap()
+            .remove(0);
+        let start = ctx.clock.now_ms();
+        let outcome = ctx
+            .queues
+            .nack(
+                "jobs",
+                l.message.id,
+                l.token,
+                &Nack {
+                    error: "timeout".into(),
+                    ..Nack::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, NackOutcome::Retry(start + wait_ms as i64));
+        advance(&ctx, Duration::from_millis(wait_ms - 1)).await;
+        assert!(payloads(&ctx, "jobs", 1).await.is_empty(), "retried before its backoff");
+        advance(&ctx, Duration::from_millis(1)).await;
+    }
+    let l = ctx
+        .queues
+        .lease("jobs", 1, None, Duration::ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(l.message.attempts, 3);
+    assert_eq!(l.message.last_error, "timeout");
+    let outcome = ctx
+        .queues
+        .nack("jobs", l.message.id, l.token, &Nack::default())
+        .await
+        .unwrap();
+    assert_eq!(outcome, NackOutcome::Dead);
+    assert_eq!(ctx.queues.queue("jobs").await.unwrap().counts.dead, 1);
+    db
+}
+
+async fn dead_letters_are_redriven_by_retry_failed(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    ctx.queues.enqueue("jobs", &[job("a"), job("b")]).await.unwrap();
+    for (l, error) in ctx
+        .queues
+        .lease("jobs", 2, None, Duration::ZERO)
+        .await
+        .unwrap()
+        .into_iter()
+        .zip(["smtp refused", "bad address"])
+    {
+        let nack = Nack {
+            error: error.into(),
+            dead_letter: true,
+            ..Nack::default()
+        };
+        assert_eq!(
+            ctx.queues.nack("jobs", l.message.id, l.token, &nack).await.unwrap(),
+            NackOutcome::Dead
+        );
+    }
+    let dead = ctx.queues.messages("jobs", State::Dead, 0, 10).await.unwrap();
+    assert_eq!(dead.len(), 2);
+    let only_smtp = RetryFilter {
+        error_contains: "smtp".into(),
+        limit: 100,
+        ..RetryFilter::default()
+    };
+    assert_eq!(ctx.queues.retry_failed("jobs", &only_smtp, "tester").await.unwrap(), 1);
+    let l = ctx.queues.lease("jobs", 5, None, Duration::ZERO).await.unwrap();
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].message.payload, b"a");
+    assert_eq!(l[0].message.attempts, 1, "attempts start again");
+    let all = RetryFilter {
+        limit: 100,
+        ..RetryFilter::default()
+    };
+    assert_eq!(ctx.queues.retry_failed("jobs", &all, "tester").await.unwrap(), 1);
+    assert_eq!(ctx.queues.queue("jobs").await.unwrap().counts.dead, 0);
+    db
+}
+
+async fn dead_letter_queue_receives_failures_and_gives_them_back(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs-dlq", Settings::default()).await;
+    let settings = Settings {
+        max_attempts: 1,
+        dead_letter_queue: "jobs-dlq".into(),
+        ..Settings::default()
+    };
+    queue(&ctx, "jobs", settings).await;
+    ctx.queues.enqueue("jobs", &[job("poison")]).await.unwrap();
+    let l = ctx
+        .queues
+        .lease("jobs", 1, None, Duration::ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    let nack = Nack {
+        error: "cannot parse".into(),
+        ..Nack::default()
+    };
+    assert_eq!(
+        ctx.queues.nack("jobs", l.message.id, l.token, &nack).await.unwrap(),
+        NackOutcome::Dead
+    );
+    let moved = ctx.queues.message("jobs-dlq", l.message.id).await.unwrap();
+    assert_eq!((moved.state, moved.origin_queue.as_str()), (State::Ready, "jobs"));
+    assert_eq!(moved.last_error, "cannot parse");
+    let all = RetryFilter {
+        limit: 100,
+        ..RetryFilter::default()
+    };
+    assert_eq!(ctx.queues.retry_failed("jobs", &all, "tester").await.unwrap(), 1);
+    assert_eq!(payloads(&ctx, "jobs", 1).await, ["poison"]);
+    assert_eq!(ctx.queues.queue("jobs-dlq").await.unwrap().counts.ready, 0);
+    db
+}
+
+async fn pause_and_drain_stop_handing_out_work(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    ctx.queues
+        .enqueue("jobs", &[job("a"), job("b"), job("c")])
+        .await
+        .unwrap();
+    ctx.queues.pause("jobs", "tester").await.unwrap();
+    assert!(
+        payloads(&ctx, "jobs", 1).await.is_empty(),
+        "paused queue handed out work"
+    );
+    ctx.queues.enqueue("jobs", &[job("d")]).await.unwrap();
+    ctx.queues.resume("jobs", "tester").await.unwrap();
+    let held = ctx
+        .queues
+        .lease("jobs", 1, None, Duration::ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(ctx.queues.drain("jobs", Duration::ZERO, "tester").await.unwrap(), 1);
+    assert!(
+        payloads(&ctx, "jobs", 1).await.is_empty(),
+        "draining queue handed out work"
+    );
+    let status = ctx.queues.status("jobs").await.unwrap();
+    assert!(status.queue.drain_state != 0);
+    assert_eq!(status.counts.ready, 3);
+    // The worker finishes while a drain waits for it.
+    let waiting = {
+        let q = ctx.queues.clone();
+        tokio::spawn(async move { q.drain("jobs", Duration::from_secs(10), "tester").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ctx.queues.ack("jobs", &[(held.message.id, held.token)]).await.unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap(), 0);
+    let subjects = outbox_subjects(&ctx.db).await;
+    assert_eq!(
+        subjects.iter().filter(|s| *s == "plinth.queue.queue_changed").count(),
+        5,
+        "created, paused, resumed, draining, drained: {subjects:?}"
+    );
+    ctx.queues.resume("jobs", "tester").await.unwrap();
+    assert_eq!(payloads(&ctx, "jobs", 10).await.len(), 3);
+    db
+}
+
+async fn rate_limit_caps_messages_per_second(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    let settings = Settings {
+        rate_limit: 5.0,
+        ..Settings::default()
+    };
+    queue(&ctx, "jobs", settings).await;
+    let batch: Vec<NewMessage> = (0..20).map(|i| job(&i.to_string())).collect();
+    ctx.queues.enqueue("jobs", &batch).await.unwrap();
+    assert_eq!(payloads(&ctx, "jobs", 100).await.len(), 5);
+    assert!(payloads(&ctx, "jobs", 100).await.is_empty());
+    ctx.clock.advance(Duration::from_millis(400));
+    assert_eq!(payloads(&ctx, "jobs", 100).await.len(), 2);
+    ctx.clock.advance(Duration::from_secs(10));
+    assert_eq!(
+        payloads(&ctx, "jobs", 100).await.len(),
+        5,
+        "bursts stay within one second's worth"
+    );
+    db
+}
+
+async fn concurrency_limit_caps_leases_in_flight(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    let settings = Settings {
+        max_concurrency: 2,
+        ..Settings::default()
+    };
+    queue(&ctx, "jobs", settings).await;
+    let batch: Vec<NewMessage> = (0..10).map(|i| job(&i.to_string())).collect();
+    ctx.queues.enqueue("jobs", &batch).await.unwrap();
+    let held = ctx.queues.lease("jobs", 10, None, Duration::ZERO).await.unwrap();
+    assert_eq!(held.len(), 2);
+    assert!(payloads(&ctx, "jobs", 10).await.is_empty());
+    ctx.queues
+        .ack("jobs", &[(held[0].message.id, held[0].token)])
+        .await
+        .unwrap();
+    assert_eq!(
+        ctx.queues.lease("jobs", 10, None, Duration::ZERO).await.unwrap().len(),
+        1
+    );
+    db
+}
+
+async fn busy_group_does_not_starve_a_quiet_one(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    let busy: Vec<NewMessage> = (0..200)
+        .map(|i| NewMessage {
+            group_key: "tenant-busy".into(),
+            ..job(&format!("busy {i}"))
+        })
+        .collect();
+    ctx.queues.enqueue("jobs", &busy).await.unwrap();
+    let quiet: Vec<NewMessage> = (0..10)
+        .map(|i| NewMessage {
+            group_key: "tenant-quiet".into(),
+            ..job(&format!("quiet {i}"))
+        })
+        .collect();
+    ctx.queues.enqueue("jobs", &quiet).await.unwrap();
+    let first: Vec<String> = payloads(&ctx, "jobs", 20).await;
+    let quiet_served = first.iter().filter(|p| p.starts_with("quiet")).count();
+    assert!(
+        quiet_served >= 9,
+        "the quiet group waited behind the busy one: {first:?}"
+    );
+    // Within a group, order is kept.
+    let quiet_order: Vec<&String> = first.iter().filter(|p| p.starts_with("quiet")).collect();
+    assert_eq!(quiet_order[0], "quiet 0");
+    db
+}
+
+async fn waiting_lease_wakes_when_work_arrives(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    let waiter = {
+        let q = ctx.queues.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let got = q.lease("jobs", 1, None, Duration::from_secs(20)).await.unwrap();
+            (got.len(), started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ctx.queues.enqueue("jobs", &[job("now")]).await.unwrap();
+    let (n, waited) = waiter.await.unwrap();
+    assert_eq!(n, 1);
+    assert!(waited < Duration::from_secs(5), "woke only after {waited:?}");
+    // And an empty wait ends at its deadline with nothing.
+    let started = Instant::now();
+    assert!(
+        ctx.queues
+            .lease("jobs", 1, None, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    db
+}
+
+async fn extended_lease_outlives_its_first_expiry(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    ctx.queues.enqueue("jobs", &[job("long")]).await.unwrap();
+    let l = ctx
+        .queues
+        .lease("jobs", 1, Some(5_000), Duration::ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    ctx.clock.advance(Duration::from_secs(4));
+    ctx.queues
+        .extend("jobs", l.message.id, l.token, Some(60_000))
+        .await
+        .unwrap();
+    advance(&ctx, Duration::from_secs(10)).await;
+    assert!(
+        payloads(&ctx, "jobs", 1).await.is_empty(),
+        "an extended lease was redelivered"
+    );
+    assert_eq!(
+        ctx.queues.ack("jobs", &[(l.message.id, l.token)]).await.unwrap(),
+        [AckOutcome::Acked]
+    );
+    db
+}
+
+async fn restart_loses_nothing_in_any_state(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    let settings = Settings {
+        max_attempts: 1,
+        ..Settings::default()
+    };
+    queue(&ctx, "jobs", settings).await;
+    let delayed = NewMessage {
+        delay_ms: 60_000,
+        ..job("scheduled")
+    };
+    ctx.queues
+        .enqueue("jobs", &[job("leased"), job("dead"), job("ready"), delayed])
+        .await
+        .unwrap();
+    let mut l = ctx.queues.lease("jobs", 2, Some(5_000), Duration::ZERO).await.unwrap();
+    let dead = l.remove(1);
+    ctx.queues
+        .nack("jobs", dead.message.id, dead.token, &Nack::default())
+        .await
+        .unwrap();
+    let before = ctx.queues.queue("jobs").await.unwrap().counts;
+    drop(ctx.queues);
+
+    let again = db.connect_again().await.unwrap();
+    let restarted = service(&again, &ctx.clock);
+    let after = restarted.queue("jobs").await.unwrap().counts;
+    assert_eq!(before, after);
+    assert_eq!((after.scheduled, after.ready, after.leased, after.dead), (1, 1, 1, 1));
+    ctx.clock.advance(Duration::from_secs(61));
+    restarted.tick().await.unwrap();
+    let counts = restarted.queue("jobs").await.unwrap().counts;
+    // The expired lease had its one attempt: dead; the scheduled one is ready.
+    assert_eq!((counts.ready, counts.leased, counts.dead), (2, 0, 2));
+    again.close().await;
+    db
+}
+
+async fn batch_enqueue_is_ordered_and_purge_counts(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    let batch: Vec<NewMessage> = (0..750).map(|i| job(&format!("{i:04}"))).collect();
+    let results = ctx.queues.enqueue("jobs", &batch).await.unwrap();
+    assert!(
+        results.windows(2).all(|w| w[0].id < w[1].id),
+        "ids follow request order"
+    );
+    let got = payloads(&ctx, "jobs", 1000).await;
+    let expected: Vec<String> = (0..750).map(|i| format!("{i:04}")).collect();
+    assert_eq!(got, expected);
+    assert_eq!(ctx.queues.purge("jobs", &State::ALL, "tester").await.unwrap(), 750);
+    let missing = ctx.queues.enqueue("nope", &[job("x")]).await;
+    assert!(matches!(missing, Err(QueueError::QueueNotFound(_))));
+    db
+}
