@@ -19,6 +19,28 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 pub mod config;
+pub mod queue;
+
+/// Runs each named scenario (an `async fn(Config) -> anyhow::Result<()>` in
+/// the calling module) on SQLite and, when configured, on PostgreSQL, as
+/// `<name>::sqlite` and `<name>::postgres` tests.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name($crate::TestApp::config()).await.unwrap();
+            }
+            #[tokio::test]
+            async fn postgres() {
+                if let Some(config) = $crate::postgres_config(stringify!($name)).unwrap() {
+                    super::$name(config).await.unwrap();
+                }
+            }
+        }
+    )*};
+}
 
 static LOGS: Once = Once::new();
 

@@ -19,25 +19,7 @@ use plinth_tests::{TestApp, error_reason, register_user, sign_in, violated_field
 use secrecy::ExposeSecret;
 use tonic::Code;
 
-/// Runs a scenario on SQLite and, when configured, on PostgreSQL.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn sqlite() {
-                super::$name(plinth_tests::TestApp::config()).await.unwrap();
-            }
-            #[tokio::test]
-            async fn postgres() {
-                if let Some(config) = plinth_tests::postgres_config(stringify!($name)).unwrap() {
-                    super::$name(config).await.unwrap();
-                }
-            }
-        }
-    )*};
-}
-
-on_both_backends!(
+plinth_tests::on_both_backends!(
     writes_make_revisions_with_history,
     preconditions_abort_and_write_nothing,
     apply_changes_is_all_or_nothing,

@@ -6,6 +6,7 @@
 
 mod error;
 mod grpc;
+pub mod metrics;
 pub mod model;
 mod rates;
 mod service;

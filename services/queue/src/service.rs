@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::QueueError;
+use crate::metrics;
 use crate::model::{
     AckOutcome, Counts, Enqueued, Leased, Message, Nack, NackOutcome, NewMessage, Queue, RetryFilter, Settings, State,
 };
@@ -286,8 +287,9 @@ impl Queues {
     /// Adds messages (all or none); one result each, in order.
     pub async fn enqueue(&self, queue: &str, messages: &[NewMessage]) -> Result<Vec<Enqueued>, QueueError> {
         let results = self.inner.store.enqueue(queue, messages, self.now()).await?;
-        let added = results.iter().filter(|r| !r.duplicate).count();
-        self.inner.rates.record(queue, added as u64, 0, 0);
+        let added = results.iter().filter(|r| !r.duplicate).count() as u64;
+        self.inner.rates.record(queue, added, 0, 0);
+        metrics::queue().enqueued.with_label_values(&[queue]).inc_by(added);
         if results.iter().any(|r| !r.duplicate && r.state == Some(State::Ready)) {
             self.wake(queue);
         }
@@ -326,8 +328,9 @@ impl Queues {
     /// Completes deliveries.
     pub async fn ack(&self, queue: &str, acks: &[(i64, i64)]) -> Result<Vec<AckOutcome>, QueueError> {
         let outcomes = self.inner.store.ack(queue, acks).await?;
-        let acked = outcomes.iter().filter(|o| **o == AckOutcome::Acked).count();
-        self.inner.rates.record(queue, 0, acked as u64, 0);
+        let acked = outcomes.iter().filter(|o| **o == AckOutcome::Acked).count() as u64;
+        self.inner.rates.record(queue, 0, acked, 0);
+        metrics::queue().acked.with_label_values(&[queue]).inc_by(acked);
         Ok(outcomes)
     }
 
@@ -348,6 +351,7 @@ impl Queues {
                 .kill(queue, id, token, &nack.error, reason, now)
                 .await?;
             self.published();
+            metrics::queue().dead_letters.with_label_values(&[queue]).inc();
             for q in woken {
                 self.wake(&q);
             }
@@ -356,6 +360,7 @@ impl Queues {
         let delay = nack.delay_ms.unwrap_or_else(|| settings.backoff.delay_ms(attempts));
         let at = now.saturating_add(delay);
         self.inner.store.retry_at(queue, id, token, at, &nack.error).await?;
+        metrics::queue().retries.with_label_values(&[queue]).inc();
         Ok(NackOutcome::Retry(at))
     }
 
@@ -423,6 +428,14 @@ impl Queues {
         for q in &swept.woken {
             self.wake(q);
         }
+        let m = metrics::queue();
+        for (q, n) in &swept.expired_leases {
+            m.lease_expiries.with_label_values(&[q]).inc_by(*n);
+            self.inner.rates.record(q, 0, 0, *n);
+        }
+        for (q, n) in &swept.dead_lettered {
+            m.dead_letters.with_label_values(&[q]).inc_by(*n);
+        }
         let alerts = self.inner.store.watch_thresholds(now).await?;
         if swept.events || alerts {
             self.published();
@@ -430,18 +443,37 @@ impl Queues {
         Ok(swept)
     }
 
-    /// Sweeps until `token` is cancelled.
+    /// Refreshes the depth gauges from the database.
+    pub async fn refresh_metrics(&self) -> Result<(), QueueError> {
+        let (counts, oldest) = self.inner.store.depths().await?;
+        let now = self.now();
+        let ages = oldest.into_iter().map(|(q, t)| (q, (now - t).max(0) / 1000)).collect();
+        metrics::queue().set_depths(&counts, &ages);
+        Ok(())
+    }
+
+    /// Sweeps until `token` is cancelled, refreshing the depth gauges
+    /// every couple of seconds.
     pub async fn run_sweeper(self, token: CancellationToken) -> Result<(), QueueError> {
         let every = Duration::from_millis(self.inner.settings.sweep_ms);
+        let gauges_every = (2000 / self.inner.settings.sweep_ms.max(1)).max(1);
         let mut failures = 0u32;
+        let mut ticks = 0u64;
         while plinth_runtime::tasks::pause(&token, every).await {
-            match self.tick().await {
+            ticks += 1;
+            let mut result = self.tick().await;
+            if result.is_ok() && ticks.is_multiple_of(gauges_every) {
+                result = self.refresh_metrics().await.and(result);
+            }
+            match result {
                 Ok(s) => {
                     failures = 0;
-                    if s.expired_leases > 0 || s.dead_lettered > 0 {
+                    let expired: u64 = s.expired_leases.values().sum();
+                    let dead: u64 = s.dead_lettered.values().sum();
+                    if expired > 0 || dead > 0 {
                         tracing::info!(
-                            expired_leases = s.expired_leases,
-                            dead_lettered = s.dead_lettered,
+                            expired_leases = expired,
+                            dead_lettered = dead,
                             "queue sweep returned expired work"
                         );
                     }

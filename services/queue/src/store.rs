@@ -215,6 +215,18 @@ impl MessageRow {
     }
 }
 
+/// Queue names, (queue, state, count) rows and (queue, oldest ready) rows.
+type DepthRows = (Vec<(String,)>, Vec<(String, i32, i64)>, Vec<(String, Option<i64>)>);
+
+fn add_count(c: &mut Counts, state: i32, n: i64) {
+    match State::from_i32(state) {
+        Some(State::Scheduled) => c.scheduled += n,
+        Some(State::Ready) => c.ready += n,
+        Some(State::Leased) => c.leased += n,
+        Some(State::Dead) | None => c.dead += n,
+    }
+}
+
 /// One failed message on its way to the dead letters.
 struct Failure {
     id: i64,
@@ -231,10 +243,10 @@ pub struct Swept {
     pub woken: HashSet<String>,
     /// Scheduled messages that became ready.
     pub promoted: u64,
-    /// Expired leases made ready again.
-    pub expired_leases: u64,
-    /// Messages dead-lettered (attempts exhausted on expiry, TTL).
-    pub dead_lettered: u64,
+    /// Expired leases made ready again, per queue.
+    pub expired_leases: HashMap<String, u64>,
+    /// Messages dead-lettered (attempts exhausted on expiry, TTL), per queue.
+    pub dead_lettered: HashMap<String, u64>,
     /// Whether any event was written.
     pub events: bool,
 }
@@ -454,13 +466,7 @@ impl Store {
                 q.build_query_as().fetch_all(pool).await?
             });
             for (queue, state, n) in rows {
-                let c = out.entry(queue).or_default();
-                match State::from_i32(state) {
-                    Some(State::Scheduled) => c.scheduled += n,
-                    Some(State::Ready) => c.ready += n,
-                    Some(State::Leased) => c.leased += n,
-                    Some(State::Dead) | None => c.dead += n,
-                }
+                add_count(out.entry(queue).or_default(), state, n);
             }
         }
         Ok(out)
@@ -475,6 +481,29 @@ impl Store {
                 .await?
         });
         Ok(oldest)
+    }
+
+    /// Counts by state and when the oldest ready message became ready, for
+    /// every queue (for the metrics).
+    pub async fn depths(&self) -> Result<(HashMap<String, Counts>, HashMap<String, i64>), QueueError> {
+        let (names, rows, oldest): DepthRows = on_db!(&self.db, |pool| {
+            let names = sqlx::query_as("SELECT name FROM queues").fetch_all(pool).await?;
+            let rows = sqlx::query_as("SELECT queue, state, COUNT(*) FROM messages GROUP BY queue, state")
+                .fetch_all(pool)
+                .await?;
+            let oldest = sqlx::query_as("SELECT queue, MIN(ready_at) FROM messages WHERE state = 2 GROUP BY queue")
+                .fetch_all(pool)
+                .await?;
+            (names, rows, oldest)
+        });
+        let mut counts: HashMap<String, Counts> = names.into_iter().map(|(n,)| (n, Counts::default())).collect();
+        for (queue, state, n) in rows {
+            if let Some(c) = counts.get_mut(&queue) {
+                add_count(c, state, n);
+            }
+        }
+        let oldest = oldest.into_iter().filter_map(|(q, t)| t.map(|t| (q, t))).collect();
+        Ok((counts, oldest))
     }
 
     /// Adds `messages` to `queue` in one transaction, in order; duplicates
@@ -1133,8 +1162,10 @@ impl Store {
                 }
                 q.push(") RETURNING queue");
                 let queues: Vec<(String,)> = q.build_query_as().fetch_all(&mut *tx).await?;
-                swept.expired_leases += queues.len() as u64;
-                swept.woken.extend(queues.into_iter().map(|(q,)| q));
+                for (queue,) in queues {
+                    *swept.expired_leases.entry(queue.clone()).or_default() += 1;
+                    swept.woken.insert(queue);
+                }
             }
 
             let stale: Vec<(i64, String, i32, String)> = sqlx::query_as(
@@ -1152,7 +1183,9 @@ impl Store {
                 last_error,
                 reason: "ttl_expired",
             }));
-            swept.dead_lettered = failures.len() as u64;
+            for f in &failures {
+                *swept.dead_lettered.entry(f.queue.clone()).or_default() += 1;
+            }
             swept.events = !failures.is_empty();
             swept.woken.extend(dead_letter!(tx, failures, now));
             if postgres {

@@ -195,21 +195,17 @@ async fn expired_messages_become_dead_letters(ctx: Ctx, db: TestDatabase) -> Tes
 
 async fn dedup_holds_under_concurrent_enqueues(ctx: Ctx, db: TestDatabase) -> TestDatabase {
     queue(&ctx, "jobs", Settings::default()).await;
-    let mut tasks = Vec::new();
-    for i in 0..16 {
+    let results: Vec<_> = futures::future::join_all((0..16).map(|i| {
         let q = ctx.queues.clone();
-        tasks.push(tokio::spawn(async move {
+        async move {
             let m = NewMessage {
                 dedup_key: "order-42".into(),
                 ..job(&format!("copy {i}"))
             };
             q.enqueue("jobs", &[m]).await.unwrap().remove(0)
-        }));
-    }
-    let mut results = Vec::new();
-    for t in tasks {
-        results.push(t.await.unwrap());
-    }
+        }
+    }))
+    .await;
     let first = results.iter().filter(|r| !r.duplicate).count();
     assert_eq!(first, 1, "exactly one enqueue adds the message");
     assert!(
@@ -441,13 +437,11 @@ async fn pause_and_drain_stop_handing_out_work(ctx: Ctx, db: TestDatabase) -> Te
     assert!(status.queue.drain_state != 0);
     assert_eq!(status.counts.ready, 3);
     // The worker finishes while a drain waits for it.
-    let waiting = {
-        let q = ctx.queues.clone();
-        tokio::spawn(async move { q.drain("jobs", Duration::from_secs(10), "tester").await })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    ctx.queues.ack("jobs", &[(held.message.id, held.token)]).await.unwrap();
-    assert_eq!(waiting.await.unwrap().unwrap(), 0);
+    let (drained, ()) = tokio::join!(ctx.queues.drain("jobs", Duration::from_secs(10), "tester"), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ctx.queues.ack("jobs", &[(held.message.id, held.token)]).await.unwrap();
+    });
+    assert_eq!(drained.unwrap(), 0);
     let subjects = outbox_subjects(&ctx.db).await;
     assert_eq!(
         subjects.iter().filter(|s| *s == "plinth.queue.queue_changed").count(),
@@ -532,17 +526,21 @@ async fn busy_group_does_not_starve_a_quiet_one(ctx: Ctx, db: TestDatabase) -> T
 
 async fn waiting_lease_wakes_when_work_arrives(ctx: Ctx, db: TestDatabase) -> TestDatabase {
     queue(&ctx, "jobs", Settings::default()).await;
-    let waiter = {
-        let q = ctx.queues.clone();
-        tokio::spawn(async move {
+    let ((n, waited), ()) = tokio::join!(
+        async {
             let started = Instant::now();
-            let got = q.lease("jobs", 1, None, Duration::from_secs(20)).await.unwrap();
+            let got = ctx
+                .queues
+                .lease("jobs", 1, None, Duration::from_secs(20))
+                .await
+                .unwrap();
             (got.len(), started.elapsed())
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    ctx.queues.enqueue("jobs", &[job("now")]).await.unwrap();
-    let (n, waited) = waiter.await.unwrap();
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            ctx.queues.enqueue("jobs", &[job("now")]).await.unwrap();
+        }
+    );
     assert_eq!(n, 1);
     assert!(waited < Duration::from_secs(5), "woke only after {waited:?}");
     // And an empty wait ends at its deadline with nothing.
