@@ -1,9 +1,17 @@
 //! What every benchmark program shares: closed-loop load with N concurrent
-//! callers for a fixed time, latency percentiles, and process memory. The
+//! callers for a fixed time, latency percentiles, process and machine CPU
+//! and memory, and a `plinthd` in a child process (the program re-executed
+//! with `--serve`) so the server is measured apart from the client. The
 //! programs print; they never assert.
 
 use std::future::Future;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use plinth_runtime::config::Config;
+use plinth_tests::{TestApp, with_admin};
+use tonic::transport::{Channel, Endpoint};
 
 /// The outcome of one load run.
 #[derive(Debug, Clone)]
@@ -21,6 +29,18 @@ pub struct Report {
 }
 
 impl Report {
+    /// A report of latencies measured some other way than [`closed_loop`].
+    pub fn from_latencies(name: &str, mut latencies: Vec<Duration>, elapsed: Duration) -> Report {
+        latencies.sort();
+        Report {
+            name: name.to_owned(),
+            ok: latencies.len(),
+            errors: 0,
+            elapsed,
+            latencies,
+        }
+    }
+
     /// The `q` quantile (0..=1) of latency.
     pub fn quantile(&self, q: f64) -> Duration {
         if self.latencies.is_empty() {
@@ -112,4 +132,142 @@ pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Prints one line of results.
+pub fn out(line: &str) {
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// CPU time (user + system) process `pid` has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start after ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU time the whole machine has spent busy (every process, the database
+/// included), in seconds, from `/proc/stat`.
+pub fn machine_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .map(|l| l.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy: f64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    busy / 100.0
+}
+
+/// Resident memory of process `pid` in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `n` separate HTTP/2 connections to `target`.
+pub async fn channels(target: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(Endpoint::from_shared(target.to_owned())?.connect().await?);
+    }
+    Ok(out)
+}
+
+/// The server's configuration: SQLite, or PostgreSQL at `database_url`.
+pub fn server_config(database_url: &str) -> Config {
+    let mut config = if database_url.is_empty() {
+        TestApp::config()
+    } else {
+        TestApp::config_on(Some(database_url))
+    };
+    config.log.level = "warn".into();
+    with_admin(config)
+}
+
+/// `--serve`: runs plinthd with `config`, prints where (`grpc=… data=…
+/// schema_prefix=…`), and serves until stdin closes.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let app = TestApp::spawn(config.clone()).await?;
+    out(&format!(
+        "grpc={} data={} schema_prefix={}",
+        app.grpc,
+        config.data_dir.display(),
+        config.storage.schema_prefix
+    ));
+    let _ = std::io::stdout().flush();
+    // The parent closes our stdin when it is done (or dies).
+    tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        while std::io::stdin().read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            line.clear();
+        }
+    })
+    .await?;
+    app.stop().await;
+    Ok(())
+}
+
+/// A server in a child process (this program with `--serve` and `args`).
+pub struct ServerChild {
+    child: Child,
+    first: String,
+}
+
+impl ServerChild {
+    /// Starts it and waits for its address.
+    pub fn start(args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--serve")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().ok_or_else(|| anyhow::anyhow!("no child stdout"))?).read_line(&mut first)?;
+        Ok(Self { child, first })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A `name=value` field of its first line.
+    pub fn field(&self, name: &str) -> String {
+        self.first
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// `http://<grpc address>`.
+    pub fn target(&self) -> String {
+        format!("http://{}", self.field("grpc"))
+    }
+
+    /// Closes its stdin and waits for it to exit.
+    pub fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
 }

@@ -179,7 +179,8 @@ impl Plinth {
                         plinth_queue::Store::new(db.clone()),
                         cfg.queue.clone(),
                         Some(relay.clone()),
-                    );
+                    )
+                    .with_tasks(tasks.clone());
                     builder = builder.add_service(
                         QueueServiceServer::new(plinth_queue::QueueGrpc::new(queues.clone())),
                         plinth::FILE_DESCRIPTOR_SET,

@@ -437,3 +437,69 @@ async fn callers_without_queue_permissions_are_refused() -> anyhow::Result<()> {
     app.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_stream_pushes_within_its_credits_and_a_dropped_stream_gives_its_leases_back() -> anyhow::Result<()> {
+    let app = TestApp::spawn(with_admin(TestApp::config())).await?;
+    let settings = pb::QueueSettings {
+        lease_duration: Some(millis(300_000)),
+        ..pb::QueueSettings::default()
+    };
+    let mut s = QueueSession::admin(&app, settings).await?;
+    let jobs: Vec<String> = (0..10).map(|i| format!("job-{i}")).collect();
+    let refs: Vec<&str> = jobs.iter().map(String::as_str).collect();
+    s.enqueue(&refs).await?;
+
+    let (credits, requests) = tokio::sync::mpsc::channel::<pb::SubscribeRequest>(4);
+    credits
+        .send(pb::SubscribeRequest {
+            queue: s.queue.clone(),
+            lease_duration: None,
+            credits: 4,
+        })
+        .await?;
+    let mut stream = s
+        .client
+        .subscribe(s.req(tokio_stream::wrappers::ReceiverStream::new(requests)))
+        .await?
+        .into_inner();
+    let mut got: Vec<pb::LeasedMessage> = Vec::new();
+    while got.len() < 4 {
+        got.extend(stream.message().await?.unwrap().messages);
+    }
+    assert_eq!(got.len(), 4, "pushed more than the credits");
+    let nothing_more = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+    assert!(nothing_more.is_err(), "pushed without credits: {nothing_more:?}");
+    credits
+        .send(pb::SubscribeRequest {
+            credits: 3,
+            ..pb::SubscribeRequest::default()
+        })
+        .await?;
+    while got.len() < 7 {
+        got.extend(stream.message().await?.unwrap().messages);
+    }
+    // Work off two, then the worker goes away holding five.
+    assert_eq!(s.ack(&got[..2]).await?, [pb::AckOutcome::Acked, pb::AckOutcome::Acked]);
+    drop(stream);
+    drop(credits);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut counts = s.counts().await?;
+    while counts.ready < 8 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        counts = s.counts().await?;
+    }
+    assert_eq!(
+        (counts.ready, counts.leased),
+        (8, 0),
+        "the dropped stream's leases were not released"
+    );
+    let again = s.lease(10, Duration::from_secs(30), Duration::ZERO).await?;
+    let redelivered = again
+        .iter()
+        .filter(|l| l.message.as_ref().unwrap().attempts == 2)
+        .count();
+    assert_eq!(redelivered, 5);
+    app.stop().await;
+    Ok(())
+}

@@ -11,8 +11,6 @@
 //! (`--database-url postgres://…` for PostgreSQL instead of SQLite,
 //! `--watchers 1000,10000`, `--streams-per-connection 100`, `--connections N` for reads and writes)
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,86 +18,16 @@ use futures::StreamExt;
 use plinth::config::v1::config_service_client::ConfigServiceClient;
 use plinth::config::v1::value::Kind;
 use plinth::config::v1::{self as pb};
-use plinth_bench::{Report, arg, closed_loop};
-use plinth_runtime::config::Config;
+use plinth_bench::{Report, ServerChild, arg, channels, closed_loop, cpu_seconds, out, rss_kib, serve, server_config};
 use plinth_tests::config::{ConfigSession, number, text};
-use plinth_tests::{ADMIN_EMAIL, ADMIN_PASSWORD, TestApp, access_token, with_admin, with_bearer};
-use tonic::transport::{Channel, Endpoint};
-
-fn out(line: &str) {
-    let _ = writeln!(std::io::stdout(), "{line}");
-}
+use plinth_tests::{ADMIN_EMAIL, ADMIN_PASSWORD, access_token, with_bearer};
+use tonic::transport::Endpoint;
 
 fn now_micros() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as f64)
         .unwrap_or(0.0)
-}
-
-fn server_config(database_url: &str) -> Config {
-    let mut config = if database_url.is_empty() {
-        TestApp::config()
-    } else {
-        TestApp::config_on(Some(database_url))
-    };
-    config.log.level = "warn".into();
-    with_admin(config)
-}
-
-/// `--serve`: runs plinthd, prints where, and serves until stdin closes.
-async fn serve(database_url: &str) -> anyhow::Result<()> {
-    let config = server_config(database_url);
-    let app = TestApp::spawn(config.clone()).await?;
-    out(&format!(
-        "grpc={} data={} schema_prefix={}",
-        app.grpc,
-        config.data_dir.display(),
-        config.storage.schema_prefix
-    ));
-    let _ = std::io::stdout().flush();
-    // The parent closes our stdin when it is done (or dies).
-    tokio::task::spawn_blocking(|| {
-        let mut line = String::new();
-        while std::io::stdin().read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-            line.clear();
-        }
-    })
-    .await?;
-    app.stop().await;
-    Ok(())
-}
-
-/// CPU time (user + system) process `pid` has used, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command (which may hold spaces) start after ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// Resident memory of process `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-async fn channels(target: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(Endpoint::from_shared(target.to_owned())?.connect().await?);
-    }
-    Ok(out)
 }
 
 fn set_request(s: &ConfigSession, key: &str, value: pb::Value) -> tonic::Request<pb::SetValueRequest> {
@@ -117,7 +45,7 @@ fn set_request(s: &ConfigSession, key: &str, value: pb::Value) -> tonic::Request
 async fn main() -> anyhow::Result<()> {
     let database_url: String = arg("--database-url", String::new());
     if std::env::args().any(|a| a == "--serve") {
-        return serve(&database_url).await;
+        return serve(server_config(&database_url)).await;
     }
     let seconds: u64 = arg("--seconds", 5);
     let connections: usize = arg("--connections", 4).max(1);
@@ -127,22 +55,10 @@ async fn main() -> anyhow::Result<()> {
     let per_connection: usize = arg("--streams-per-connection", 100).max(1);
     let duration = Duration::from_secs(seconds);
 
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["--serve", "--database-url", &database_url])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let pid = child.id();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().ok_or_else(|| anyhow::anyhow!("no child stdout"))?).read_line(&mut first)?;
-    let field = |name: &str| {
-        first
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let target = format!("http://{}", field("grpc"));
+    let server = ServerChild::start(&["--database-url", &database_url])?;
+    let pid = server.pid();
+    let field = |name: &str| server.field(name);
+    let target = server.target();
     out(&format!(
         "storage: {}   server pid {pid}, RSS after start {} MiB",
         if database_url.is_empty() {
@@ -224,8 +140,7 @@ async fn main() -> anyhow::Result<()> {
         watch_round(&target, &s, n, pid, per_connection).await?;
     }
 
-    drop(child.stdin.take());
-    let _ = child.wait();
+    server.stop();
     Ok(())
 }
 

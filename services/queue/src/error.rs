@@ -21,8 +21,11 @@ pub enum QueueError {
         /// Id.
         id: i64,
     },
+    /// No such schedule in that queue.
+    #[error("schedule {0:?} not found")]
+    ScheduleNotFound(String),
     /// The queue exists already.
-    #[error("queue {0:?} already exists")]
+    #[error("{0} already exists")]
     AlreadyExists(String),
     /// The etag did not match.
     #[error("queue {0:?} changed since it was read (etag mismatch)")]
@@ -58,7 +61,7 @@ impl ServiceError for QueueError {
     fn code(&self) -> ErrorCode {
         match self {
             Self::Invalid(_) => ErrorCode::InvalidArgument,
-            Self::QueueNotFound(_) | Self::MessageNotFound { .. } => ErrorCode::NotFound,
+            Self::QueueNotFound(_) | Self::MessageNotFound { .. } | Self::ScheduleNotFound(_) => ErrorCode::NotFound,
             Self::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Self::Conflict(_) => ErrorCode::Aborted,
             Self::StaleLease(_) => ErrorCode::FailedPrecondition,
@@ -72,6 +75,7 @@ impl ServiceError for QueueError {
             Self::Invalid(_) => "INVALID_ARGUMENT",
             Self::QueueNotFound(_) => "QUEUE_NOT_FOUND",
             Self::MessageNotFound { .. } => "MESSAGE_NOT_FOUND",
+            Self::ScheduleNotFound(_) => "SCHEDULE_NOT_FOUND",
             Self::AlreadyExists(_) => "ALREADY_EXISTS",
             Self::Conflict(_) => "ETAG_MISMATCH",
             Self::StaleLease(_) => "LEASE_STALE",

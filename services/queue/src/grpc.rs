@@ -2,23 +2,29 @@
 //! (naming the offending field), call [`Queues`], encode. No rule of the
 //! domain lives here.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use tonic::{Request, Response, Status};
+use futures::Stream;
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status, Streaming};
 
 use plinth::queue::v1 as pb;
 use plinth::queue::v1::queue_service_server::QueueService;
 use plinth_runtime::auth::Principal;
+use plinth_runtime::auth::unix_now_ms;
 use plinth_runtime::error::to_status;
 use plinth_runtime::wire::{duration, duration_ms, timestamp, timestamp_ms};
 
 use crate::error::QueueError;
 use crate::model::{
     AckOutcome, Backoff, Counts, Enqueued, Leased, MAX_BATCH, MAX_DELAY_MS, MAX_ERROR, MAX_LEASE_MS, MAX_WAIT_MS,
-    MIN_LEASE_MS, Message, Nack, NackOutcome, NewMessage, RetryFilter, Settings, State, check_queue_name, format_token,
-    parse_token,
+    MIN_LEASE_MS, Message, Nack, NackOutcome, NewMessage, RetryFilter, Schedule, Settings, State, check_queue_name,
+    format_token, parse_token,
 };
 use crate::service::{QueueView, Queues, SettingsUpdate};
 
@@ -277,8 +283,306 @@ fn state(field: &str, s: i32) -> Result<State, Status> {
     }
 }
 
+fn wire_schedule(s: Schedule) -> pb::Schedule {
+    let t = s.template;
+    pb::Schedule {
+        name: s.name,
+        cron: s.cron,
+        time_zone: if s.time_zone.is_empty() {
+            "UTC".into()
+        } else {
+            s.time_zone
+        },
+        template: Some(pb::NewMessage {
+            payload: t.payload.into(),
+            content_type: t.content_type,
+            headers: t.headers.into_iter().collect(),
+            priority: t.priority,
+            ttl: t.ttl_ms.map(duration),
+            group_key: t.group_key,
+            ..pb::NewMessage::default()
+        }),
+        paused: s.paused,
+        next_run_time: (s.next_run_at < i64::MAX).then(|| timestamp(s.next_run_at)),
+        last_run_time: s.last_run_at.map(timestamp),
+        create_time: Some(timestamp(s.created_at)),
+    }
+}
+
+fn schedule_name(name: &str) -> Result<&str, Status> {
+    check_queue_name("schedule", name).map_err(status)?;
+    Ok(name)
+}
+
+/// Most credits a stream may have outstanding.
+const MAX_CREDITS: i64 = 10_000;
+/// Most messages pushed in one stream response.
+const PUSH_BATCH: i64 = 256;
+
+type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send + 'static>>;
+
+/// The leases a stream has handed out and that may still be held; released
+/// when the stream is dropped.
+struct Held {
+    queues: Queues,
+    queue: String,
+    /// (token, lease expiry), oldest first.
+    leases: VecDeque<(i64, i64)>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let now = unix_now_ms();
+        let tokens: Vec<i64> = self
+            .leases
+            .drain(..)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(t, _)| t)
+            .collect();
+        if !tokens.is_empty() {
+            self.queues.release_later(&self.queue, tokens);
+        }
+    }
+}
+
+/// One worker stream's state between pushes.
+struct Subscription {
+    inbound: Streaming<pb::SubscribeRequest>,
+    lease_ms: Option<i64>,
+    credits: i64,
+    waker: Arc<Notify>,
+    poll: Duration,
+    held: Held,
+    done: bool,
+}
+
+impl Subscription {
+    /// Takes a request's credits; an error ends the stream.
+    fn grant(&mut self, r: &pb::SubscribeRequest) -> Result<(), Status> {
+        if !r.queue.is_empty() && r.queue != self.held.queue {
+            return Err(status(QueueError::invalid(
+                "queue",
+                "must stay the queue the stream opened",
+            )));
+        }
+        if !(1..=1000).contains(&r.credits) {
+            return Err(status(QueueError::invalid("credits", "must be between 1 and 1000")));
+        }
+        if self.credits + i64::from(r.credits) > MAX_CREDITS {
+            return Err(status(QueueError::invalid(
+                "credits",
+                format!("at most {MAX_CREDITS} may be outstanding"),
+            )));
+        }
+        self.credits += i64::from(r.credits);
+        Ok(())
+    }
+
+    /// Handles what the worker sent; false when the stream should end.
+    fn received(&mut self, msg: Result<Option<pb::SubscribeRequest>, Status>) -> Result<bool, Status> {
+        match msg {
+            Ok(Some(r)) => self.grant(&r).map(|()| true),
+            Ok(None) | Err(_) => Ok(false),
+        }
+    }
+
+    /// The next push, or `None` when the stream is over.
+    async fn next(mut self) -> Option<(Result<pb::SubscribeResponse, Status>, Self)> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let now = unix_now_ms();
+            while self.held.leases.front().is_some_and(|(_, expires)| *expires <= now) {
+                self.held.leases.pop_front();
+            }
+            if self.credits == 0 {
+                let msg = self.inbound.message().await;
+                match self.received(msg) {
+                    Ok(true) => continue,
+                    Ok(false) => return None,
+                    Err(e) => {
+                        self.done = true;
+                        return Some((Err(e), self));
+                    }
+                }
+            }
+            let waker = self.waker.clone();
+            let woken = waker.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let queues = self.held.queues.clone();
+            match queues
+                .lease_now(&self.held.queue, self.credits.min(PUSH_BATCH), self.lease_ms)
+                .await
+            {
+                Err(e) => {
+                    self.done = true;
+                    return Some((Err(status(e)), self));
+                }
+                Ok(got) if !got.is_empty() => {
+                    self.credits -= got.len() as i64;
+                    if let Some(first) = got.first() {
+                        self.held.leases.push_back((first.token, first.expires_at));
+                    }
+                    let response = pb::SubscribeResponse {
+                        messages: got.into_iter().map(wire_leased).collect(),
+                    };
+                    return Some((Ok(response), self));
+                }
+                Ok(_) => {}
+            }
+            tokio::select! {
+                msg = self.inbound.message() => match self.received(msg) {
+                    Ok(true) => {}
+                    Ok(false) => return None,
+                    Err(e) => {
+                        self.done = true;
+                        return Some((Err(e), self));
+                    }
+                },
+                () = &mut woken => {}
+                () = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl QueueService for QueueGrpc {
+    type SubscribeStream = SubscribeStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| status(QueueError::invalid("queue", "the first request must name the queue")))?;
+        let name = queue_name(&first.queue)?.to_owned();
+        let lease_ms = opt_duration(
+            "lease_duration",
+            first.lease_duration.as_ref(),
+            MIN_LEASE_MS,
+            MAX_LEASE_MS,
+        )?;
+        // Refuse an unknown queue before the stream opens.
+        self.queues.queue(&name).await.map_err(status)?;
+        let mut sub = Subscription {
+            inbound,
+            lease_ms,
+            credits: 0,
+            waker: self.queues.waker(&name),
+            poll: Duration::from_millis(self.queues.settings().poll_ms),
+            held: Held {
+                queues: self.queues.clone(),
+                queue: name,
+                leases: VecDeque::new(),
+            },
+            done: false,
+        };
+        sub.grant(&first)?;
+        let stream = futures::stream::unfold(sub, Subscription::next);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn create_schedule(
+        &self,
+        request: Request<pb::CreateScheduleRequest>,
+    ) -> Result<Response<pb::CreateScheduleResponse>, Status> {
+        let r = request.into_inner();
+        let queue = queue_name(&r.queue)?;
+        let s = r
+            .schedule
+            .ok_or_else(|| status(QueueError::invalid("schedule", "is required")))?;
+        check_queue_name("schedule.name", &s.name).map_err(status)?;
+        let template = s.template.unwrap_or_default();
+        if template.run_time.is_some() || template.delay.is_some() {
+            return Err(status(QueueError::invalid(
+                "schedule.template.delay",
+                "each tick runs at once; run_time and delay are not allowed",
+            )));
+        }
+        if !template.dedup_key.is_empty() {
+            return Err(status(QueueError::invalid(
+                "schedule.template.dedup_key",
+                "each tick is enqueued exactly once already; dedup_key is not allowed",
+            )));
+        }
+        let max = self.queues.settings().max_payload_bytes;
+        let template = new_message("schedule.template", template, max, unix_now_ms())?;
+        let schedule = Schedule {
+            queue: queue.to_owned(),
+            name: s.name,
+            cron: s.cron,
+            time_zone: s.time_zone,
+            template,
+            paused: false,
+            next_run_at: 0,
+            last_run_at: None,
+            created_at: 0,
+        };
+        let created = self.queues.create_schedule(schedule).await.map_err(status)?;
+        Ok(Response::new(pb::CreateScheduleResponse {
+            schedule: Some(wire_schedule(created)),
+        }))
+    }
+
+    async fn list_schedules(
+        &self,
+        request: Request<pb::ListSchedulesRequest>,
+    ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
+        let r = request.into_inner();
+        let list = self.queues.schedules(queue_name(&r.queue)?).await.map_err(status)?;
+        Ok(Response::new(pb::ListSchedulesResponse {
+            schedules: list.into_iter().map(wire_schedule).collect(),
+        }))
+    }
+
+    async fn pause_schedule(
+        &self,
+        request: Request<pb::PauseScheduleRequest>,
+    ) -> Result<Response<pb::PauseScheduleResponse>, Status> {
+        let r = request.into_inner();
+        let s = self
+            .queues
+            .pause_schedule(queue_name(&r.queue)?, schedule_name(&r.schedule)?)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::PauseScheduleResponse {
+            schedule: Some(wire_schedule(s)),
+        }))
+    }
+
+    async fn resume_schedule(
+        &self,
+        request: Request<pb::ResumeScheduleRequest>,
+    ) -> Result<Response<pb::ResumeScheduleResponse>, Status> {
+        let r = request.into_inner();
+        let s = self
+            .queues
+            .resume_schedule(queue_name(&r.queue)?, schedule_name(&r.schedule)?)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ResumeScheduleResponse {
+            schedule: Some(wire_schedule(s)),
+        }))
+    }
+
+    async fn delete_schedule(
+        &self,
+        request: Request<pb::DeleteScheduleRequest>,
+    ) -> Result<Response<pb::DeleteScheduleResponse>, Status> {
+        let r = request.into_inner();
+        self.queues
+            .delete_schedule(queue_name(&r.queue)?, schedule_name(&r.schedule)?)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteScheduleResponse {}))
+    }
+
     async fn create_queue(
         &self,
         request: Request<pb::CreateQueueRequest>,

@@ -4,11 +4,13 @@
 //! SQL (SQLite and PostgreSQL), `service` the meaning of each call, `grpc`
 //! the wire.
 
+pub mod cron;
 mod error;
 mod grpc;
 pub mod metrics;
 pub mod model;
 mod rates;
+mod schedules;
 mod service;
 mod store;
 

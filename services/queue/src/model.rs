@@ -22,6 +22,9 @@ const MAX_HEADERS: usize = 64;
 const MAX_HEADER_VALUE: usize = 4096;
 /// Longest `last_error` kept.
 pub const MAX_ERROR: usize = 4096;
+/// Where a new schedule's first tick is looked for when checking that it
+/// ever fires (2000-01-01).
+pub const MIN_TICK_SEARCH_FROM: i64 = 946_684_800_000;
 
 /// Checks a queue name: 1–63 of `a-z0-9-_.`, starting with a letter.
 pub fn check_queue_name(field: &str, name: &str) -> Result<(), QueueError> {
@@ -478,4 +481,27 @@ mod tests {
         assert_eq!(parse_token("lease_token", &t).unwrap(), -5);
         assert!(parse_token("lease_token", "xyz").is_err());
     }
+}
+
+/// A cron schedule.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// The queue it enqueues into.
+    pub queue: String,
+    /// Its name.
+    pub name: String,
+    /// The cron expression as given.
+    pub cron: String,
+    /// IANA zone ("" UTC).
+    pub time_zone: String,
+    /// What each tick enqueues.
+    pub template: NewMessage,
+    /// Ticks skipped.
+    pub paused: bool,
+    /// The next tick.
+    pub next_run_at: i64,
+    /// The last tick that enqueued.
+    pub last_run_at: Option<i64>,
+    /// When created.
+    pub created_at: i64,
 }

@@ -3,10 +3,12 @@
 //! sweep. Time comes from a [`WallClock`] so tests move it by hand.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use plinth::queue::v1 as pb;
+use plinth_runtime::Tasks;
 use plinth_runtime::config::QueueSettings;
 use plinth_runtime::events::outbox::{OutboxEvent, Relay};
 use plinth_runtime::resilience::{SystemWallClock, WallClock};
@@ -15,10 +17,12 @@ use plinth_runtime::wire::timestamp;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::cron::Cron;
 use crate::error::QueueError;
 use crate::metrics;
 use crate::model::{
-    AckOutcome, Counts, Enqueued, Leased, Message, Nack, NackOutcome, NewMessage, Queue, RetryFilter, Settings, State,
+    AckOutcome, Counts, Enqueued, Leased, Message, Nack, NackOutcome, NewMessage, Queue, RetryFilter, Schedule,
+    Settings, State,
 };
 use crate::rates::{Rates, Sample};
 use crate::store::{NOTIFY_CHANNEL, Store, Swept};
@@ -36,7 +40,17 @@ struct Inner {
     relay: Option<Relay>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     rates: Rates,
+    /// Rows claimed or deleted since the last vacuum.
+    churn: AtomicU64,
+    /// Where releases of dropped streams run; without it they wait for
+    /// their leases to expire.
+    tasks: Option<Tasks>,
 }
+
+/// Churned rows after which the sweeper vacuums the messages table.
+const VACUUM_AFTER_ROWS: u64 = 5_000;
+/// Least time between two vacuums by one replica.
+const VACUUM_EVERY: Duration = Duration::from_secs(1);
 
 /// A queue with its counts.
 #[derive(Debug, Clone)]
@@ -87,8 +101,19 @@ impl Queues {
                 relay,
                 wakers: Mutex::new(HashMap::new()),
                 rates: Rates::default(),
+                churn: AtomicU64::new(0),
+                tasks: None,
             }),
         }
+    }
+
+    /// Runs background work (releasing the leases of dropped streams) on `tasks`.
+    /// Call before cloning.
+    pub fn with_tasks(mut self, tasks: Tasks) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.tasks = Some(tasks);
+        }
+        self
     }
 
     fn now(&self) -> i64 {
@@ -106,7 +131,8 @@ impl Queues {
         }
     }
 
-    fn waker(&self, queue: &str) -> Arc<Notify> {
+    /// The notification this replica fires when `queue` may have ready work.
+    pub fn waker(&self, queue: &str) -> Arc<Notify> {
         let mut w = self.inner.wakers.lock().unwrap_or_else(PoisonError::into_inner);
         w.entry(queue.to_owned()).or_default().clone()
     }
@@ -314,6 +340,7 @@ impl Queues {
             tokio::pin!(woken);
             woken.as_mut().enable();
             let got = self.inner.store.claim(queue, max, lease_ms, self.now()).await?;
+            self.inner.churn.fetch_add(got.len() as u64, Ordering::Relaxed);
             let now = tokio::time::Instant::now();
             if !got.is_empty() || now >= deadline {
                 return Ok(got);
@@ -325,11 +352,97 @@ impl Queues {
         }
     }
 
+    /// Leases up to `max` without waiting (for streams, which wait on
+    /// [`Queues::waker`] themselves).
+    pub async fn lease_now(&self, queue: &str, max: i64, lease_ms: Option<i64>) -> Result<Vec<Leased>, QueueError> {
+        let got = self.inner.store.claim(queue, max, lease_ms, self.now()).await?;
+        self.inner.churn.fetch_add(got.len() as u64, Ordering::Relaxed);
+        Ok(got)
+    }
+
+    /// Ends the leases of deliveries `tokens` at once, in the background
+    /// (a worker's stream is gone). Their messages are handed out again by
+    /// the next sweep.
+    pub fn release_later(&self, queue: &str, tokens: Vec<i64>) {
+        let Some(tasks) = &self.inner.tasks else {
+            tracing::debug!(
+                queue,
+                leases = tokens.len(),
+                "stream closed; its leases run until they expire"
+            );
+            return;
+        };
+        let (this, queue) = (self.clone(), queue.to_owned());
+        tasks.spawn("queue-release", async move {
+            let released = this.inner.store.expire_leases(&queue, &tokens, this.now()).await?;
+            if released > 0 {
+                tracing::info!(queue = %queue, released, "stream closed; its leases were released");
+                this.tick().await?;
+            }
+            Ok::<(), QueueError>(())
+        });
+    }
+
+    /// Creates a cron schedule; its first tick is the first after now.
+    pub async fn create_schedule(&self, mut schedule: Schedule) -> Result<Schedule, QueueError> {
+        let cron = Cron::parse("schedule", &schedule.cron, &schedule.time_zone)?;
+        let now = self.now();
+        schedule.next_run_at = cron
+            .next_after(now)
+            .ok_or_else(|| QueueError::invalid("schedule.cron", "never fires again"))?;
+        schedule.created_at = now;
+        self.inner.store.create_schedule(&schedule).await
+    }
+
+    /// A queue's schedules.
+    pub async fn schedules(&self, queue: &str) -> Result<Vec<Schedule>, QueueError> {
+        self.inner.store.schedules(queue).await
+    }
+
+    /// Pauses a schedule.
+    pub async fn pause_schedule(&self, queue: &str, name: &str) -> Result<Schedule, QueueError> {
+        self.inner.store.set_schedule_paused(queue, name, true, None).await
+    }
+
+    /// Resumes a schedule from its first tick after now.
+    pub async fn resume_schedule(&self, queue: &str, name: &str) -> Result<Schedule, QueueError> {
+        let s = self.inner.store.schedule(queue, name).await?;
+        let next = Cron::parse("schedule", &s.cron, &s.time_zone)?.next_after(self.now());
+        let next = next.ok_or_else(|| QueueError::invalid("schedule.cron", "never fires again"))?;
+        self.inner
+            .store
+            .set_schedule_paused(queue, name, false, Some(next))
+            .await
+    }
+
+    /// Deletes a schedule.
+    pub async fn delete_schedule(&self, queue: &str, name: &str) -> Result<(), QueueError> {
+        self.inner.store.delete_schedule(queue, name).await
+    }
+
+    /// Enqueues every due tick once; how many this replica enqueued.
+    async fn fire_schedules(&self, now: i64) -> Result<u64, QueueError> {
+        let mut fired = 0;
+        for tick in self.inner.store.due_ticks(now).await? {
+            let next = Cron::parse("schedule", &tick.cron, &tick.time_zone)
+                .ok()
+                .and_then(|c| c.next_after(now.max(tick.due)));
+            // A schedule that never fires again parks far in the future.
+            let next = next.unwrap_or(i64::MAX);
+            if self.inner.store.fire(&tick, next, now).await? {
+                fired += 1;
+                self.wake(&tick.queue);
+            }
+        }
+        Ok(fired)
+    }
+
     /// Completes deliveries.
     pub async fn ack(&self, queue: &str, acks: &[(i64, i64)]) -> Result<Vec<AckOutcome>, QueueError> {
         let outcomes = self.inner.store.ack(queue, acks).await?;
         let acked = outcomes.iter().filter(|o| **o == AckOutcome::Acked).count() as u64;
         self.inner.rates.record(queue, 0, acked, 0);
+        self.inner.churn.fetch_add(acked, Ordering::Relaxed);
         metrics::queue().acked.with_label_values(&[queue]).inc_by(acked);
         Ok(outcomes)
     }
@@ -424,6 +537,7 @@ impl Queues {
     /// `sweep_ms`; tests call it after moving the clock.
     pub async fn tick(&self) -> Result<Swept, QueueError> {
         let now = self.now();
+        self.fire_schedules(now).await?;
         let swept = self.inner.store.sweep(now).await?;
         for q in &swept.woken {
             self.wake(q);
@@ -459,9 +573,15 @@ impl Queues {
         let gauges_every = (2000 / self.inner.settings.sweep_ms.max(1)).max(1);
         let mut failures = 0u32;
         let mut ticks = 0u64;
+        let mut vacuumed = tokio::time::Instant::now();
         while plinth_runtime::tasks::pause(&token, every).await {
             ticks += 1;
             let mut result = self.tick().await;
+            if self.inner.churn.load(Ordering::Relaxed) >= VACUUM_AFTER_ROWS && vacuumed.elapsed() >= VACUUM_EVERY {
+                self.inner.churn.store(0, Ordering::Relaxed);
+                vacuumed = tokio::time::Instant::now();
+                result = self.inner.store.vacuum().await.and(result);
+            }
             if result.is_ok() && ticks.is_multiple_of(gauges_every) {
                 result = self.refresh_metrics().await.and(result);
             }

@@ -13,7 +13,8 @@
 //!
 //! Fairness: each message carries a start tag (`slot`). A group's messages
 //! get consecutive slots from the group's counter, which first catches up
-//! with the slot of the message about to be handed out. A busy group's
+//! with the slot of the message about to be handed out; a message without
+//! a group gets the slot just behind that head. A busy group's
 //! backlog therefore holds far-future slots while a quiet group's new
 //! message lands next to the head, so ready messages interleave across
 //! groups (start-time fair queueing) with one ordered index scan.
@@ -309,7 +310,7 @@ impl Store {
             .await?
             .rows_affected();
             if inserted == 0 {
-                return Err(QueueError::AlreadyExists(name.to_owned()));
+                return Err(QueueError::AlreadyExists(format!("queue {name:?}")));
             }
             event.write(&mut *tx).await?;
             tx.commit().await?;
@@ -408,6 +409,10 @@ impl Store {
                 .await?
                 .rows_affected();
             sqlx::query("DELETE FROM dedup WHERE queue = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM schedules WHERE queue = $1")
                 .bind(name)
                 .execute(&mut *tx)
                 .await?;
@@ -580,7 +585,14 @@ impl Store {
                 let floor = head.map_or(0, |(s,)| s);
                 let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
                 for &i in &fresh {
-                    groups.entry(messages[i].group_key.as_str()).or_default().push(i);
+                    if messages[i].group_key.is_empty() {
+                        // Without a group a message is its own group: it
+                        // starts right behind the head. No shared counter
+                        // row, so concurrent enqueues never wait on its lock.
+                        slots.insert(i, floor + 1);
+                    } else {
+                        groups.entry(messages[i].group_key.as_str()).or_default().push(i);
+                    }
                 }
                 for (group, members) in groups {
                     let count = i64::try_from(members.len()).unwrap_or(i64::MAX);
@@ -731,11 +743,10 @@ impl Store {
             let expires = now.saturating_add(lease_ms.unwrap_or(default_lease));
             let rows: Vec<MessageRow> = if postgres {
                 sqlx::query_as(concat!(
-                    "WITH picked AS (SELECT id FROM messages WHERE queue = $3 AND state = 2 \
+                    "UPDATE messages m SET state = 3, attempts = m.attempts + 1, lease_token = $1, next_at = $2 \
+                     WHERE m.id = ANY(ARRAY(SELECT id FROM messages WHERE queue = $3 AND state = 2 \
                      AND (expires_at IS NULL OR expires_at > $4) ORDER BY priority DESC, slot, id LIMIT $5 \
-                     FOR UPDATE SKIP LOCKED) \
-                     UPDATE messages m SET state = 3, attempts = m.attempts + 1, lease_token = $1, next_at = $2 \
-                     FROM picked WHERE m.id = picked.id RETURNING ",
+                     FOR UPDATE SKIP LOCKED)) RETURNING ",
                     "m.id, m.queue, m.state, m.priority, m.slot, m.group_key, m.ready_at, m.next_at, m.expires_at, \
                      m.attempts, m.lease_token, m.payload, m.content_type, m.headers, m.dedup_key, m.last_error, \
                      m.origin_queue, m.enqueued_at"
@@ -1042,7 +1053,8 @@ impl Store {
         } else {
             " AND instr(last_error, "
         };
-        let notify = self.is_postgres();
+        let postgres = self.is_postgres();
+        let notify = postgres;
         on_db!(&self.db, |pool| {
             let mut tx = pool.begin_write().await?;
             let dlq: Option<(String,)> = sqlx::query_as("SELECT dead_letter_queue FROM queues WHERE name = $1")
@@ -1066,7 +1078,11 @@ impl Store {
                     .push_bind(now)
                     .push(", next_at = ")
                     .push_bind(now)
-                    .push(" WHERE id IN (SELECT id FROM messages WHERE queue = ")
+                    .push(if postgres {
+                        " WHERE id = ANY(ARRAY(SELECT id FROM messages WHERE queue = "
+                    } else {
+                        " WHERE id IN (SELECT id FROM messages WHERE queue = "
+                    })
                     .push_bind(source.to_owned())
                     .push(" AND ")
                     .push(states);
@@ -1086,7 +1102,7 @@ impl Store {
                 }
                 q.push(" ORDER BY id LIMIT ")
                     .push_bind(filter.limit - retried)
-                    .push(")");
+                    .push(if postgres { "))" } else { ")" });
                 retried += i64::try_from(q.build().execute(&mut *tx).await?.rows_affected()).unwrap_or(0);
             }
             if retried > 0 {
@@ -1112,10 +1128,16 @@ impl Store {
         let postgres = self.is_postgres();
         on_db!(&self.db, |pool| {
             let mut tx = pool.begin_write().await?;
-            let promoted: Vec<(String,)> = sqlx::query_as(
+            // `= ANY(ARRAY(…))`, not `IN (…)`: PostgreSQL's generic plan
+            // guesses 10,000 rows for `LIMIT $n` and would hash-join the
+            // whole table; the array forces the primary key lookup.
+            let promoted: Vec<(String,)> = sqlx::query_as(if postgres {
+                "UPDATE messages SET state = 2 WHERE id = ANY(ARRAY(\
+                 SELECT id FROM messages WHERE state = 1 AND next_at <= $1 ORDER BY next_at LIMIT $2)) RETURNING queue"
+            } else {
                 "UPDATE messages SET state = 2 WHERE id IN \
-                 (SELECT id FROM messages WHERE state = 1 AND next_at <= $1 ORDER BY next_at LIMIT $2) RETURNING queue",
-            )
+                 (SELECT id FROM messages WHERE state = 1 AND next_at <= $1 ORDER BY next_at LIMIT $2) RETURNING queue"
+            })
             .bind(now)
             .bind(SWEEP_BATCH)
             .fetch_all(&mut *tx)
@@ -1204,6 +1226,44 @@ impl Store {
             tx.commit().await?;
         });
         Ok(swept)
+    }
+
+    /// Ends the leases of deliveries `tokens` now, so the next sweep hands
+    /// them out again (or dead-letters them when out of attempts).
+    pub async fn expire_leases(&self, queue: &str, tokens: &[i64], now: i64) -> Result<u64, QueueError> {
+        let mut released = 0;
+        for chunk in tokens.chunks(500) {
+            released += on_db!(&self.db, |pool| {
+                let mut q = sqlx::QueryBuilder::new("UPDATE messages SET next_at = ");
+                q.push_bind(now)
+                    .push(" WHERE queue = ")
+                    .push_bind(queue.to_owned())
+                    .push(" AND state = 3 AND lease_token IN (");
+                let mut list = q.separated(", ");
+                for t in chunk {
+                    list.push_bind(*t);
+                }
+                q.push(")");
+                q.build().execute(pool).await?.rows_affected()
+            });
+        }
+        Ok(released)
+    }
+
+    /// Removes dead row versions from the messages table and its indexes
+    /// (PostgreSQL only; SQLite deletes in place). Every claim moves rows
+    /// out of the ready index and every ack deletes them, and until a vacuum
+    /// runs the index keeps their entries right at its head, where each
+    /// claim must step over them: after tens of thousands of jobs a claim
+    /// reads thousands of pages instead of a few. Autovacuum wakes too
+    /// rarely for a busy queue, so the sweeper calls this once enough rows
+    /// have churned. `SKIP_LOCKED`: when another replica is already
+    /// vacuuming, this one does not wait.
+    pub async fn vacuum(&self) -> Result<(), QueueError> {
+        if let Db::Postgres(pool) = &self.db {
+            sqlx::query("VACUUM (SKIP_LOCKED) messages").execute(pool).await?;
+        }
+        Ok(())
     }
 
     /// Raises and clears depth alerts, and completes drains; whether any

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plinth_queue::model::{AckOutcome, Backoff, Nack, NackOutcome, NewMessage, RetryFilter, Settings, State};
+use plinth_queue::model::{AckOutcome, Backoff, Nack, NackOutcome, NewMessage, RetryFilter, Schedule, Settings, State};
 use plinth_queue::{QueueError, Queues, Store};
 use plinth_runtime::config::QueueSettings;
 use plinth_runtime::on_db;
@@ -58,6 +58,7 @@ on_both_backends!(
     extended_lease_outlives_its_first_expiry,
     restart_loses_nothing_in_any_state,
     batch_enqueue_is_ordered_and_purge_counts,
+    schedules_tick_exactly_once_across_two_replicas,
 );
 
 struct Ctx {
@@ -633,5 +634,65 @@ async fn batch_enqueue_is_ordered_and_purge_counts(ctx: Ctx, db: TestDatabase) -
     assert_eq!(ctx.queues.purge("jobs", &State::ALL, "tester").await.unwrap(), 750);
     let missing = ctx.queues.enqueue("nope", &[job("x")]).await;
     assert!(matches!(missing, Err(QueueError::QueueNotFound(_))));
+    db
+}
+
+async fn schedules_tick_exactly_once_across_two_replicas(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    let again = db.connect_again().await.unwrap();
+    let replica = service(&again, &ctx.clock);
+    let every_minute = Schedule {
+        queue: "jobs".into(),
+        name: "report".into(),
+        cron: "* * * * *".into(),
+        time_zone: "Europe/Berlin".into(),
+        template: job("tick"),
+        paused: false,
+        next_run_at: 0,
+        last_run_at: None,
+        created_at: 0,
+    };
+    let created = ctx.queues.create_schedule(every_minute).await.unwrap();
+    assert!(created.next_run_at > ctx.clock.now_ms());
+    assert_eq!(created.next_run_at % 60_000, 0, "ticks fall on the minute");
+    let ready = |q: Queues| async move { q.queue("jobs").await.unwrap().counts.ready };
+    for minute in 1..=5 {
+        ctx.clock.advance(Duration::from_secs(60));
+        let (a, b) = tokio::join!(ctx.queues.tick(), replica.tick());
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(ready(ctx.queues.clone()).await, minute, "minute {minute}");
+    }
+    // Ten missed minutes are caught up with one enqueue.
+    ctx.clock.advance(Duration::from_secs(600));
+    let (a, b) = tokio::join!(ctx.queues.tick(), replica.tick());
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(ready(ctx.queues.clone()).await, 6);
+    // A paused schedule does not tick; resumed, it continues from now.
+    ctx.queues.pause_schedule("jobs", "report").await.unwrap();
+    advance(&ctx, Duration::from_secs(180)).await;
+    assert_eq!(ready(ctx.queues.clone()).await, 6);
+    let resumed = ctx.queues.resume_schedule("jobs", "report").await.unwrap();
+    assert!(resumed.next_run_at > ctx.clock.now_ms());
+    advance(&ctx, Duration::from_secs(60)).await;
+    assert_eq!(ready(ctx.queues.clone()).await, 7);
+    let listed = replica.schedules("jobs").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].last_run_at.is_some());
+    let bad = Schedule {
+        cron: "every day".into(),
+        ..listed[0].clone()
+    };
+    assert!(matches!(
+        ctx.queues.create_schedule(bad).await,
+        Err(QueueError::Invalid(_))
+    ));
+    ctx.queues.delete_schedule("jobs", "report").await.unwrap();
+    assert!(matches!(
+        ctx.queues.delete_schedule("jobs", "report").await,
+        Err(QueueError::ScheduleNotFound(_))
+    ));
+    again.close().await;
     db
 }
