@@ -216,6 +216,123 @@ impl MessageRow {
     }
 }
 
+/// A message row to insert.
+struct NewRow {
+    state: i32,
+    priority: i32,
+    slot: i64,
+    group_key: String,
+    ready_at: i64,
+    expires_at: Option<i64>,
+    payload: Vec<u8>,
+    content_type: String,
+    headers: String,
+    dedup_key: String,
+}
+
+/// Bulk insert of message rows on a backend's connection: one statement
+/// per call, answering (id, state) per row.
+trait InsertRows: Send {
+    fn insert_rows<'a>(
+        &'a mut self,
+        queue: &'a str,
+        rows: Vec<NewRow>,
+        now: i64,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<(i64, i32)>, sqlx::Error>>;
+}
+
+impl InsertRows for sqlx::SqliteConnection {
+    fn insert_rows<'a>(
+        &'a mut self,
+        queue: &'a str,
+        rows: Vec<NewRow>,
+        now: i64,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<(i64, i32)>, sqlx::Error>> {
+        Box::pin(async move {
+            let mut q = sqlx::QueryBuilder::new(
+                "INSERT INTO messages (queue, state, priority, slot, group_key, ready_at, next_at, expires_at, \
+                 payload, content_type, headers, dedup_key, enqueued_at) ",
+            );
+            q.push_values(rows, |mut b, r| {
+                b.push_bind(queue.to_owned())
+                    .push_bind(r.state)
+                    .push_bind(r.priority)
+                    .push_bind(r.slot)
+                    .push_bind(r.group_key)
+                    .push_bind(r.ready_at)
+                    .push_bind(r.ready_at)
+                    .push_bind(r.expires_at)
+                    .push_bind(r.payload)
+                    .push_bind(r.content_type)
+                    .push_bind(r.headers)
+                    .push_bind(r.dedup_key)
+                    .push_bind(now);
+            });
+            q.push(" RETURNING id, state");
+            q.build_query_as().fetch_all(self).await
+        })
+    }
+}
+
+impl InsertRows for sqlx::PgConnection {
+    /// Columns as arrays through `UNNEST`: one short statement that
+    /// PostgreSQL parses and plans once, whatever the batch size, instead of
+    /// thirteen parameters per row.
+    fn insert_rows<'a>(
+        &'a mut self,
+        queue: &'a str,
+        rows: Vec<NewRow>,
+        now: i64,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<(i64, i32)>, sqlx::Error>> {
+        Box::pin(async move {
+            let n = rows.len();
+            let mut state = Vec::with_capacity(n);
+            let mut priority = Vec::with_capacity(n);
+            let mut slot = Vec::with_capacity(n);
+            let mut group_key = Vec::with_capacity(n);
+            let mut ready_at = Vec::with_capacity(n);
+            let mut expires_at = Vec::with_capacity(n);
+            let mut payload = Vec::with_capacity(n);
+            let mut content_type = Vec::with_capacity(n);
+            let mut headers = Vec::with_capacity(n);
+            let mut dedup_key = Vec::with_capacity(n);
+            for r in rows {
+                state.push(r.state);
+                priority.push(r.priority);
+                slot.push(r.slot);
+                group_key.push(r.group_key);
+                ready_at.push(r.ready_at);
+                expires_at.push(r.expires_at);
+                payload.push(r.payload);
+                content_type.push(r.content_type);
+                headers.push(r.headers);
+                dedup_key.push(r.dedup_key);
+            }
+            sqlx::query_as(
+                "INSERT INTO messages (queue, state, priority, slot, group_key, ready_at, next_at, expires_at, \
+                 payload, content_type, headers, dedup_key, enqueued_at) \
+                 SELECT $1, s, p, sl, g, r, r, e, pl, ct, h, d, $2 FROM UNNEST($3::int[], $4::int[], $5::bigint[], \
+                 $6::text[], $7::bigint[], $8::bigint[], $9::bytea[], $10::text[], $11::text[], $12::text[]) \
+                 AS t(s, p, sl, g, r, e, pl, ct, h, d) RETURNING id, state",
+            )
+            .bind(queue)
+            .bind(now)
+            .bind(state)
+            .bind(priority)
+            .bind(slot)
+            .bind(group_key)
+            .bind(ready_at)
+            .bind(expires_at)
+            .bind(payload)
+            .bind(content_type)
+            .bind(headers)
+            .bind(dedup_key)
+            .fetch_all(self)
+            .await
+        })
+    }
+}
+
 /// Queue names, (queue, state, count) rows and (queue, oldest ready) rows.
 type DepthRows = (Vec<(String,)>, Vec<(String, i32, i64)>, Vec<(String, Option<i64>)>);
 
@@ -615,39 +732,35 @@ impl Store {
             }
 
             let mut ready_any = false;
-            for chunk in fresh.chunks(500) {
-                let mut q = sqlx::QueryBuilder::new(
-                    "INSERT INTO messages (queue, state, priority, slot, group_key, ready_at, next_at, expires_at, \
-                     payload, content_type, headers, dedup_key, enqueued_at) ",
-                );
-                q.push_values(chunk, |mut b, &i| {
-                    let m = &messages[i];
-                    let ready_at = m.ready_at(now);
-                    let state = if ready_at > now { State::Scheduled } else { State::Ready };
-                    ready_any |= state == State::Ready;
-                    let ttl = m.ttl_ms.unwrap_or(ttl_ms);
-                    let headers = if m.headers.is_empty() {
-                        String::new()
-                    } else {
-                        serde_json::to_string(&m.headers).unwrap_or_default()
-                    };
-                    b.push_bind(queue.to_owned())
-                        .push_bind(state as i32)
-                        .push_bind(m.priority)
-                        .push_bind(slots.get(&i).copied().unwrap_or(0))
-                        .push_bind(m.group_key.clone())
-                        .push_bind(ready_at)
-                        .push_bind(ready_at)
-                        .push_bind((ttl > 0).then(|| now.saturating_add(ttl)))
-                        .push_bind(m.payload.clone())
-                        .push_bind(m.content_type.clone())
-                        .push_bind(headers)
-                        .push_bind(m.dedup_key.clone())
-                        .push_bind(now);
-                });
-                q.push(" RETURNING id, state");
-                let mut rows: Vec<(i64, i32)> = q.build_query_as().fetch_all(&mut *tx).await?;
-                // Ids grow in VALUES order on both backends; RETURNING order
+            for chunk in fresh.chunks(1000) {
+                let rows: Vec<NewRow> = chunk
+                    .iter()
+                    .map(|&i| {
+                        let m = &messages[i];
+                        let ready_at = m.ready_at(now);
+                        let state = if ready_at > now { State::Scheduled } else { State::Ready };
+                        ready_any |= state == State::Ready;
+                        let ttl = m.ttl_ms.unwrap_or(ttl_ms);
+                        NewRow {
+                            state: state as i32,
+                            priority: m.priority,
+                            slot: slots.get(&i).copied().unwrap_or(0),
+                            group_key: m.group_key.clone(),
+                            ready_at,
+                            expires_at: (ttl > 0).then(|| now.saturating_add(ttl)),
+                            payload: m.payload.clone(),
+                            content_type: m.content_type.clone(),
+                            headers: if m.headers.is_empty() {
+                                String::new()
+                            } else {
+                                serde_json::to_string(&m.headers).unwrap_or_default()
+                            },
+                            dedup_key: m.dedup_key.clone(),
+                        }
+                    })
+                    .collect();
+                let mut rows = (*tx).insert_rows(queue, rows, now).await?;
+                // Ids grow in input order on both backends; RETURNING order
                 // is not promised, so sort.
                 rows.sort_unstable();
                 for (&i, (id, state)) in chunk.iter().zip(rows) {
