@@ -11,9 +11,6 @@ use crate::model::{
 };
 use crate::service::Shown;
 
-/// Largest page.
-pub const MAX_PAGE: i32 = 1000;
-
 pub use plinth_runtime::wire::timestamp;
 
 /// Checks and names a namespace/environment pair.
@@ -25,11 +22,7 @@ pub fn env_id(namespace: &str, environment: &str) -> Result<EnvId, ConfigError> 
 
 /// A page size: default when 0, refused when negative or too large.
 pub fn page_size(field: &str, size: i32, default: i32) -> Result<usize, ConfigError> {
-    match size {
-        0 => Ok(usize::try_from(default).unwrap_or(50)),
-        s if (1..=MAX_PAGE).contains(&s) => Ok(usize::try_from(s).unwrap_or(50)),
-        _ => Err(ConfigError::invalid(field, format!("must be between 0 and {MAX_PAGE}"))),
-    }
+    Ok(plinth_runtime::wire::page_size(field, size, default)?)
 }
 
 /// An etag as the generation it names (empty: 0, unchecked).

@@ -3,8 +3,6 @@
 
 use std::pin::Pin;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
@@ -63,7 +61,7 @@ fn encode_cursor(c: &Cursor) -> String {
         Cursor::Revision(r, k) => format!("r{r}:{k}"),
         Cursor::Release(n, k) => format!("l{n}:{k}"),
     };
-    URL_SAFE_NO_PAD.encode(raw)
+    plinth_runtime::wire::page_token(&raw)
 }
 
 fn decode_cursor(field: &str, token: &str) -> Result<Option<Cursor>, ConfigError> {
@@ -697,7 +695,7 @@ impl ConfigService for ConfigGrpc {
         let more = list.len() > size;
         list.truncate(size);
         let next_page_token = match (more, list.last()) {
-            (true, Some(last)) => URL_SAFE_NO_PAD.encode(format!("{}:{}", last.created_at, last.name)),
+            (true, Some(last)) => plinth_runtime::wire::page_token(&format!("{}:{}", last.created_at, last.name)),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListReleasesResponse {
@@ -1053,11 +1051,7 @@ fn check_mask(mask: Option<&prost_types::FieldMask>, resource: &str) -> Result<(
 
 /// The text inside a page token (base64url), or the field named as bad.
 fn token_text(field: &str, token: &str) -> Result<String, ConfigError> {
-    URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| ConfigError::invalid(field, "is not a token from a previous page"))
+    Ok(plinth_runtime::wire::page_token_text(field, token)?)
 }
 
 fn decode_name_token(token: &str) -> Result<String, ConfigError> {
@@ -1071,7 +1065,7 @@ fn next_name_token<T>(list: &mut Vec<T>, size: usize, name: impl Fn(&T) -> Strin
     let more = list.len() > size;
     list.truncate(size);
     match (more, list.last()) {
-        (true, Some(last)) => URL_SAFE_NO_PAD.encode(name(last)),
+        (true, Some(last)) => plinth_runtime::wire::page_token(&name(last)),
         _ => String::new(),
     }
 }

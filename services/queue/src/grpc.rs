@@ -7,8 +7,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::Stream;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status, Streaming};
@@ -18,7 +16,7 @@ use plinth::queue::v1::queue_service_server::QueueService;
 use plinth_runtime::auth::Principal;
 use plinth_runtime::auth::unix_now_ms;
 use plinth_runtime::error::to_status;
-use plinth_runtime::wire::{duration, duration_ms, timestamp, timestamp_ms};
+use plinth_runtime::wire::{self, duration, duration_ms, timestamp, timestamp_ms};
 
 use crate::error::QueueError;
 use crate::model::{
@@ -58,23 +56,11 @@ fn queue_name(name: &str) -> Result<&str, Status> {
 }
 
 fn page_size(size: i32) -> Result<usize, Status> {
-    match size {
-        0 => Ok(100),
-        1..=1000 => Ok(usize::try_from(size).unwrap_or(100)),
-        _ => Err(status(QueueError::invalid("page_size", "must be between 0 and 1000"))),
-    }
-}
-
-fn encode_token(text: &str) -> String {
-    URL_SAFE_NO_PAD.encode(text)
+    wire::page_size("page_size", size, 100).map_err(|e| status(e.into()))
 }
 
 fn decode_token(token: &str) -> Result<String, Status> {
-    URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| status(QueueError::invalid("page_token", "is not a token from a previous page")))
+    wire::page_token_text("page_token", token).map_err(|e| status(e.into()))
 }
 
 fn opt_duration(field: &str, d: Option<&prost_types::Duration>, min: i64, max: i64) -> Result<Option<i64>, Status> {
@@ -624,7 +610,10 @@ impl QueueService for QueueGrpc {
         let more = views.len() > size;
         views.truncate(size);
         let next = if more {
-            views.last().map(|v| encode_token(&v.queue.name)).unwrap_or_default()
+            views
+                .last()
+                .map(|v| wire::page_token(&v.queue.name))
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -641,12 +630,12 @@ impl QueueService for QueueGrpc {
         let who = subject(&request);
         let r = request.into_inner();
         let name = queue_name(&r.queue)?;
-        let wire = r
+        let given = r
             .settings
             .ok_or_else(|| status(QueueError::invalid("settings", "is required")))?;
         let fields = match &r.update_mask {
             Some(mask) if !mask.paths.is_empty() => mask.paths.clone(),
-            _ => given_fields(&wire),
+            _ => given_fields(&given),
         };
         let generation = if r.etag.is_empty() {
             0
@@ -658,16 +647,8 @@ impl QueueService for QueueGrpc {
                 .filter(|g| *g > 0)
                 .ok_or_else(|| status(QueueError::invalid("etag", "is not an etag this service issued")))?
         };
-        let mut s = settings("settings", Some(&wire))?;
-        // An explicit mask may set zero values (e.g. no rate limit): take
-        // the wire's raw numbers for those, not the create-time defaults.
-        s.max_attempts = if wire.max_attempts == 0 {
-            s.max_attempts
-        } else {
-            wire.max_attempts
-        };
         let update = SettingsUpdate {
-            settings: s,
+            settings: settings("settings", Some(&given))?,
             fields,
             generation,
         };
@@ -934,7 +915,7 @@ impl QueueService for QueueGrpc {
         let next = if more {
             messages
                 .last()
-                .map(|m| encode_token(&m.id.to_string()))
+                .map(|m| wire::page_token(&m.id.to_string()))
                 .unwrap_or_default()
         } else {
             String::new()

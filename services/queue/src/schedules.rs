@@ -9,7 +9,7 @@ use plinth_runtime::storage::{BeginWrite, Db};
 
 use crate::error::QueueError;
 use crate::model::{NewMessage, Schedule};
-use crate::store::{NOTIFY_CHANNEL, Store};
+use crate::store::{Store, notify};
 
 #[derive(sqlx::FromRow)]
 struct ScheduleRow {
@@ -260,11 +260,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             if notify {
-                sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(NOTIFY_CHANNEL)
-                    .bind(&tick.queue)
-                    .execute(&mut *tx)
-                    .await?;
+                notify!(tx, &tick.queue);
             }
             tx.commit().await?;
             Ok(true)

@@ -339,8 +339,7 @@ impl Queues {
             let woken = waker.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let got = self.inner.store.claim(queue, max, lease_ms, self.now()).await?;
-            self.inner.churn.fetch_add(got.len() as u64, Ordering::Relaxed);
+            let got = self.lease_now(queue, max, lease_ms).await?;
             let now = tokio::time::Instant::now();
             if !got.is_empty() || now >= deadline {
                 return Ok(got);

@@ -35,6 +35,38 @@ use crate::model::{
 /// The channel PostgreSQL replicas announce new ready work on.
 pub const NOTIFY_CHANNEL: &str = "plinth_queue";
 
+/// Binds a queue's settings, in column order from `max_attempts` to
+/// `dead_letter_queue`, to `$q`.
+macro_rules! bind_settings {
+    ($q:expr, $s:expr) => {
+        $q.bind($s.max_attempts)
+            .bind($s.backoff.initial_ms)
+            .bind($s.backoff.max_ms)
+            .bind($s.backoff.multiplier)
+            .bind($s.backoff.jitter)
+            .bind($s.lease_ms)
+            .bind($s.ttl_ms)
+            .bind($s.dedup_window_ms)
+            .bind($s.rate_limit)
+            .bind($s.max_concurrency)
+            .bind($s.depth_alert)
+            .bind(&$s.dead_letter_queue)
+    };
+}
+
+/// Announces, in the transaction `$tx` (PostgreSQL delivers it at commit),
+/// that `$queue` has ready work, waking other replicas' waiting leases.
+macro_rules! notify {
+    ($tx:expr, $queue:expr) => {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::store::NOTIFY_CHANNEL)
+            .bind($queue)
+            .execute(&mut *$tx)
+            .await?
+    };
+}
+pub(crate) use notify;
+
 macro_rules! queue_columns {
     () => {
         "name, max_attempts, backoff_initial_ms, backoff_max_ms, backoff_multiplier, backoff_jitter, lease_ms, \
@@ -403,29 +435,18 @@ impl Store {
     ) -> Result<Queue, QueueError> {
         on_db!(&self.db, |pool| {
             let mut tx = pool.begin_write().await?;
-            let inserted = sqlx::query(
+            let insert = sqlx::query(
                 "INSERT INTO queues (name, max_attempts, backoff_initial_ms, backoff_max_ms, backoff_multiplier, \
                  backoff_jitter, lease_ms, ttl_ms, dedup_window_ms, rate_limit, max_concurrency, depth_alert, \
                  dead_letter_queue, generation, created_at, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 1, $14, $14) ON CONFLICT (name) DO NOTHING",
             )
-            .bind(name)
-            .bind(s.max_attempts)
-            .bind(s.backoff.initial_ms)
-            .bind(s.backoff.max_ms)
-            .bind(s.backoff.multiplier)
-            .bind(s.backoff.jitter)
-            .bind(s.lease_ms)
-            .bind(s.ttl_ms)
-            .bind(s.dedup_window_ms)
-            .bind(s.rate_limit)
-            .bind(s.max_concurrency)
-            .bind(s.depth_alert)
-            .bind(&s.dead_letter_queue)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .bind(name);
+            let inserted = bind_settings!(insert, s)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             if inserted == 0 {
                 return Err(QueueError::AlreadyExists(format!("queue {name:?}")));
             }
@@ -475,30 +496,19 @@ impl Store {
     ) -> Result<Queue, QueueError> {
         on_db!(&self.db, |pool| {
             let mut tx = pool.begin_write().await?;
-            let updated = sqlx::query(
+            let update = sqlx::query(
                 "UPDATE queues SET max_attempts = $3, backoff_initial_ms = $4, backoff_max_ms = $5, \
                  backoff_multiplier = $6, backoff_jitter = $7, lease_ms = $8, ttl_ms = $9, dedup_window_ms = $10, \
                  rate_limit = $11, max_concurrency = $12, depth_alert = $13, dead_letter_queue = $14, \
                  generation = generation + 1, updated_at = $15 WHERE name = $1 AND generation = $2",
             )
             .bind(name)
-            .bind(generation)
-            .bind(s.max_attempts)
-            .bind(s.backoff.initial_ms)
-            .bind(s.backoff.max_ms)
-            .bind(s.backoff.multiplier)
-            .bind(s.backoff.jitter)
-            .bind(s.lease_ms)
-            .bind(s.ttl_ms)
-            .bind(s.dedup_window_ms)
-            .bind(s.rate_limit)
-            .bind(s.max_concurrency)
-            .bind(s.depth_alert)
-            .bind(&s.dead_letter_queue)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .bind(generation);
+            let updated = bind_settings!(update, s)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             if updated == 0 {
                 return Err(QueueError::Conflict(name.to_owned()));
             }
@@ -784,11 +794,7 @@ impl Store {
                 results[copy] = results[first].map(|r| Enqueued { duplicate: true, ..r });
             }
             if notify && ready_any {
-                sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(NOTIFY_CHANNEL)
-                    .bind(queue)
-                    .execute(&mut *tx)
-                    .await?;
+                notify!(tx, queue);
             }
             tx.commit().await?;
             Ok(results.into_iter().flatten().collect())
@@ -1221,11 +1227,7 @@ impl Store {
             if retried > 0 {
                 event(retried).write(&mut *tx).await?;
                 if notify {
-                    sqlx::query("SELECT pg_notify($1, $2)")
-                        .bind(NOTIFY_CHANNEL)
-                        .bind(queue)
-                        .execute(&mut *tx)
-                        .await?;
+                    notify!(tx, queue);
                 }
             }
             tx.commit().await?;
@@ -1325,11 +1327,7 @@ impl Store {
             swept.woken.extend(dead_letter!(tx, failures, now));
             if postgres {
                 for queue in &swept.woken {
-                    sqlx::query("SELECT pg_notify($1, $2)")
-                        .bind(NOTIFY_CHANNEL)
-                        .bind(queue)
-                        .execute(&mut *tx)
-                        .await?;
+                    notify!(tx, queue);
                 }
             }
             sqlx::query("DELETE FROM dedup WHERE expires_at <= $1")

@@ -1,9 +1,42 @@
-//! Conversions between protobuf well-known types and the plain numbers the
-//! services store (milliseconds since the epoch, milliseconds of duration),
+//! Conversions between wire values and what the services work with:
+//! protobuf well-known types and plain numbers (milliseconds since the
+//! epoch, milliseconds of duration), page sizes and opaque page tokens,
 //! refusing values out of range with the field named. Nothing here knows a
 //! particular service's messages.
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
 use crate::error::InvalidRequest;
+
+/// Largest page any list call returns.
+pub const MAX_PAGE: i32 = 1000;
+
+/// A page size: `default` when 0, refused when negative or above [`MAX_PAGE`].
+pub fn page_size(field: &str, size: i32, default: i32) -> Result<usize, InvalidRequest> {
+    let size = if size == 0 { default } else { size };
+    match usize::try_from(size) {
+        Ok(n) if (1..=MAX_PAGE).contains(&size) => Ok(n),
+        _ => Err(InvalidRequest::field(
+            field,
+            format!("must be between 0 and {MAX_PAGE}"),
+        )),
+    }
+}
+
+/// An opaque page token carrying `text` (base64url).
+pub fn page_token(text: &str) -> String {
+    URL_SAFE_NO_PAD.encode(text)
+}
+
+/// The text inside a page token from [`page_token`], or the field named as bad.
+pub fn page_token_text(field: &str, token: &str) -> Result<String, InvalidRequest> {
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| InvalidRequest::field(field, "is not a token from a previous page"))
+}
 
 /// Milliseconds since the epoch as a protobuf timestamp.
 pub fn timestamp(ms: i64) -> prost_types::Timestamp {
@@ -74,6 +107,16 @@ mod tests {
         assert!(err.0[0].description.contains("10s"));
         let negative = prost_types::Duration { seconds: -1, nanos: 0 };
         assert!(duration_ms("lease", &negative, 0, 20_000).is_err());
+    }
+
+    #[test]
+    fn page_sizes_default_and_tokens_round_trip() {
+        assert_eq!(page_size("page_size", 0, 50).unwrap(), 50);
+        assert_eq!(page_size("page_size", 7, 50).unwrap(), 7);
+        assert_eq!(page_size("page_size", -1, 50).unwrap_err().0[0].field, "page_size");
+        assert!(page_size("page_size", 1001, 50).is_err());
+        assert_eq!(page_token_text("page_token", &page_token("emails")).unwrap(), "emails");
+        assert!(page_token_text("page_token", "%%%").is_err());
     }
 
     #[test]
