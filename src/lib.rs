@@ -56,6 +56,18 @@ pub mod queue {
     }
 }
 
+/// A tamper-evident audit log with signed checkpoints and Merkle proofs.
+pub mod audit {
+    /// Version 1 of the audit contract.
+    #[expect(
+        clippy::allow_attributes,
+        reason = "tonic's generated servers carry #[allow(non_camel_case_types)]"
+    )]
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/plinth.audit.v1.rs"));
+    }
+}
+
 pub mod codec;
 mod config_client;
 

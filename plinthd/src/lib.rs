@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::FutureExt;
+use plinth::audit::v1::audit_service_server::AuditServiceServer;
 use plinth::auth::v1::auth_service_server::AuthServiceServer;
 use plinth::auth::v1::authorization_service_server::AuthorizationServiceServer;
 use plinth::config::v1::config_service_server::ConfigServiceServer;
@@ -189,6 +190,19 @@ impl Plinth {
                     tasks.spawn("queue-sweeper", queues.clone().run_sweeper(tasks.token()));
                     tasks.spawn("queue-listener", queues.listen(tasks.token()));
                 }
+                if component == Component::Audit {
+                    let audit =
+                        plinth_audit::Audit::open(plinth_audit::Store::new(db.clone()), cfg.audit.clone()).await?;
+                    builder = builder.add_service(
+                        AuditServiceServer::new(plinth_audit::AuditGrpc::new(audit.clone())),
+                        plinth::FILE_DESCRIPTOR_SET,
+                    );
+                    health.register("plinth.audit.v1.AuditService", &required).await;
+                    tasks.spawn("audit-integrator", audit.clone().run_integrator(tasks.token()));
+                    if cfg.audit.ingest {
+                        tasks.spawn("audit-ingest", audit.run_ingest(bus.clone(), tasks.token()));
+                    }
+                }
                 tracing::info!(component = %component, storage = db.kind(), events = bus.kind(), state = state.kind(), "component ready");
                 Some(db)
             };
@@ -362,7 +376,8 @@ fn migrations(component: Component) -> Migrations {
         Component::Auth => plinth_auth::MIGRATIONS,
         Component::Config => plinth_config::MIGRATIONS,
         Component::Queue => plinth_queue::MIGRATIONS,
-        Component::Gateway | Component::Audit | Component::Ai => Migrations::RUNTIME_ONLY,
+        Component::Audit => plinth_audit::MIGRATIONS,
+        Component::Gateway | Component::Ai => Migrations::RUNTIME_ONLY,
     }
 }
 

@@ -107,42 +107,12 @@ pub fn new_value(field: &str, v: Option<&pb::Value>) -> Result<NewValue, ConfigE
 }
 
 fn json_of(v: &prost_types::Value, field: &str) -> Result<serde_json::Value, ConfigError> {
-    use prost_types::value::Kind;
-    Ok(match &v.kind {
-        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
-        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
-            .map(serde_json::Value::Number)
-            .ok_or_else(|| ConfigError::invalid(field, "numbers must be finite"))?,
-        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
-        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
-        Some(Kind::StructValue(s)) => serde_json::Value::Object(
-            s.fields
-                .iter()
-                .map(|(k, v)| Ok((k.clone(), json_of(v, field)?)))
-                .collect::<Result<_, ConfigError>>()?,
-        ),
-        Some(Kind::ListValue(l)) => {
-            serde_json::Value::Array(l.values.iter().map(|v| json_of(v, field)).collect::<Result<_, _>>()?)
-        }
-    })
+    Ok(plinth_runtime::wire::json_of_value(field, v)?)
 }
 
 /// JSON as a protobuf `Value`.
 pub fn proto_json(v: &serde_json::Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    let kind = match v {
-        serde_json::Value::Null => Kind::NullValue(0),
-        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
-        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
-        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.iter().map(proto_json).collect(),
-        }),
-        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
-            fields: o.iter().map(|(k, v)| (k.clone(), proto_json(v))).collect(),
-        }),
-    };
-    prost_types::Value { kind: Some(kind) }
+    plinth_runtime::wire::value_of_json(v)
 }
 
 /// A `Struct` as JSON text (schemas).

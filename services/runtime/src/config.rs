@@ -60,6 +60,8 @@ pub struct Config {
     pub config: ConfigSettings,
     /// The queue service (`PLINTH_QUEUE__*`).
     pub queue: QueueSettings,
+    /// The audit service (`PLINTH_AUDIT__*`).
+    pub audit: AuditSettings,
     /// The HTTP/JSON edge (`PLINTH_GATEWAY__*`).
     pub gateway: GatewaySettings,
     /// Comma-separated addresses or CIDR ranges of proxies (the split
@@ -90,6 +92,7 @@ impl Default for Config {
             auth: AuthSettings::default(),
             config: ConfigSettings::default(),
             queue: QueueSettings::default(),
+            audit: AuditSettings::default(),
             gateway: GatewaySettings::default(),
             trusted_proxies: String::new(),
             tls: None,
@@ -284,6 +287,44 @@ impl Default for QueueSettings {
             max_payload_bytes: 1024 * 1024,
             poll_ms: 500,
             sweep_ms: 100,
+        }
+    }
+}
+
+/// The audit service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// The log's identity in its signed checkpoints and the name of its
+    /// signing key, e.g. `audit.example.com/prod` (`PLINTH_AUDIT__ORIGIN`).
+    pub origin: String,
+    /// The Ed25519 checkpoint signing key: base64 of its 32-byte seed
+    /// (`PLINTH_AUDIT__SIGNING_KEY`). When unset, a key is generated once
+    /// and kept in the audit database, where anyone who can write the
+    /// database could also re-sign a forged log; production deployments
+    /// should set it from a secret.
+    #[serde(serialize_with = "redact_opt")]
+    pub signing_key: Option<SecretString>,
+    /// Milliseconds between integrations of new entries into the tree when
+    /// no append wakes the integrator (appends on other replicas)
+    /// (`PLINTH_AUDIT__INTEGRATE_MS`).
+    pub integrate_ms: u64,
+    /// Most entries integrated (and covered by one checkpoint) per round
+    /// (`PLINTH_AUDIT__INTEGRATE_BATCH`).
+    pub integrate_batch: usize,
+    /// Whether to record every Plinth event from the bus (`plinth.>`)
+    /// (`PLINTH_AUDIT__INGEST`).
+    pub ingest: bool,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            origin: "plinth.local/audit".into(),
+            signing_key: None,
+            integrate_ms: 1000,
+            integrate_batch: 10_000,
+            ingest: true,
         }
     }
 }
@@ -670,6 +711,8 @@ fn is_string_key(key: &str) -> bool {
             | "redis_url"
             | "otlp_endpoint"
             | "log.level"
+            | "audit.origin"
+            | "audit.signing_key"
     )
 }
 

@@ -127,3 +127,57 @@ mod tests {
         assert_eq!(timestamp_ms("at", &bad).unwrap_err().0[0].field, "at");
     }
 }
+
+/// A protobuf `Value` as JSON; `field` is named when a number is not finite.
+pub fn json_of_value(field: &str, v: &prost_types::Value) -> Result<serde_json::Value, InvalidRequest> {
+    use prost_types::value::Kind;
+    Ok(match &v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| InvalidRequest::field(field, "numbers must be finite"))?,
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
+        Some(Kind::StructValue(s)) => serde_json::Value::Object(json_of_struct(field, s)?),
+        Some(Kind::ListValue(l)) => serde_json::Value::Array(
+            l.values
+                .iter()
+                .map(|v| json_of_value(field, v))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+/// A protobuf `Struct` as a JSON object.
+pub fn json_of_struct(
+    field: &str,
+    s: &prost_types::Struct,
+) -> Result<serde_json::Map<String, serde_json::Value>, InvalidRequest> {
+    s.fields
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), json_of_value(field, v)?)))
+        .collect()
+}
+
+/// JSON as a protobuf `Value`.
+pub fn value_of_json(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(value_of_json).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(struct_of_json(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// A JSON object as a protobuf `Struct`.
+pub fn struct_of_json(o: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: o.iter().map(|(k, v)| (k.clone(), value_of_json(v))).collect(),
+    }
+}

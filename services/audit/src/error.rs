@@ -1,0 +1,76 @@
+//! Everything that can go wrong in the audit service, and how each maps to
+//! the caller's error (one exhaustive table, no wildcard).
+
+use plinth_runtime::error::{ErrorCode, FieldViolation, InvalidRequest, ServiceError};
+use plinth_runtime::storage::StorageError;
+
+/// An audit operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The request is malformed; names the fields.
+    #[error("invalid request: {}", .0.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldViolation>),
+    /// No entry with that index or event id.
+    #[error("no audit entry {0}")]
+    EntryNotFound(String),
+    /// The proof asks about a tree larger than the latest checkpoint, or an
+    /// entry not yet integrated.
+    #[error("{0}")]
+    NotYetIntegrated(String),
+    /// Stored data does not parse (tampering or a bug); never the caller's fault.
+    #[error("stored log is damaged: {0}")]
+    Corrupt(String),
+    /// The database failed.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+}
+
+impl AuditError {
+    /// An invalid single field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::Invalid(vec![FieldViolation::new(field, description)])
+    }
+}
+
+impl From<sqlx::Error> for AuditError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Storage(StorageError::Query(e))
+    }
+}
+
+impl From<InvalidRequest> for AuditError {
+    fn from(e: InvalidRequest) -> Self {
+        Self::Invalid(e.0)
+    }
+}
+
+impl ServiceError for AuditError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Invalid(_) => ErrorCode::InvalidArgument,
+            Self::EntryNotFound(_) => ErrorCode::NotFound,
+            Self::NotYetIntegrated(_) => ErrorCode::FailedPrecondition,
+            Self::Corrupt(_) => ErrorCode::Internal,
+            Self::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
+            Self::Storage(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => "INVALID_ARGUMENT",
+            Self::EntryNotFound(_) => "ENTRY_NOT_FOUND",
+            Self::NotYetIntegrated(_) => "NOT_YET_INTEGRATED",
+            Self::Corrupt(_) => "LOG_DAMAGED",
+            Self::Storage(e) if e.is_unavailable() => "STORAGE_UNAVAILABLE",
+            Self::Storage(_) => "STORAGE_ERROR",
+        }
+    }
+
+    fn field_violations(&self) -> Vec<FieldViolation> {
+        match self {
+            Self::Invalid(v) => v.clone(),
+            _ => Vec::new(),
+        }
+    }
+}

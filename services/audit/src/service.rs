@@ -1,0 +1,464 @@
+//! What each audit call means: appending (canonical bytes, leaf hashes,
+//! idempotency), integrating into the tree with a signed checkpoint per
+//! round, proofs from stored nodes, listing, and re-verifying the whole log.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use plinth_runtime::config::AuditSettings;
+use secrecy::ExposeSecret;
+use tokio::sync::{Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::AuditError;
+use crate::merkle::{self, Frontier, Hash, NodeId, Range, consistency_ranges, decompose, inclusion_ranges};
+use crate::model::{Appended, Entry, Event, Filter, Verification};
+use crate::note::{NoteSigner, SignedCheckpoint};
+use crate::store::{Prepared, Row, Store};
+
+/// Entries read per query while verifying.
+const VERIFY_CHUNK: i64 = 5_000;
+/// Checkpoints read per query while verifying.
+const CHECKPOINT_CHUNK: i64 = 1_000;
+const CHECKPOINT_CHUNK_LEN: usize = 1_000;
+
+/// An inclusion proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InclusionProof {
+    /// The leaf.
+    pub index: u64,
+    /// The tree.
+    pub tree_size: u64,
+    /// The leaf's hash.
+    pub leaf_hash: Hash,
+    /// The audit path, bottom to top.
+    pub hashes: Vec<Hash>,
+    /// The tree's root.
+    pub root: Hash,
+}
+
+/// A consistency proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsistencyProof {
+    /// The older size.
+    pub first: u64,
+    /// The newer size.
+    pub second: u64,
+    /// The proof.
+    pub hashes: Vec<Hash>,
+    /// The older root.
+    pub first_root: Hash,
+    /// The newer root.
+    pub second_root: Hash,
+}
+
+/// A listing page.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// Entries, each with whether it is integrated.
+    pub entries: Vec<(Entry, bool)>,
+    /// Cursor for the next page.
+    pub next: Option<u64>,
+}
+
+struct Inner {
+    store: Store,
+    signer: NoteSigner,
+    settings: AuditSettings,
+    frontier: Mutex<Option<Frontier>>,
+    wake: Notify,
+}
+
+/// The audit log.
+#[derive(Clone)]
+pub struct Audit {
+    inner: Arc<Inner>,
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A setting is unusable.
+    #[error("{0}")]
+    Settings(String),
+    /// The database failed.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+impl Audit {
+    /// Opens the log in `store` with the configured (or stored) signing key.
+    pub async fn open(store: Store, settings: AuditSettings) -> Result<Self, OpenError> {
+        let seed: [u8; 32] = match &settings.signing_key {
+            Some(key) => STANDARD
+                .decode(key.expose_secret().trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .ok_or_else(|| OpenError::Settings("PLINTH_AUDIT__SIGNING_KEY must be base64 of 32 bytes".into()))?,
+            None => store.signing_seed(rand::random()).await?,
+        };
+        let signer = NoteSigner::new(&settings.origin, &seed).map_err(|e| OpenError::Settings(e.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                signer,
+                settings,
+                frontier: Mutex::new(None),
+                wake: Notify::new(),
+            }),
+        })
+    }
+
+    /// The signer (its public key and verifier key).
+    pub fn signer(&self) -> &NoteSigner {
+        &self.inner.signer
+    }
+
+    /// The store, for tests that tamper with it.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Appends validated events; a repeated id adds nothing.
+    pub async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, AuditError> {
+        let prepared: Vec<Prepared> = events
+            .into_iter()
+            .map(|event| {
+                let data = event.canonical();
+                let leaf_hash = merkle::leaf_hash(&data);
+                Prepared { event, data, leaf_hash }
+            })
+            .collect();
+        let out = self.inner.store.append(&prepared).await?;
+        if out.iter().any(|a| !a.duplicate) {
+            self.inner.wake.notify_one();
+        }
+        Ok(out)
+    }
+
+    /// Integrates one batch of new entries; the checkpoint it signed, if any.
+    pub async fn integrate(&self) -> Result<Option<SignedCheckpoint>, AuditError> {
+        let mut frontier = self.inner.frontier.lock().await;
+        let signer = &self.inner.signer;
+        let sign = |size: u64, root: Hash| signer.sign(size, root, now_secs());
+        self.inner
+            .store
+            .integrate(&mut frontier, self.inner.settings.integrate_batch, &sign)
+            .await
+    }
+
+    /// Integrates until nothing is left; the last checkpoint signed.
+    pub async fn integrate_all(&self) -> Result<Option<SignedCheckpoint>, AuditError> {
+        let mut last = None;
+        while let Some(c) = self.integrate().await? {
+            last = Some(c);
+        }
+        Ok(last)
+    }
+
+    /// Integrates whenever appends arrive (and every `integrate_ms` for
+    /// other replicas' appends) until `token` is cancelled.
+    pub async fn run_integrator(self, token: CancellationToken) -> Result<(), AuditError> {
+        let interval = Duration::from_millis(self.inner.settings.integrate_ms.max(10));
+        loop {
+            tokio::select! {
+                () = token.cancelled() => return Ok(()),
+                () = self.inner.wake.notified() => {}
+                () = tokio::time::sleep(interval) => {}
+            }
+            if let Err(e) = self.integrate_all().await {
+                tracing::warn!(error = %e, "audit integration failed; retrying");
+                if !plinth_runtime::tasks::pause(&token, interval).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The latest checkpoint; for an empty log, one signed now for size 0.
+    pub async fn checkpoint(&self) -> Result<SignedCheckpoint, AuditError> {
+        Ok(match self.inner.store.latest_checkpoint().await? {
+            Some((c, _)) => c,
+            None => self.inner.signer.sign(0, merkle::empty_root(), now_secs()),
+        })
+    }
+
+    async fn tree_size(&self, requested: u64) -> Result<u64, AuditError> {
+        let latest = self.checkpoint().await?.tree_size;
+        if requested == 0 {
+            return Ok(latest);
+        }
+        if requested > latest {
+            return Err(AuditError::NotYetIntegrated(format!(
+                "tree size {requested} is beyond the latest checkpoint ({latest} entries)"
+            )));
+        }
+        Ok(requested)
+    }
+
+    /// Hashes of `ranges` (and of `[0, size)` for each of `roots`), fetched in one query.
+    async fn range_hashes(&self, ranges: &[Range]) -> Result<Vec<Hash>, AuditError> {
+        let parts: Vec<Vec<NodeId>> = ranges.iter().map(|r| decompose(*r)).collect();
+        let ids: Vec<NodeId> = parts.iter().flatten().copied().collect();
+        let found = self.inner.store.nodes(&ids).await?;
+        parts
+            .iter()
+            .map(|ids| {
+                let hashes = ids
+                    .iter()
+                    .map(|id| found.get(id).copied())
+                    .collect::<Option<Vec<Hash>>>()
+                    .ok_or_else(|| AuditError::Corrupt("a tree node a proof needs is missing".into()))?;
+                Ok(merkle::fold(&hashes).unwrap_or_else(merkle::empty_root))
+            })
+            .collect()
+    }
+
+    /// The inclusion proof of entry `index` (or of the entry with `event_id`)
+    /// in the tree of `tree_size` (latest when 0).
+    pub async fn inclusion_proof(
+        &self,
+        index: Option<u64>,
+        event_id: Option<&str>,
+        tree_size: u64,
+    ) -> Result<InclusionProof, AuditError> {
+        let index = match (index, event_id) {
+            (_, Some(id)) => self
+                .inner
+                .store
+                .index_of(id)
+                .await?
+                .ok_or_else(|| AuditError::EntryNotFound(format!("with event id {id:?}")))?,
+            (Some(i), None) => i,
+            (None, None) => return Err(AuditError::invalid("index", "give index or event_id")),
+        };
+        let size = self.tree_size(tree_size).await?;
+        if index >= size {
+            return Err(if tree_size == 0 {
+                AuditError::NotYetIntegrated(format!(
+                    "entry {index} is not in the latest checkpoint ({size} entries) yet; retry shortly"
+                ))
+            } else {
+                AuditError::invalid("tree_size", format!("must be larger than the index {index}"))
+            });
+        }
+        let mut ranges = inclusion_ranges(index, size);
+        ranges.push((index, index + 1));
+        ranges.push((0, size));
+        let mut hashes = self.range_hashes(&ranges).await?;
+        let root = hashes.pop().unwrap_or_else(merkle::empty_root);
+        let leaf_hash = hashes.pop().unwrap_or_else(merkle::empty_root);
+        Ok(InclusionProof {
+            index,
+            tree_size: size,
+            leaf_hash,
+            hashes,
+            root,
+        })
+    }
+
+    /// The consistency proof from `first` to `second` entries (latest when 0).
+    pub async fn consistency_proof(&self, first: u64, second: u64) -> Result<ConsistencyProof, AuditError> {
+        let second = self.tree_size(second).await?;
+        if first == 0 {
+            return Err(AuditError::invalid("first_tree_size", "must be at least 1"));
+        }
+        if first > second {
+            return Err(AuditError::invalid(
+                "first_tree_size",
+                format!("must be at most the second tree size ({second})"),
+            ));
+        }
+        let mut ranges = consistency_ranges(first, second);
+        ranges.push((0, first));
+        ranges.push((0, second));
+        let mut hashes = self.range_hashes(&ranges).await?;
+        let second_root = hashes.pop().unwrap_or_else(merkle::empty_root);
+        let first_root = hashes.pop().unwrap_or_else(merkle::empty_root);
+        Ok(ConsistencyProof {
+            first,
+            second,
+            hashes,
+            first_root,
+            second_root,
+        })
+    }
+
+    /// One entry and whether it is integrated.
+    pub async fn entry(&self, index: u64) -> Result<(Entry, bool), AuditError> {
+        let row = self
+            .inner
+            .store
+            .entry(index)
+            .await?
+            .ok_or_else(|| AuditError::EntryNotFound(format!("at index {index}")))?;
+        let size = self.inner.store.tree_size().await?;
+        Ok((row.entry()?, index < size))
+    }
+
+    /// A page of entries matching `filter`.
+    pub async fn list(
+        &self,
+        filter: &Filter,
+        cursor: Option<u64>,
+        oldest_first: bool,
+        limit: usize,
+    ) -> Result<Page, AuditError> {
+        let rows = self.inner.store.list(filter, cursor, oldest_first, limit + 1).await?;
+        let size = self.inner.store.tree_size().await?;
+        let more = rows.len() > limit;
+        let entries = rows
+            .into_iter()
+            .take(limit)
+            .map(|r| r.entry().map(|e| (e.clone(), e.index < size)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = if more {
+            entries.last().map(|(e, _)| e.index)
+        } else {
+            None
+        };
+        Ok(Page { entries, next })
+    }
+
+    /// Re-derives the tree from the stored bytes and compares it with the
+    /// stored nodes and every signed checkpoint; stops at the first problem.
+    pub async fn verify(&self) -> Result<Verification, AuditError> {
+        let store = &self.inner.store;
+        let size = store.tree_size().await?;
+        let mut report = Verification::default();
+        let mut frontier = Frontier::default();
+        let mut checkpoints = std::collections::VecDeque::from(store.checkpoints_after(0, CHECKPOINT_CHUNK).await?);
+        let mut more_checkpoints = checkpoints.len() == CHECKPOINT_CHUNK_LEN;
+        let mut next: u64 = 0;
+        loop {
+            let rows = store.scan(next, VERIFY_CHUNK).await?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut completed: Vec<(NodeId, Hash)> = Vec::new();
+            for row in &rows {
+                if u64::try_from(row.index()).ok() != Some(next) {
+                    return Ok(report.bad(next, format!("entry {next} is missing from the log")));
+                }
+                if let Some(problem) = leaf_problem(row) {
+                    return Ok(report.bad(next, format!("entry {next}: {problem}")));
+                }
+                report.entries_checked += 1;
+                if next < size {
+                    let leaf = Hash::try_from(row.stored_leaf_hash()).unwrap_or_default();
+                    completed.extend(frontier.push(leaf));
+                    if checkpoints.is_empty() && more_checkpoints {
+                        checkpoints = store
+                            .checkpoints_after(frontier.size() - 1, CHECKPOINT_CHUNK)
+                            .await?
+                            .into();
+                        more_checkpoints = checkpoints.len() == CHECKPOINT_CHUNK_LEN;
+                    }
+                    while checkpoints.front().is_some_and(|c| c.tree_size <= frontier.size()) {
+                        let Some(c) = checkpoints.pop_front() else { break };
+                        if c.tree_size == frontier.size() {
+                            if c.root != frontier.root() {
+                                if let Some(bad) = self.node_problem(&completed).await? {
+                                    return Ok(report.node(bad));
+                                }
+                                return Ok(report.damaged(format!(
+                                    "the checkpoint of size {} has a root the entries do not produce",
+                                    c.tree_size
+                                )));
+                            }
+                            if !self.inner.signer.verify(&c) {
+                                return Ok(report.damaged(format!(
+                                    "the checkpoint of size {} does not carry this log's signature",
+                                    c.tree_size
+                                )));
+                            }
+                            report.checkpoints_checked += 1;
+                        }
+                    }
+                }
+                next += 1;
+            }
+            if let Some(bad) = self.node_problem(&completed).await? {
+                return Ok(report.node(bad));
+            }
+        }
+        if next < size {
+            return Ok(report.bad(
+                next,
+                format!("the tree holds {size} entries but only {next} are stored"),
+            ));
+        }
+        Ok(report)
+    }
+
+    /// The lowest, then leftmost, of `completed` whose stored node differs.
+    async fn node_problem(&self, completed: &[(NodeId, Hash)]) -> Result<Option<(NodeId, &'static str)>, AuditError> {
+        let max_level = completed.iter().map(|(id, _)| id.level).max().unwrap_or(0);
+        for level in 1..=max_level {
+            let mine: Vec<&(NodeId, Hash)> = completed.iter().filter(|(id, _)| id.level == level).collect();
+            let (Some(lo), Some(hi)) = (mine.first(), mine.last()) else {
+                continue;
+            };
+            let stored = self.inner.store.level_nodes(level, lo.0.index, hi.0.index + 1).await?;
+            let stored: std::collections::HashMap<u64, Vec<u8>> = stored.into_iter().collect();
+            for (id, hash) in mine {
+                let problem = match stored.get(&id.index) {
+                    None => Some("the node is missing"),
+                    Some(h) if h.as_slice() != hash.as_slice() => Some("its stored hash differs"),
+                    Some(_) => None,
+                };
+                if let Some(p) = problem {
+                    // The lowest damaged node pins the damage closest to its leaves.
+                    return Ok(Some((*id, p)));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Whether a row's bytes, hash and columns agree.
+fn leaf_problem(row: &Row) -> Option<String> {
+    let stored = row.stored_leaf_hash();
+    if stored.len() != 32 {
+        return Some("its stored leaf hash is not 32 bytes".into());
+    }
+    let data = row.data()?;
+    if merkle::leaf_hash(data).as_slice() != stored {
+        return Some("its stored bytes do not match its leaf hash".into());
+    }
+    match Event::from_canonical(data) {
+        Err(e) => Some(e.to_string()),
+        Ok(event) => row
+            .columns_differ(&event)
+            .map(|c| format!("column `{c}` differs from the hashed bytes")),
+    }
+}
+
+impl Verification {
+    fn bad(mut self, index: u64, problem: String) -> Self {
+        self.first_bad_index = Some(index);
+        self.problem = Some(problem);
+        self
+    }
+
+    fn node(self, (id, problem): (NodeId, &str)) -> Self {
+        let first = id.index << id.level;
+        let end = (id.index + 1) << id.level;
+        self.bad(
+            first,
+            format!("the tree node covering entries {first}..{end} does not match them: {problem}"),
+        )
+    }
+
+    fn damaged(mut self, problem: String) -> Self {
+        self.problem = Some(problem);
+        self
+    }
+}
+
+fn now_secs() -> u64 {
+    u64::try_from(plinth_runtime::auth::unix_now_ms() / 1000).unwrap_or(0)
+}

@@ -1,0 +1,647 @@
+//! SQL for the audit log, one text for SQLite and PostgreSQL where the
+//! dialects agree. Appenders serialise on the `audit_sequence` row, so
+//! indexes are dense and become visible in order (no gaps for the
+//! integrator to trip on); integrators serialise on the `audit_tree` row,
+//! so two replicas never integrate the same leaves twice. The store writes
+//! what it is given: validation and all tree arithmetic happen elsewhere.
+
+use std::collections::HashMap;
+
+use plinth_runtime::auth::unix_now_ms;
+use plinth_runtime::on_db;
+use plinth_runtime::storage::{BeginWrite, Db};
+
+use crate::error::AuditError;
+use crate::merkle::{Frontier, Hash, NodeId, decompose};
+use crate::model::{ActorKind, Appended, Entry, Event, Filter, Outcome};
+use crate::note::SignedCheckpoint;
+
+/// One event ready to store: its canonical bytes and their leaf hash.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The event.
+    pub event: Event,
+    /// Its canonical bytes.
+    pub data: Vec<u8>,
+    /// Their leaf hash.
+    pub leaf_hash: Hash,
+}
+
+/// One stored row, as read back.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Row {
+    idx: i64,
+    event_id: String,
+    time_ms: i64,
+    tenant: String,
+    actor_id: String,
+    action: String,
+    resource_type: String,
+    resource_name: String,
+    outcome: i16,
+    correlation_id: String,
+    data: Option<Vec<u8>>,
+    leaf_hash: Vec<u8>,
+}
+
+const ROW_COLUMNS: &str = "idx, event_id, time_ms, tenant, actor_id, action, resource_type, resource_name, \
+                           CAST(outcome AS SMALLINT) AS outcome, correlation_id, data, leaf_hash";
+
+impl Row {
+    /// The entry: the event from its bytes, or what the columns keep of it
+    /// once erased.
+    pub fn entry(self) -> Result<Entry, AuditError> {
+        let leaf_hash = hash_of(&self.leaf_hash)?;
+        let index = u64::try_from(self.idx).map_err(|_| AuditError::Corrupt(format!("index {}", self.idx)))?;
+        let event = match &self.data {
+            Some(bytes) => Event::from_canonical(bytes)?,
+            None => Event {
+                id: self.event_id,
+                time_ms: self.time_ms,
+                tenant: self.tenant,
+                actor_id: self.actor_id,
+                actor_kind: ActorKind::System,
+                actor_ip: String::new(),
+                actor_user_agent: String::new(),
+                action: self.action,
+                resource_type: self.resource_type,
+                resource_name: self.resource_name,
+                outcome: Outcome::from_number(i32::from(self.outcome)).unwrap_or(Outcome::Success),
+                reason: String::new(),
+                correlation_id: self.correlation_id,
+                trace_id: String::new(),
+                source: String::new(),
+                metadata: serde_json::Map::new(),
+            },
+        };
+        Ok(Entry {
+            index,
+            event,
+            data: self.data,
+            leaf_hash,
+        })
+    }
+
+    /// Whether the query columns say what the hashed bytes say; the first
+    /// column that differs otherwise.
+    pub fn columns_differ(&self, e: &Event) -> Option<&'static str> {
+        let checks = [
+            ("event_id", self.event_id == e.id),
+            ("time_ms", self.time_ms == e.time_ms),
+            ("tenant", self.tenant == e.tenant),
+            ("actor_id", self.actor_id == e.actor_id),
+            ("action", self.action == e.action),
+            ("resource_type", self.resource_type == e.resource_type),
+            ("resource_name", self.resource_name == e.resource_name),
+            ("outcome", i32::from(self.outcome) == e.outcome.number()),
+            ("correlation_id", self.correlation_id == e.correlation_id),
+        ];
+        checks.into_iter().find(|(_, same)| !same).map(|(name, _)| name)
+    }
+
+    /// The index.
+    pub fn index(&self) -> i64 {
+        self.idx
+    }
+
+    /// The stored bytes, unless erased.
+    pub fn data(&self) -> Option<&[u8]> {
+        self.data.as_deref()
+    }
+
+    /// The stored leaf hash.
+    pub fn stored_leaf_hash(&self) -> &[u8] {
+        &self.leaf_hash
+    }
+}
+
+fn hash_of(bytes: &[u8]) -> Result<Hash, AuditError> {
+    Hash::try_from(bytes).map_err(|_| AuditError::Corrupt(format!("a stored hash is {} bytes", bytes.len())))
+}
+
+fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Backend-specific bulk statements.
+trait LogWrites: Send {
+    /// The indexes of those of `ids` already stored.
+    fn existing<'a>(
+        &'a mut self,
+        ids: &'a [String],
+    ) -> futures::future::BoxFuture<'a, Result<HashMap<String, i64>, sqlx::Error>>;
+    /// Inserts entries at `first`, `first + 1`, …
+    fn insert_entries<'a>(
+        &'a mut self,
+        first: i64,
+        rows: &'a [&'a Prepared],
+    ) -> futures::future::BoxFuture<'a, Result<(), sqlx::Error>>;
+}
+
+impl LogWrites for sqlx::SqliteConnection {
+    fn existing<'a>(
+        &'a mut self,
+        ids: &'a [String],
+    ) -> futures::future::BoxFuture<'a, Result<HashMap<String, i64>, sqlx::Error>> {
+        Box::pin(async move {
+            let mut q = sqlx::QueryBuilder::new("SELECT event_id, idx FROM audit_entries WHERE event_id IN (");
+            let mut sep = q.separated(", ");
+            for id in ids {
+                sep.push_bind(id.as_str());
+            }
+            q.push(")");
+            let rows: Vec<(String, i64)> = q.build_query_as().fetch_all(self).await?;
+            Ok(rows.into_iter().collect())
+        })
+    }
+
+    fn insert_entries<'a>(
+        &'a mut self,
+        first: i64,
+        rows: &'a [&'a Prepared],
+    ) -> futures::future::BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            let mut q = sqlx::QueryBuilder::new(
+                "INSERT INTO audit_entries (idx, event_id, time_ms, tenant, actor_id, action, resource_type, \
+                 resource_name, outcome, correlation_id, data, leaf_hash) ",
+            );
+            q.push_values(rows.iter().enumerate(), |mut b, (i, p)| {
+                let e = &p.event;
+                b.push_bind(first + i64::try_from(i).unwrap_or(0))
+                    .push_bind(e.id.as_str())
+                    .push_bind(e.time_ms)
+                    .push_bind(e.tenant.as_str())
+                    .push_bind(e.actor_id.as_str())
+                    .push_bind(e.action.as_str())
+                    .push_bind(e.resource_type.as_str())
+                    .push_bind(e.resource_name.as_str())
+                    .push_bind(e.outcome.number())
+                    .push_bind(e.correlation_id.as_str())
+                    .push_bind(p.data.as_slice())
+                    .push_bind(p.leaf_hash.as_slice());
+            });
+            q.build().execute(self).await?;
+            Ok(())
+        })
+    }
+}
+
+impl LogWrites for sqlx::PgConnection {
+    fn existing<'a>(
+        &'a mut self,
+        ids: &'a [String],
+    ) -> futures::future::BoxFuture<'a, Result<HashMap<String, i64>, sqlx::Error>> {
+        Box::pin(async move {
+            let rows: Vec<(String, i64)> =
+                sqlx::query_as("SELECT event_id, idx FROM audit_entries WHERE event_id = ANY($1)")
+                    .bind(ids)
+                    .fetch_all(self)
+                    .await?;
+            Ok(rows.into_iter().collect())
+        })
+    }
+
+    /// Columns as arrays through `UNNEST`: one statement planned once,
+    /// whatever the batch size.
+    fn insert_entries<'a>(
+        &'a mut self,
+        first: i64,
+        rows: &'a [&'a Prepared],
+    ) -> futures::future::BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            let col = |f: fn(&Event) -> &str| rows.iter().map(|p| f(&p.event).to_owned()).collect::<Vec<String>>();
+            let idx: Vec<i64> = (0..rows.len()).map(|i| first + i64::try_from(i).unwrap_or(0)).collect();
+            let time: Vec<i64> = rows.iter().map(|p| p.event.time_ms).collect();
+            let outcome: Vec<i16> = rows
+                .iter()
+                .map(|p| i16::try_from(p.event.outcome.number()).unwrap_or(0))
+                .collect();
+            let data: Vec<Vec<u8>> = rows.iter().map(|p| p.data.clone()).collect();
+            let hashes: Vec<Vec<u8>> = rows.iter().map(|p| p.leaf_hash.to_vec()).collect();
+            sqlx::query(
+                "INSERT INTO audit_entries (idx, event_id, time_ms, tenant, actor_id, action, resource_type, \
+                 resource_name, outcome, correlation_id, data, leaf_hash) \
+                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], \
+                 $7::text[], $8::text[], $9::smallint[], $10::text[], $11::bytea[], $12::bytea[])",
+            )
+            .bind(idx)
+            .bind(col(|e| &e.id))
+            .bind(time)
+            .bind(col(|e| &e.tenant))
+            .bind(col(|e| &e.actor_id))
+            .bind(col(|e| &e.action))
+            .bind(col(|e| &e.resource_type))
+            .bind(col(|e| &e.resource_name))
+            .bind(outcome)
+            .bind(col(|e| &e.correlation_id))
+            .bind(data)
+            .bind(hashes)
+            .execute(self)
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+/// The SQL that reads the hashes of `ids` (leaves from the entries, the
+/// rest from the nodes). Only integers we computed are spliced in.
+fn nodes_sql(ids: &[NodeId]) -> Option<String> {
+    let leaves: Vec<String> = ids
+        .iter()
+        .filter(|n| n.level == 0)
+        .map(|n| n.index.to_string())
+        .collect();
+    let inner: Vec<String> = ids
+        .iter()
+        .filter(|n| n.level > 0)
+        .map(|n| format!("({}, {})", n.level, n.index))
+        .collect();
+    let mut parts = Vec::new();
+    if !leaves.is_empty() {
+        parts.push(format!(
+            "SELECT CAST(0 AS BIGINT) AS level, idx, leaf_hash AS hash FROM audit_entries WHERE idx IN ({})",
+            leaves.join(", ")
+        ));
+    }
+    if !inner.is_empty() {
+        parts.push(format!(
+            "SELECT CAST(level AS BIGINT) AS level, idx, hash FROM audit_nodes WHERE (level, idx) IN (VALUES {})",
+            inner.join(", ")
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join(" UNION ALL "))
+}
+
+fn node_map(rows: Vec<(i64, i64, Vec<u8>)>) -> Result<HashMap<NodeId, Hash>, AuditError> {
+    rows.into_iter()
+        .map(|(level, idx, hash)| {
+            let id = NodeId {
+                level: u8::try_from(level).map_err(|_| AuditError::Corrupt(format!("node level {level}")))?,
+                index: u64::try_from(idx).map_err(|_| AuditError::Corrupt(format!("node index {idx}")))?,
+            };
+            Ok((id, hash_of(&hash)?))
+        })
+        .collect()
+}
+
+/// A value bound into a dynamically built query.
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+/// The audit tables.
+#[derive(Clone)]
+pub struct Store {
+    db: Db,
+}
+
+impl Store {
+    /// The store in `db` (migrated with [`crate::MIGRATIONS`]).
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// The database, for tests that tamper with it.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Appends in one transaction; ids already stored (or repeated within
+    /// the batch) are answered with their existing index.
+    pub async fn append(&self, batch: &[Prepared]) -> Result<Vec<Appended>, AuditError> {
+        let ids: Vec<String> = batch.iter().map(|p| p.event.id.clone()).collect();
+        on_db!(&self.db, |pool| {
+            let mut tx = pool.begin_write().await?;
+            let (next,): (i64,) =
+                sqlx::query_as("UPDATE audit_sequence SET next_idx = next_idx WHERE id = 1 RETURNING next_idx")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let mut known = tx.existing(&ids).await?;
+            let mut fresh: Vec<&Prepared> = Vec::new();
+            let mut out = Vec::with_capacity(batch.len());
+            for p in batch {
+                let (index, duplicate) = match known.get(&p.event.id) {
+                    Some(i) => (*i, true),
+                    None => {
+                        let i = next + i64::try_from(fresh.len()).unwrap_or(0);
+                        known.insert(p.event.id.clone(), i);
+                        fresh.push(p);
+                        (i, false)
+                    }
+                };
+                out.push(Appended {
+                    index: u64::try_from(index).unwrap_or(0),
+                    id: p.event.id.clone(),
+                    duplicate,
+                });
+            }
+            if !fresh.is_empty() {
+                tx.insert_entries(next, &fresh).await?;
+                sqlx::query("UPDATE audit_sequence SET next_idx = $1 WHERE id = 1")
+                    .bind(next + i64::try_from(fresh.len()).unwrap_or(0))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(out)
+        })
+    }
+
+    /// Entries appended so far (integrated or not).
+    pub async fn appended(&self) -> Result<u64, AuditError> {
+        let (n,): (i64,) = on_db!(&self.db, |pool| {
+            sqlx::query_as("SELECT next_idx FROM audit_sequence WHERE id = 1")
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Entries in the tree (covered by the latest checkpoint).
+    pub async fn tree_size(&self) -> Result<u64, AuditError> {
+        let (n,): (i64,) = on_db!(&self.db, |pool| {
+            sqlx::query_as("SELECT size FROM audit_tree WHERE id = 1")
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Integrates up to `batch` new entries into the tree and stores the
+    /// checkpoint `sign` makes for the new tree, in one transaction.
+    /// `cache` is the frontier this replica last saw; it is reloaded when
+    /// another replica integrated in between. `None` when nothing was new.
+    pub async fn integrate(
+        &self,
+        cache: &mut Option<Frontier>,
+        batch: usize,
+        sign: &(dyn Fn(u64, Hash) -> SignedCheckpoint + Send + Sync),
+    ) -> Result<Option<SignedCheckpoint>, AuditError> {
+        let limit = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
+        let cached = cache.take();
+        let result: Result<(Frontier, Option<SignedCheckpoint>), AuditError> = on_db!(&self.db, |pool| async {
+            let mut tx = pool.begin_write().await?;
+            let (size,): (i64,) = sqlx::query_as("UPDATE audit_tree SET size = size WHERE id = 1 RETURNING size")
+                .fetch_one(&mut *tx)
+                .await?;
+            let leaves: Vec<(i64, Vec<u8>)> =
+                sqlx::query_as("SELECT idx, leaf_hash FROM audit_entries WHERE idx >= $1 ORDER BY idx LIMIT $2")
+                    .bind(size)
+                    .bind(limit)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let size = u64::try_from(size).unwrap_or(0);
+            let mut frontier = match cached {
+                Some(f) if f.size() == size => f,
+                _ => {
+                    let ids = decompose((0, size));
+                    let found = match nodes_sql(&ids) {
+                        Some(sql) => node_map(sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await?)?,
+                        None => HashMap::new(),
+                    };
+                    let nodes = ids
+                        .iter()
+                        .map(|id| found.get(id).map(|h| (*id, *h)))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| AuditError::Corrupt(format!("tree nodes of size {size} are missing")))?;
+                    Frontier::from_nodes(size, nodes)
+                        .ok_or_else(|| AuditError::Corrupt(format!("tree nodes of size {size} do not fit")))?
+                }
+            };
+            if leaves.is_empty() {
+                tx.rollback().await?;
+                return Ok((frontier, None));
+            }
+            let mut completed = Vec::new();
+            for (idx, hash) in &leaves {
+                if u64::try_from(*idx).ok() != Some(frontier.size()) {
+                    return Err(AuditError::Corrupt(format!(
+                        "entry {} is missing before entry {idx}",
+                        frontier.size()
+                    )));
+                }
+                completed.extend(frontier.push(hash_of(hash)?));
+            }
+            for chunk in completed.chunks(1000) {
+                let mut q = sqlx::QueryBuilder::new("INSERT INTO audit_nodes (level, idx, hash) ");
+                q.push_values(chunk, |mut b, (id, hash)| {
+                    b.push_bind(i16::from(id.level))
+                        .push_bind(i64_of(id.index))
+                        .push_bind(hash.to_vec());
+                });
+                q.build().execute(&mut *tx).await?;
+            }
+            let new_size = frontier.size();
+            sqlx::query("UPDATE audit_tree SET size = $1 WHERE id = 1")
+                .bind(i64_of(new_size))
+                .execute(&mut *tx)
+                .await?;
+            let signed = sign(new_size, frontier.root());
+            sqlx::query(
+                "INSERT INTO audit_checkpoints (tree_size, root_hash, signed_at, note) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(i64_of(signed.tree_size))
+            .bind(signed.root.to_vec())
+            .bind(i64::try_from(signed.time_secs).unwrap_or(0).saturating_mul(1000))
+            .bind(&signed.note)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok((frontier, Some(signed)))
+        }
+        .await);
+        let (frontier, signed) = result?;
+        *cache = Some(frontier);
+        Ok(signed)
+    }
+
+    /// The hashes of `ids`; an id with no stored hash is missing from the map.
+    pub async fn nodes(&self, ids: &[NodeId]) -> Result<HashMap<NodeId, Hash>, AuditError> {
+        let Some(sql) = nodes_sql(ids) else {
+            return Ok(HashMap::new());
+        };
+        let rows: Vec<(i64, i64, Vec<u8>)> = on_db!(&self.db, |pool| {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await?
+        });
+        node_map(rows)
+    }
+
+    /// Stored nodes of `level` with index in `[from, to)`, in order.
+    pub async fn level_nodes(&self, level: u8, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+        let rows: Vec<(i64, Vec<u8>)> = on_db!(&self.db, |pool| {
+            sqlx::query_as("SELECT idx, hash FROM audit_nodes WHERE level = $1 AND idx >= $2 AND idx < $3 ORDER BY idx")
+                .bind(i16::from(level))
+                .bind(i64_of(from))
+                .bind(i64_of(to))
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(i, h)| (u64::try_from(i).unwrap_or(0), h))
+            .collect())
+    }
+
+    /// The latest checkpoint, if any was signed.
+    pub async fn latest_checkpoint(&self) -> Result<Option<(SignedCheckpoint, i64)>, AuditError> {
+        let row: Option<(i64, Vec<u8>, i64, String)> = on_db!(&self.db, |pool| {
+            sqlx::query_as(
+                "SELECT tree_size, root_hash, signed_at, note FROM audit_checkpoints ORDER BY tree_size DESC LIMIT 1",
+            )
+            .fetch_optional(pool)
+            .await?
+        });
+        row.map(checkpoint_of).transpose()
+    }
+
+    /// Checkpoints with sizes in `(after, ..]`, smallest first, at most `limit`.
+    pub async fn checkpoints_after(&self, after: u64, limit: i64) -> Result<Vec<SignedCheckpoint>, AuditError> {
+        let rows: Vec<(i64, Vec<u8>, i64, String)> = on_db!(&self.db, |pool| {
+            sqlx::query_as(
+                "SELECT tree_size, root_hash, signed_at, note FROM audit_checkpoints WHERE tree_size > $1 \
+                 ORDER BY tree_size LIMIT $2",
+            )
+            .bind(i64_of(after))
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter().map(|r| checkpoint_of(r).map(|(c, _)| c)).collect()
+    }
+
+    /// One entry by index.
+    pub async fn entry(&self, index: u64) -> Result<Option<Row>, AuditError> {
+        let sql = format!("SELECT {ROW_COLUMNS} FROM audit_entries WHERE idx = $1");
+        Ok(on_db!(&self.db, |pool| {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(i64_of(index))
+                .fetch_optional(pool)
+                .await?
+        }))
+    }
+
+    /// The index of the entry with this event id.
+    pub async fn index_of(&self, event_id: &str) -> Result<Option<u64>, AuditError> {
+        let row: Option<(i64,)> = on_db!(&self.db, |pool| {
+            sqlx::query_as("SELECT idx FROM audit_entries WHERE event_id = $1")
+                .bind(event_id)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row.map(|(i,)| u64::try_from(i).unwrap_or(0)))
+    }
+
+    /// Entries `[from, from + limit)` in order, for verification.
+    pub async fn scan(&self, from: u64, limit: i64) -> Result<Vec<Row>, AuditError> {
+        let sql = format!("SELECT {ROW_COLUMNS} FROM audit_entries WHERE idx >= $1 ORDER BY idx LIMIT $2");
+        Ok(on_db!(&self.db, |pool| {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(i64_of(from))
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        }))
+    }
+
+    /// A page of entries matching `filter`, after `cursor` (an index) in the
+    /// listing's order.
+    pub async fn list(
+        &self,
+        filter: &Filter,
+        cursor: Option<u64>,
+        oldest_first: bool,
+        limit: usize,
+    ) -> Result<Vec<Row>, AuditError> {
+        let mut conditions: Vec<String> = Vec::new();
+        let mut binds: Vec<Bind> = Vec::new();
+        let mut add = |sql: &str, b: Bind| {
+            binds.push(b);
+            conditions.push(sql.replace('?', &format!("${}", binds.len())));
+        };
+        let texts = [
+            ("actor_id = ?", &filter.actor_id),
+            ("resource_type = ?", &filter.resource_type),
+            ("resource_name = ?", &filter.resource_name),
+            ("correlation_id = ?", &filter.correlation_id),
+            ("tenant = ?", &filter.tenant),
+        ];
+        for (sql, value) in texts {
+            if !value.is_empty() {
+                add(sql, Bind::Text(value.clone()));
+            }
+        }
+        if !filter.action_prefix.is_empty() {
+            add("action >= ?", Bind::Text(filter.action_prefix.clone()));
+            // Actions are ASCII; the prefix's successor bounds the range.
+            let mut upper = filter.action_prefix.clone().into_bytes();
+            if let Some(last) = upper.last_mut() {
+                *last = last.saturating_add(1);
+            }
+            add("action < ?", Bind::Text(String::from_utf8_lossy(&upper).into_owned()));
+        }
+        if let Some(o) = filter.outcome {
+            add("outcome = ?", Bind::Int(i64::from(o.number())));
+        }
+        if let Some(t) = filter.start_ms {
+            add("time_ms >= ?", Bind::Int(t));
+        }
+        if let Some(t) = filter.end_ms {
+            add("time_ms < ?", Bind::Int(t));
+        }
+        if let Some(c) = cursor {
+            add(if oldest_first { "idx > ?" } else { "idx < ?" }, Bind::Int(i64_of(c)));
+        }
+        let mut sql = format!("SELECT {ROW_COLUMNS} FROM audit_entries");
+        if !conditions.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conditions.join(" AND "));
+        }
+        sql.push_str(if oldest_first {
+            " ORDER BY idx LIMIT "
+        } else {
+            " ORDER BY idx DESC LIMIT "
+        });
+        sql.push_str(&limit.to_string());
+        Ok(on_db!(&self.db, |pool| {
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+            for b in &binds {
+                q = match b {
+                    Bind::Text(t) => q.bind(t.as_str()),
+                    Bind::Int(i) => q.bind(*i),
+                };
+            }
+            q.fetch_all(pool).await?
+        }))
+    }
+
+    /// The stored checkpoint signing seed, generating and storing `fresh`
+    /// when there is none yet (all replicas end up with the first one).
+    pub async fn signing_seed(&self, fresh: [u8; 32]) -> Result<[u8; 32], AuditError> {
+        let seed: (Vec<u8>,) = on_db!(&self.db, |pool| {
+            sqlx::query("INSERT INTO audit_keys (id, seed, created_at) VALUES (1, $1, $2) ON CONFLICT (id) DO NOTHING")
+                .bind(fresh.to_vec())
+                .bind(unix_now_ms())
+                .execute(pool)
+                .await?;
+            sqlx::query_as("SELECT seed FROM audit_keys WHERE id = 1")
+                .fetch_one(pool)
+                .await?
+        });
+        <[u8; 32]>::try_from(seed.0.as_slice()).map_err(|_| AuditError::Corrupt("stored signing key".into()))
+    }
+}
+
+fn checkpoint_of(
+    (size, root, signed_at, note): (i64, Vec<u8>, i64, String),
+) -> Result<(SignedCheckpoint, i64), AuditError> {
+    Ok((
+        SignedCheckpoint {
+            tree_size: u64::try_from(size).unwrap_or(0),
+            root: hash_of(&root)?,
+            time_secs: u64::try_from(signed_at / 1000).unwrap_or(0),
+            note,
+        },
+        signed_at,
+    ))
+}
