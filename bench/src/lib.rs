@@ -226,6 +226,26 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How a benchmark line names the storage behind `--database-url`.
+pub fn storage_name(database_url: &str) -> &'static str {
+    if database_url.is_empty() {
+        "SQLite (embedded)"
+    } else {
+        "PostgreSQL"
+    }
+}
+
+/// An access token of the bootstrap administrator of the server at `target`.
+pub async fn admin_token(target: &str) -> anyhow::Result<String> {
+    let channel = Endpoint::from_shared(target.to_owned())?.connect().await?;
+    Ok(plinth_tests::access_token(
+        &mut plinth::auth::v1::auth_service_client::AuthServiceClient::new(channel),
+        plinth_tests::ADMIN_EMAIL,
+        plinth_tests::ADMIN_PASSWORD,
+    )
+    .await?)
+}
+
 /// A server in a child process (this program with `--serve` and `args`).
 pub struct ServerChild {
     child: Child,

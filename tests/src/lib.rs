@@ -20,6 +20,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 pub mod config;
 pub mod queue;
+pub mod rfc9162;
 
 /// Runs each named scenario (an `async fn(Config) -> anyhow::Result<()>` in
 /// the calling module) on SQLite and, when configured, on PostgreSQL, as
@@ -72,6 +73,13 @@ impl TestApp {
             shutdown_grace_secs: 5,
             // Tests share the machine's Redis; keep each app's keys apart.
             redis_key_prefix: format!("plinth-test-{}:", unique()),
+            // ...and its NATS stream: each app's audit records only what
+            // was published while it ran.
+            audit: plinth_runtime::config::AuditSettings {
+                consumer: format!("plinth-audit-{}", unique()),
+                replay: false,
+                ..plinth_runtime::config::AuditSettings::default()
+            },
             ..Config::default()
         }
     }

@@ -18,9 +18,12 @@ use futures::StreamExt;
 use plinth::config::v1::config_service_client::ConfigServiceClient;
 use plinth::config::v1::value::Kind;
 use plinth::config::v1::{self as pb};
-use plinth_bench::{Report, ServerChild, arg, channels, closed_loop, cpu_seconds, out, rss_kib, serve, server_config};
+use plinth_bench::{
+    Report, ServerChild, admin_token, arg, channels, closed_loop, cpu_seconds, out, rss_kib, serve, server_config,
+    storage_name,
+};
 use plinth_tests::config::{ConfigSession, number, text};
-use plinth_tests::{ADMIN_EMAIL, ADMIN_PASSWORD, access_token, with_bearer};
+use plinth_tests::with_bearer;
 use tonic::transport::Endpoint;
 
 fn now_micros() -> f64 {
@@ -61,21 +64,12 @@ async fn main() -> anyhow::Result<()> {
     let target = server.target();
     out(&format!(
         "storage: {}   server pid {pid}, RSS after start {} MiB",
-        if database_url.is_empty() {
-            "SQLite (embedded)"
-        } else {
-            "PostgreSQL"
-        },
+        storage_name(&database_url),
         rss_kib(pid) / 1024
     ));
 
     let channel = Endpoint::from_shared(target.clone())?.connect().await?;
-    let token = access_token(
-        &mut plinth::auth::v1::auth_service_client::AuthServiceClient::new(channel.clone()),
-        ADMIN_EMAIL,
-        ADMIN_PASSWORD,
-    )
-    .await?;
+    let token = admin_token(&target).await?;
     let mut s = ConfigSession::with_token_on(channel.clone(), &token);
     s.fresh_env().await?;
     for i in 0..100 {

@@ -15,11 +15,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use plinth::queue::v1::queue_service_client::QueueServiceClient;
 use plinth::queue::v1::{self as pb};
 use plinth_bench::{
-    Report, ServerChild, arg, channels, closed_loop, cpu_seconds, machine_cpu_seconds, out, serve, server_config,
+    Report, ServerChild, admin_token, arg, channels, closed_loop, cpu_seconds, machine_cpu_seconds, out, serve,
+    server_config, storage_name,
 };
 use plinth_tests::queue::{fresh_queue, millis};
-use plinth_tests::{ADMIN_EMAIL, ADMIN_PASSWORD, access_token, with_bearer};
-use tonic::transport::{Channel, Endpoint};
+use plinth_tests::with_bearer;
+use tonic::transport::Channel;
 
 const PAYLOAD: usize = 100;
 
@@ -203,19 +204,9 @@ async fn main() -> anyhow::Result<()> {
     let target = server.target();
     out(&format!(
         "storage: {}   server pid {pid}   {connections} connections",
-        if database_url.is_empty() {
-            "SQLite (embedded)"
-        } else {
-            "PostgreSQL"
-        },
+        storage_name(&database_url),
     ));
-    let channel = Endpoint::from_shared(target.clone())?.connect().await?;
-    let token = access_token(
-        &mut plinth::auth::v1::auth_service_client::AuthServiceClient::new(channel),
-        ADMIN_EMAIL,
-        ADMIN_PASSWORD,
-    )
-    .await?;
+    let token = admin_token(&target).await?;
     let b = Bench {
         pool: channels(&target, connections).await?,
         token: token.into(),

@@ -165,6 +165,18 @@ fn hashes(h: Vec<[u8; 32]>) -> Vec<Bytes> {
     h.into_iter().map(|h| Bytes::copy_from_slice(&h)).collect()
 }
 
+/// Why a text parameter is unusable: too long, or holding control characters
+/// (which no stored value holds and PostgreSQL text cannot).
+fn text_problem(field: &str, value: &str, max: usize) -> Option<FieldViolation> {
+    if value.len() > max {
+        Some(FieldViolation::new(field, format!("must be at most {max} bytes")))
+    } else if value.chars().any(char::is_control) {
+        Some(FieldViolation::new(field, "must not contain control characters"))
+    } else {
+        None
+    }
+}
+
 /// Text filters are compared exactly; bound them like the fields they match.
 fn filter(r: &pb::ListEventsRequest) -> Result<Filter, Status> {
     let mut bad = Vec::new();
@@ -177,8 +189,8 @@ fn filter(r: &pb::ListEventsRequest) -> Result<Filter, Status> {
         ("tenant", &r.tenant, 128),
     ];
     for (field, value, max) in texts {
-        if value.len() > max {
-            bad.push(FieldViolation::new(field, format!("must be at most {max} bytes")));
+        if let Some(v) = text_problem(field, value, max) {
+            bad.push(v);
         }
     }
     let prefix_ok = r
@@ -323,6 +335,9 @@ impl AuditService for AuditGrpc {
         let r = request.into_inner();
         let tree_size = non_negative("tree_size", r.tree_size)?;
         let index = non_negative("index", r.index)?;
+        if let Some(v) = text_problem("event_id", &r.event_id, 128) {
+            return Err(status(AuditError::Invalid(vec![v])));
+        }
         let event_id = (!r.event_id.is_empty()).then_some(r.event_id.as_str());
         if event_id.is_some() && r.index != 0 {
             return Err(status(AuditError::invalid("index", "give index or event_id, not both")));

@@ -15,8 +15,6 @@ use crate::error::AuditError;
 use crate::mapping::{OWN_SUBJECTS, audit_event};
 use crate::service::Audit;
 
-/// The durable consumer's name.
-pub const DURABLE: &str = "plinth-audit";
 /// Most deliveries appended in one transaction.
 const BATCH: usize = 500;
 /// How long a failed batch waits before redelivery.
@@ -26,7 +24,10 @@ impl Audit {
     /// Consumes `plinth.>` from `bus` into the log until `token` is
     /// cancelled, resubscribing with backoff whenever the bus goes away.
     pub async fn run_ingest(self, bus: SharedBus, token: CancellationToken) -> Result<(), AuditError> {
-        let spec = ConsumerSpec::new(DURABLE, "plinth.>");
+        let spec = ConsumerSpec {
+            from_start: self.settings().replay,
+            ..ConsumerSpec::new(self.settings().consumer.clone(), "plinth.>")
+        };
         let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut failures: u32 = 0;
         loop {

@@ -21,7 +21,6 @@ use sqlx::migrate::Migrator;
 
 pub use error::AuditError;
 pub use grpc::AuditGrpc;
-pub use ingest::DURABLE;
 pub use service::{Audit, ConsistencyProof, InclusionProof, OpenError, Page};
 pub use store::Store;
 

@@ -116,6 +116,11 @@ impl Audit {
         &self.inner.signer
     }
 
+    /// The settings it runs with.
+    pub fn settings(&self) -> &AuditSettings {
+        &self.inner.settings
+    }
+
     /// The store, for tests that tamper with it.
     pub fn store(&self) -> &Store {
         &self.inner.store

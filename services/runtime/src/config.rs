@@ -315,6 +315,13 @@ pub struct AuditSettings {
     /// Whether to record every Plinth event from the bus (`plinth.>`)
     /// (`PLINTH_AUDIT__INGEST`).
     pub ingest: bool,
+    /// The durable consumer's name; audit replicas of one deployment share
+    /// it and split the events between them (`PLINTH_AUDIT__CONSUMER`).
+    pub consumer: String,
+    /// Whether a new consumer starts from the oldest event the bus still
+    /// holds (`true`) or only records events published from then on
+    /// (`PLINTH_AUDIT__REPLAY`).
+    pub replay: bool,
 }
 
 impl Default for AuditSettings {
@@ -325,6 +332,8 @@ impl Default for AuditSettings {
             integrate_ms: 1000,
             integrate_batch: 10_000,
             ingest: true,
+            consumer: "plinth-audit".into(),
+            replay: true,
         }
     }
 }
@@ -713,6 +722,7 @@ fn is_string_key(key: &str) -> bool {
             | "log.level"
             | "audit.origin"
             | "audit.signing_key"
+            | "audit.consumer"
     )
 }
 

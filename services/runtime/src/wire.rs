@@ -94,40 +94,6 @@ fn human(ms: i64) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_outside_their_range_name_the_field() {
-        let d = prost_types::Duration { seconds: 5, nanos: 0 };
-        assert_eq!(duration_ms("lease", &d, 1000, 10_000).unwrap(), 5000);
-        let err = duration_ms("lease", &d, 10_000, 20_000).unwrap_err();
-        assert_eq!(err.0[0].field, "lease");
-        assert!(err.0[0].description.contains("10s"));
-        let negative = prost_types::Duration { seconds: -1, nanos: 0 };
-        assert!(duration_ms("lease", &negative, 0, 20_000).is_err());
-    }
-
-    #[test]
-    fn page_sizes_default_and_tokens_round_trip() {
-        assert_eq!(page_size("page_size", 0, 50).unwrap(), 50);
-        assert_eq!(page_size("page_size", 7, 50).unwrap(), 7);
-        assert_eq!(page_size("page_size", -1, 50).unwrap_err().0[0].field, "page_size");
-        assert!(page_size("page_size", 1001, 50).is_err());
-        assert_eq!(page_token_text("page_token", &page_token("emails")).unwrap(), "emails");
-        assert!(page_token_text("page_token", "%%%").is_err());
-    }
-
-    #[test]
-    fn timestamps_round_trip_through_milliseconds() {
-        let t = timestamp(1_700_000_000_123);
-        assert_eq!(timestamp_ms("at", &t).unwrap(), 1_700_000_000_123);
-        let bad = prost_types::Timestamp { seconds: -5, nanos: 0 };
-        assert_eq!(timestamp_ms("at", &bad).unwrap_err().0[0].field, "at");
-    }
-}
-
 /// A protobuf `Value` as JSON; `field` is named when a number is not finite.
 pub fn json_of_value(field: &str, v: &prost_types::Value) -> Result<serde_json::Value, InvalidRequest> {
     use prost_types::value::Kind;
@@ -179,5 +145,39 @@ pub fn value_of_json(v: &serde_json::Value) -> prost_types::Value {
 pub fn struct_of_json(o: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
     prost_types::Struct {
         fields: o.iter().map(|(k, v)| (k.clone(), value_of_json(v))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_outside_their_range_name_the_field() {
+        let d = prost_types::Duration { seconds: 5, nanos: 0 };
+        assert_eq!(duration_ms("lease", &d, 1000, 10_000).unwrap(), 5000);
+        let err = duration_ms("lease", &d, 10_000, 20_000).unwrap_err();
+        assert_eq!(err.0[0].field, "lease");
+        assert!(err.0[0].description.contains("10s"));
+        let negative = prost_types::Duration { seconds: -1, nanos: 0 };
+        assert!(duration_ms("lease", &negative, 0, 20_000).is_err());
+    }
+
+    #[test]
+    fn page_sizes_default_and_tokens_round_trip() {
+        assert_eq!(page_size("page_size", 0, 50).unwrap(), 50);
+        assert_eq!(page_size("page_size", 7, 50).unwrap(), 7);
+        assert_eq!(page_size("page_size", -1, 50).unwrap_err().0[0].field, "page_size");
+        assert!(page_size("page_size", 1001, 50).is_err());
+        assert_eq!(page_token_text("page_token", &page_token("emails")).unwrap(), "emails");
+        assert!(page_token_text("page_token", "%%%").is_err());
+    }
+
+    #[test]
+    fn timestamps_round_trip_through_milliseconds() {
+        let t = timestamp(1_700_000_000_123);
+        assert_eq!(timestamp_ms("at", &t).unwrap(), 1_700_000_000_123);
+        let bad = prost_types::Timestamp { seconds: -5, nanos: 0 };
+        assert_eq!(timestamp_ms("at", &bad).unwrap_err().0[0].field, "at");
     }
 }

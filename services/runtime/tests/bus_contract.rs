@@ -155,6 +155,22 @@ async fn contract(bus: SharedBus) -> anyhow::Result<()> {
     );
     redelivered.ack().await?;
 
+    // A new durable that does not replay sees only what is published after it.
+    let mut fresh = bus
+        .subscribe(&ConsumerSpec {
+            from_start: false,
+            ..ConsumerSpec::new(durable("fresh"), format!("plinth.{topic}.>"))
+        })
+        .await?;
+    bus.publish(&event(&topic, "a", 40)).await?;
+    let d = next(&mut fresh).await?;
+    ensure!(
+        number(&d) == 40,
+        "a consumer without replay must start at the next event, got {}",
+        number(&d)
+    );
+    d.ack().await?;
+
     // A listener sees live events under its filter, in order, and nothing else.
     let topic = format!("live{}", uuid::Uuid::now_v7().simple());
     let mut live = bus.listen(&format!("plinth.{topic}.*")).await?;

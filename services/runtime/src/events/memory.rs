@@ -199,10 +199,12 @@ impl EventBus for InProcessBus {
         {
             let mut inner = self.lock();
             let first_seq = inner.first_seq;
+            let next_seq = first_seq + u64::try_from(inner.log.len()).unwrap_or(0);
+            let start = if spec.from_start { first_seq } else { next_seq };
             let consumer = inner.consumers.entry(spec.durable.clone()).or_insert_with(|| Consumer {
                 filter: spec.filter.clone(),
                 ack_wait: spec.ack_wait,
-                cursor: first_seq,
+                cursor: start,
                 pending: BTreeMap::new(),
             });
             if consumer.filter != spec.filter {

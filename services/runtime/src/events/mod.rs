@@ -58,15 +58,21 @@ pub struct ConsumerSpec {
     pub filter: String,
     /// How long a delivery may stay unacked before it is redelivered.
     pub ack_wait: Duration,
+    /// Where a consumer that does not exist yet starts: the oldest event
+    /// the bus still holds (`true`), or the next one published (`false`).
+    /// An existing durable consumer always resumes where it stopped.
+    pub from_start: bool,
 }
 
 impl ConsumerSpec {
-    /// A consumer of `filter` named `durable`, with a 30 s ack wait.
+    /// A consumer of `filter` named `durable`, with a 30 s ack wait,
+    /// starting (when new) from the oldest event held.
     pub fn new(durable: impl Into<String>, filter: impl Into<String>) -> Self {
         Self {
             durable: durable.into(),
             filter: filter.into(),
             ack_wait: Duration::from_secs(30),
+            from_start: true,
         }
     }
 }

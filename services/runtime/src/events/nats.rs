@@ -184,7 +184,11 @@ impl EventBus for NatsBus {
                     filter_subject: spec.filter.clone(),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: spec.ack_wait,
-                    deliver_policy: consumer::DeliverPolicy::All,
+                    deliver_policy: if spec.from_start {
+                        consumer::DeliverPolicy::All
+                    } else {
+                        consumer::DeliverPolicy::New
+                    },
                     ..Default::default()
                 },
             )

@@ -1,7 +1,7 @@
 //! The audit log's contract, one suite run on SQLite (the embedded default)
-//! and PostgreSQL: proofs for many tree sizes checked by a verifier written
-//! here from RFC 9162 (with `ring`, not the service's hashing or signing
-//! code), checkpoints checked as C2SP signed notes, idempotent appends,
+//! and PostgreSQL: proofs for many tree sizes checked by the verifier in
+//! `plinth_tests::rfc9162` (written from RFC 9162 with `ring`, not the
+//! service's hashing or signing code), checkpoints checked as C2SP signed notes, idempotent appends,
 //! tamper detection, filters and paging, two replicas integrating one log,
 //! and the bus consumer recording each event once.
 
@@ -23,7 +23,7 @@ use plinth_runtime::config::AuditSettings;
 use plinth_runtime::events::{EventBus, InProcessBus};
 use plinth_runtime::on_db;
 use plinth_runtime::testing::{Backend, TestDatabase, backend_url};
-use ring::digest::{SHA256, digest};
+use plinth_tests::rfc9162::{H, checkpoint_verifies, leaf, mth, note_parts, sha, verify_consistency, verify_inclusion};
 use tokio_util::sync::CancellationToken;
 
 macro_rules! on_both_backends {
@@ -74,12 +74,12 @@ fn event(n: u64) -> Event {
     Event {
         id: format!("event-{n}"),
         time_ms: 1_700_000_000_000 + i64::try_from(n).unwrap() * 1000,
-        tenant: if n % 2 == 0 { "acme" } else { "globex" }.into(),
+        tenant: if n.is_multiple_of(2) { "acme" } else { "globex" }.into(),
         actor_id: format!("user-{}", n % 3),
         actor_kind: ActorKind::User,
         actor_ip: "10.0.0.1".into(),
         actor_user_agent: "test".into(),
-        action: if n % 4 == 0 {
+        action: if n.is_multiple_of(4) {
             "auth.login.failed"
         } else {
             "config.values.changed"
@@ -87,112 +87,17 @@ fn event(n: u64) -> Event {
         .into(),
         resource_type: "config.environment".into(),
         resource_name: format!("shop/env-{}", n % 5),
-        outcome: if n % 4 == 0 { Outcome::Failure } else { Outcome::Success },
+        outcome: if n.is_multiple_of(4) {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        },
         reason: String::new(),
         correlation_id: format!("corr-{}", n / 10),
         trace_id: String::new(),
         source: "test".into(),
         metadata: serde_json::json!({"n": n}).as_object().cloned().unwrap(),
     }
-}
-
-// ---- An independent verifier, from RFC 6962 / RFC 9162, with ring. ----
-
-type H = [u8; 32];
-
-fn sha(parts: &[&[u8]]) -> H {
-    let joined: Vec<u8> = parts.concat();
-    digest(&SHA256, &joined).as_ref().try_into().unwrap()
-}
-
-fn leaf(data: &[u8]) -> H {
-    sha(&[&[0], data])
-}
-
-fn node(l: &[u8], r: &[u8]) -> H {
-    sha(&[&[1], l, r])
-}
-
-/// MTH by the RFC's recursive definition.
-fn mth(leaves: &[H]) -> H {
-    match leaves.len() {
-        0 => sha(&[]),
-        1 => leaves[0],
-        n => {
-            let mut k = 1;
-            while k * 2 < n {
-                k *= 2;
-            }
-            node(&mth(&leaves[..k]), &mth(&leaves[k..]))
-        }
-    }
-}
-
-/// RFC 9162 section 2.1.3.2.
-fn verify_inclusion(index: u64, size: u64, leaf_hash: &H, path: &[H], root: &H) -> bool {
-    if index >= size {
-        return false;
-    }
-    let (mut f, mut s, mut r) = (index, size - 1, *leaf_hash);
-    for p in path {
-        if s == 0 {
-            return false;
-        }
-        if f & 1 == 1 || f == s {
-            r = node(p, &r);
-            if f & 1 == 0 {
-                while f & 1 == 0 && f != 0 {
-                    f >>= 1;
-                    s >>= 1;
-                }
-            }
-        } else {
-            r = node(&r, p);
-        }
-        f >>= 1;
-        s >>= 1;
-    }
-    s == 0 && r == *root
-}
-
-/// RFC 9162 section 2.1.4.2.
-fn verify_consistency(first: u64, second: u64, first_root: &H, second_root: &H, proof: &[H]) -> bool {
-    if first == second {
-        return proof.is_empty() && first_root == second_root;
-    }
-    if first == 0 || first > second || proof.is_empty() && !first.is_power_of_two() {
-        return false;
-    }
-    let mut path: Vec<H> = proof.to_vec();
-    if first.is_power_of_two() {
-        path.insert(0, *first_root);
-    }
-    let (mut f, mut s) = (first - 1, second - 1);
-    while f & 1 == 1 {
-        f >>= 1;
-        s >>= 1;
-    }
-    let (mut fr, mut sr) = (path[0], path[0]);
-    for c in &path[1..] {
-        if s == 0 {
-            return false;
-        }
-        if f & 1 == 1 || f == s {
-            fr = node(c, &fr);
-            sr = node(c, &sr);
-            if f & 1 == 0 {
-                while f & 1 == 0 && f != 0 {
-                    f >>= 1;
-                    s >>= 1;
-                }
-            }
-        } else {
-            sr = node(&sr, c);
-        }
-        f >>= 1;
-        s >>= 1;
-    }
-    fr == *first_root && sr == *second_root && s == 0
 }
 
 /// The leaf hashes of `[0, n)`, from each entry's `leaf_data` as served.
@@ -280,20 +185,6 @@ async fn proofs_verify_independently_at_every_size(db: &TestDatabase) {
     assert!(matches!(pending, AuditError::NotYetIntegrated(_)), "{pending}");
 }
 
-/// Splits a note into its text and signature lines, as a note verifier does.
-fn note_parts(note: &str) -> (String, Vec<(String, Vec<u8>)>) {
-    let (text, sigs) = note.split_once("\n\n").unwrap();
-    let sigs = sigs
-        .lines()
-        .map(|l| {
-            let rest = l.strip_prefix("\u{2014} ").unwrap();
-            let (name, b64) = rest.split_once(' ').unwrap();
-            (name.to_owned(), STANDARD.decode(b64).unwrap())
-        })
-        .collect();
-    (format!("{text}\n"), sigs)
-}
-
 async fn checkpoints_are_signed_notes_any_verifier_accepts(db: &TestDatabase) {
     let audit = open(db, 10_000).await;
     let empty = audit.checkpoint().await.unwrap();
@@ -316,12 +207,14 @@ async fn checkpoints_are_signed_notes_any_verifier_accepts(db: &TestDatabase) {
     let id: String = key_id(0x01).iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(id_hex, id);
 
-    let (text, sigs) = note_parts(&c.note);
+    let (text, sigs) = note_parts(&c.note).unwrap();
     let leaves = leaves_from_data(&audit, 5).await;
     assert_eq!(
         text,
         format!("test.plinth/audit\n5\n{}\n", STANDARD.encode(mth(&leaves)))
     );
+    assert!(checkpoint_verifies(&c.note, &vkey, name, 5, &mth(&leaves)));
+    assert!(!checkpoint_verifies(&c.note, &vkey, name, 6, &mth(&leaves)));
     let verifier = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public);
     // The plain Ed25519 note signature over the text.
     let (n0, s0) = &sigs[0];

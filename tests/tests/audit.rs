@@ -1,0 +1,382 @@
+//! The audit service as its users meet it: a configuration write becomes an
+//! audit entry whose inclusion proof verifies against the signed checkpoint
+//! (checked with `plinth_tests::rfc9162`, not the service's code), on SQLite
+//! and PostgreSQL; bad input named field by field over gRPC and HTTP with
+//! nothing stored; the checkpoint public, the log not; and a NATS outage
+//! that delays the audit trail without losing or doubling an entry.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "the scenarios run inside the SQLite and PostgreSQL tests; an unexpected answer fails the test"
+)]
+
+use std::time::{Duration, Instant};
+
+use plinth::audit::v1::audit_service_client::AuditServiceClient;
+use plinth::audit::v1::{self as pb};
+use plinth_runtime::config::Config;
+use plinth_runtime::testing::{Backend, ToggleProxy, backend_url, host_port};
+use plinth_tests::config::{ConfigSession, text};
+use plinth_tests::rfc9162::{H, checkpoint_verifies, leaf, verify_inclusion};
+use plinth_tests::{TestApp, access_token, register_user, violated_field, with_admin, with_bearer};
+use tonic::Code;
+use tonic::transport::Channel;
+
+plinth_tests::on_both_backends!(a_config_write_becomes_a_provable_audit_entry);
+
+fn hash(b: &[u8]) -> H {
+    let mut h = [0u8; 32];
+    h.copy_from_slice(b);
+    h
+}
+
+/// Waits until the entries matching `request` number `count` and are all
+/// integrated; returns them.
+async fn wait_for_entries(
+    client: &mut AuditServiceClient<Channel>,
+    token: &str,
+    request: pb::ListEventsRequest,
+    count: usize,
+    within: Duration,
+) -> anyhow::Result<Vec<pb::Entry>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let entries = client
+            .list_events(with_bearer(request.clone(), token))
+            .await?
+            .into_inner()
+            .entries;
+        if entries.len() >= count && entries.iter().all(|e| e.integrated) {
+            return Ok(entries);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} of {count} audit entries after {within:?}: {entries:?}",
+            entries.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn config_changes(s: &ConfigSession) -> pb::ListEventsRequest {
+    pb::ListEventsRequest {
+        action_prefix: "config.values.changed".into(),
+        resource_type: "config.environment".into(),
+        resource_name: format!("{}/{}", s.namespace, s.environment),
+        oldest_first: true,
+        ..Default::default()
+    }
+}
+
+/// Checks `entry` against the public checkpoint with the independent verifier.
+async fn prove(client: &mut AuditServiceClient<Channel>, token: &str, entry: &pb::Entry) -> anyhow::Result<()> {
+    let checkpoint = client.get_checkpoint(pb::GetCheckpointRequest {}).await?.into_inner();
+    let c = checkpoint.checkpoint.unwrap();
+    let size = u64::try_from(c.tree_size)?;
+    let root = hash(&c.root_hash);
+    anyhow::ensure!(
+        checkpoint_verifies(&c.note, &checkpoint.verifier_key, &c.origin, size, &root),
+        "the checkpoint note does not verify: {}",
+        c.note
+    );
+    let event_id = entry.event.as_ref().unwrap().id.clone();
+    let proof = client
+        .get_inclusion_proof(with_bearer(
+            pb::GetInclusionProofRequest {
+                event_id,
+                tree_size: c.tree_size,
+                ..Default::default()
+            },
+            token,
+        ))
+        .await?
+        .into_inner();
+    let path: Vec<H> = proof.hashes.iter().map(|h| hash(h)).collect();
+    let leaf_hash = leaf(&entry.leaf_data);
+    anyhow::ensure!(proof.index == entry.index, "the proof is for another entry");
+    anyhow::ensure!(
+        verify_inclusion(u64::try_from(entry.index)?, size, &leaf_hash, &path, &root),
+        "the inclusion proof of entry {} does not verify against the checkpoint",
+        entry.index
+    );
+    Ok(())
+}
+
+async fn a_config_write_becomes_a_provable_audit_entry(config: Config) -> anyhow::Result<()> {
+    let app = TestApp::spawn(with_admin(config)).await?;
+    let mut s = ConfigSession::admin(&app).await?;
+    s.set("db/url", text("postgres://db")).await?;
+    let mut audit = AuditServiceClient::new(app.channel().await?);
+    let entries = wait_for_entries(&mut audit, &s.token, config_changes(&s), 1, Duration::from_secs(15)).await?;
+    let entry = &entries[0];
+    let event = entry.event.clone().unwrap();
+    assert_eq!(event.source, "config");
+    assert_eq!(event.outcome, pb::Outcome::Success as i32);
+    let metadata = serde_json::to_string(&plinth_runtime::wire::json_of_struct("m", &event.metadata.unwrap())?)?;
+    assert!(metadata.contains("db/url"), "{metadata}");
+    assert!(
+        !metadata.contains("postgres://db"),
+        "values never enter the log: {metadata}"
+    );
+    let me = plinth_tests::whoami(&mut app.auth().await?, &s.token).await?;
+    assert_eq!(event.actor.unwrap().id, me);
+    prove(&mut audit, &s.token, entry).await?;
+
+    let v = audit
+        .verify_log(with_bearer(pb::VerifyLogRequest {}, &s.token))
+        .await?
+        .into_inner();
+    assert!(v.ok, "{v:?}");
+    assert!(v.entries_checked >= 1);
+    app.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_by_field_and_the_log_is_not_public() -> anyhow::Result<()> {
+    let app = TestApp::spawn(with_admin(TestApp::config())).await?;
+    let s = ConfigSession::admin(&app).await?;
+    let mut audit = AuditServiceClient::new(app.channel().await?);
+    let good = |action: &str| pb::AuditEvent {
+        action: action.into(),
+        outcome: pb::Outcome::Success as i32,
+        ..Default::default()
+    };
+    let huge = prost_types::Struct {
+        fields: [(
+            "blob".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("x".repeat(17 * 1024))),
+            },
+        )]
+        .into(),
+    };
+    let cases: Vec<(&str, Result<(), tonic::Status>)> = vec![
+        (
+            "event.outcome",
+            audit
+                .append(with_bearer(
+                    pb::AppendRequest {
+                        event: Some(pb::AuditEvent {
+                            outcome: 0,
+                            ..good("test.thing.done")
+                        }),
+                    },
+                    &s.token,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "events[1].action",
+            audit
+                .append_batch(with_bearer(
+                    pb::AppendBatchRequest {
+                        events: vec![good("test.thing.done"), good("Not An Action")],
+                    },
+                    &s.token,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "events[0].metadata",
+            audit
+                .append_batch(with_bearer(
+                    pb::AppendBatchRequest {
+                        events: vec![pb::AuditEvent {
+                            metadata: Some(huge),
+                            ..good("test.thing.done")
+                        }],
+                    },
+                    &s.token,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "events",
+            audit
+                .append_batch(with_bearer(
+                    pb::AppendBatchRequest {
+                        events: vec![good("test.thing.done"); 1001],
+                    },
+                    &s.token,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "first_tree_size",
+            audit
+                .get_consistency_proof(with_bearer(
+                    pb::GetConsistencyProofRequest {
+                        first_tree_size: 0,
+                        second_tree_size: 0,
+                    },
+                    &s.token,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "page_token",
+            audit
+                .list_events(with_bearer(
+                    pb::ListEventsRequest {
+                        page_token: "!!".into(),
+                        ..Default::default()
+                    },
+                    &s.token,
+                ))
+                .await
+                .map(drop),
+        ),
+    ];
+    for (field, result) in cases {
+        let status = result.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert_eq!(violated_field(&status), field, "{status:?}");
+    }
+    // Nothing of the refused batches was stored.
+    let stored = audit
+        .list_events(with_bearer(
+            pb::ListEventsRequest {
+                action_prefix: "test.".into(),
+                ..Default::default()
+            },
+            &s.token,
+        ))
+        .await?
+        .into_inner();
+    assert!(stored.entries.is_empty(), "{stored:?}");
+
+    // Over HTTP: a 400 naming the field; a good append is idempotent.
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", app.http);
+    let bearer = format!("Bearer {}", s.token);
+    let bad = http
+        .post(format!("{base}/v1/audit/events"))
+        .header("authorization", &bearer)
+        .json(&serde_json::json!({"action": "test.thing.done"}))
+        .send()
+        .await?;
+    assert_eq!(bad.status(), 400);
+    let body: serde_json::Value = bad.json().await?;
+    assert!(body.to_string().contains("event.outcome"), "{body}");
+    let event = serde_json::json!({
+        "id": "order-42-shipped",
+        "action": "test.order.shipped",
+        "outcome": "OUTCOME_SUCCESS",
+        "actor": {"id": "svc-orders", "kind": "ACTOR_KIND_SERVICE_ACCOUNT"},
+        "resource": {"type": "shop.order", "name": "42"},
+        "metadata": {"carrier": "ups"}
+    });
+    let mut indexes = Vec::new();
+    for _ in 0..2 {
+        let r: serde_json::Value = http
+            .post(format!("{base}/v1/audit/events"))
+            .header("authorization", &bearer)
+            .json(&event)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        indexes.push(r["index"].clone());
+    }
+    assert_eq!(indexes[0], indexes[1], "a retried append lands on the same entry");
+
+    // The checkpoint is public; the log and proofs are not.
+    let checkpoint: serde_json::Value = http
+        .get(format!("{base}/v1/audit/checkpoint"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert!(
+        checkpoint["verifierKey"]
+            .as_str()
+            .unwrap()
+            .starts_with("plinth.local/audit+")
+    );
+    let anonymous = http.get(format!("{base}/v1/audit/events")).send().await?;
+    assert_eq!(anonymous.status(), 401);
+    let mut auth = app.auth().await?;
+    let email = register_user(&mut auth, "no-audit").await?;
+    let token = access_token(&mut auth, &email, plinth_tests::PASSWORD).await?;
+    let denied = http
+        .get(format!("{base}/v1/audit/events"))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await?;
+    assert_eq!(denied.status(), 403);
+    let denied = audit
+        .append(with_bearer(
+            pb::AppendRequest {
+                event: Some(good("test.thing.done")),
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    app.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_nats_outage_delays_the_audit_trail_and_loses_nothing() -> anyhow::Result<()> {
+    let test = "a_nats_outage_delays_the_audit_trail_and_loses_nothing";
+    let (Some(pg), Some(nats)) = (backend_url(Backend::Postgres, test)?, backend_url(Backend::Nats, test)?) else {
+        return Ok(());
+    };
+    let mut proxy = ToggleProxy::reserve(host_port(&nats)).await?;
+    proxy.up().await?;
+    let mut config = with_admin(TestApp::config_on(Some(&pg)));
+    config.nats_url = Some(format!("nats://{}", proxy.addr()).into());
+    let app = TestApp::spawn(config).await?;
+    let mut s = ConfigSession::admin(&app).await?;
+    let mut audit = AuditServiceClient::new(app.channel().await?);
+    s.set("before", text("1")).await?;
+    wait_for_entries(&mut audit, &s.token, config_changes(&s), 1, Duration::from_secs(15)).await?;
+
+    // NATS goes away: writes still succeed (their events wait in the outbox).
+    proxy.down().await;
+    for i in 0..3 {
+        s.set(&format!("during/{i}"), text("2")).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = audit
+        .list_events(with_bearer(config_changes(&s), &s.token))
+        .await?
+        .into_inner()
+        .entries;
+    assert_eq!(during.len(), 1, "nothing can reach audit while NATS is down");
+
+    // NATS is back: the trail catches up, each change exactly once.
+    proxy.up().await?;
+    let entries = wait_for_entries(&mut audit, &s.token, config_changes(&s), 4, Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let entries_again = audit
+        .list_events(with_bearer(config_changes(&s), &s.token))
+        .await?
+        .into_inner()
+        .entries;
+    assert_eq!(entries_again.len(), 4, "no change is recorded twice: {entries_again:?}");
+    let mut revisions: Vec<f64> = entries
+        .iter()
+        .map(|e| {
+            let m = plinth_runtime::wire::json_of_struct("m", e.event.as_ref().unwrap().metadata.as_ref().unwrap());
+            m.unwrap()["revision"].as_f64().unwrap()
+        })
+        .collect();
+    revisions.sort_by(f64::total_cmp);
+    revisions.dedup();
+    assert_eq!(revisions.len(), 4);
+    prove(&mut audit, &s.token, entries.last().unwrap()).await?;
+    app.stop().await;
+    proxy.down().await;
+    Ok(())
+}
