@@ -199,6 +199,13 @@ impl Plinth {
                     );
                     health.register("plinth.audit.v1.AuditService", &required).await;
                     tasks.spawn("audit-integrator", audit.clone().run_integrator(tasks.token()));
+                    tasks.spawn(
+                        "audit-retention",
+                        audit.clone().run_retention(
+                            Duration::from_secs(cfg.audit.retention_sweep_secs.max(1)),
+                            tasks.token(),
+                        ),
+                    );
                     if cfg.audit.ingest {
                         tasks.spawn("audit-ingest", audit.run_ingest(bus.clone(), tasks.token()));
                     }

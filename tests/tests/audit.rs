@@ -22,7 +22,10 @@ use plinth_tests::{TestApp, access_token, register_user, violated_field, with_ad
 use tonic::Code;
 use tonic::transport::Channel;
 
-plinth_tests::on_both_backends!(a_config_write_becomes_a_provable_audit_entry);
+plinth_tests::on_both_backends!(
+    a_config_write_becomes_a_provable_audit_entry,
+    a_tail_follows_the_log_and_an_export_carries_proofs
+);
 
 fn hash(b: &[u8]) -> H {
     let mut h = [0u8; 32];
@@ -60,9 +63,12 @@ async fn wait_for_entries(
 
 fn config_changes(s: &ConfigSession) -> pb::ListEventsRequest {
     pb::ListEventsRequest {
-        action_prefix: "config.values.changed".into(),
-        resource_type: "config.environment".into(),
-        resource_name: format!("{}/{}", s.namespace, s.environment),
+        filter: Some(pb::EventFilter {
+            action_prefix: "config.values.changed".into(),
+            resource_type: "config.environment".into(),
+            resource_name: format!("{}/{}", s.namespace, s.environment),
+            ..Default::default()
+        }),
         oldest_first: true,
         ..Default::default()
     }
@@ -128,6 +134,120 @@ async fn a_config_write_becomes_a_provable_audit_entry(config: Config) -> anyhow
         .into_inner();
     assert!(v.ok, "{v:?}");
     assert!(v.entries_checked >= 1);
+    app.stop().await;
+    Ok(())
+}
+
+fn shipped(n: u32) -> pb::AuditEvent {
+    pb::AuditEvent {
+        id: format!("shipped-{n}"),
+        action: "shop.order.shipped".into(),
+        outcome: pb::Outcome::Success as i32,
+        resource: Some(pb::Resource {
+            r#type: "shop.order".into(),
+            name: n.to_string(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn shop_filter() -> Option<pb::EventFilter> {
+    Some(pb::EventFilter {
+        action_prefix: "shop.".into(),
+        ..Default::default()
+    })
+}
+
+async fn next_entry(stream: &mut tonic::Streaming<pb::StreamEventsResponse>) -> anyhow::Result<pb::Entry> {
+    let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .map_err(|_| anyhow::anyhow!("no entry within 10 s"))??;
+    message
+        .and_then(|m| m.entry)
+        .ok_or_else(|| anyhow::anyhow!("the stream ended"))
+}
+
+async fn a_tail_follows_the_log_and_an_export_carries_proofs(config: Config) -> anyhow::Result<()> {
+    let app = TestApp::spawn(with_admin(config)).await?;
+    let s = ConfigSession::admin(&app).await?;
+    let mut audit = AuditServiceClient::new(app.channel().await?);
+    let append = |events: Vec<pb::AuditEvent>| with_bearer(pb::AppendBatchRequest { events }, &s.token);
+    audit.append_batch(append((0..3).map(shipped).collect())).await?;
+
+    // From the start: the three so far, then each new one as it comes.
+    let mut tail = audit
+        .stream_events(with_bearer(
+            pb::StreamEventsRequest {
+                filter: shop_filter(),
+                after_index: Some(-1),
+            },
+            &s.token,
+        ))
+        .await?
+        .into_inner();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(next_entry(&mut tail).await?);
+    }
+    audit.append_batch(append((3..5).map(shipped).collect())).await?;
+    for _ in 0..2 {
+        seen.push(next_entry(&mut tail).await?);
+    }
+    let names: Vec<String> = seen
+        .iter()
+        .map(|e| e.event.as_ref().unwrap().resource.as_ref().unwrap().name.clone())
+        .collect();
+    assert_eq!(names, ["0", "1", "2", "3", "4"]);
+    assert!(seen.windows(2).all(|w| w[0].index < w[1].index));
+    drop(tail);
+
+    // Resumed after the last index received: only what came after.
+    audit.append_batch(append(vec![shipped(5)])).await?;
+    let mut resumed = audit
+        .stream_events(with_bearer(
+            pb::StreamEventsRequest {
+                filter: shop_filter(),
+                after_index: Some(seen[4].index),
+            },
+            &s.token,
+        ))
+        .await?
+        .into_inner();
+    let next = next_entry(&mut resumed).await?;
+    assert_eq!(next.event.unwrap().id, "shipped-5");
+
+    // The export: the checkpoint first, then each entry with a proof in it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let checkpoint = loop {
+        let c = audit.get_checkpoint(pb::GetCheckpointRequest {}).await?.into_inner();
+        let c = c.checkpoint.unwrap();
+        if c.tree_size > next.index {
+            break c;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "entry {} never integrated", next.index);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut export = audit
+        .export_events(with_bearer(pb::ExportEventsRequest { filter: shop_filter() }, &s.token))
+        .await?
+        .into_inner();
+    let first = export.message().await?.unwrap();
+    let c = first.checkpoint.unwrap();
+    let root = hash(&c.root_hash);
+    let size = u64::try_from(c.tree_size)?;
+    let mut exported = 0;
+    while let Some(m) = export.message().await? {
+        let entry = m.entry.unwrap();
+        let path: Vec<H> = m.inclusion_proof.iter().map(|h| hash(h)).collect();
+        assert!(
+            verify_inclusion(u64::try_from(entry.index)?, size, &leaf(&entry.leaf_data), &path, &root),
+            "exported entry {} does not prove",
+            entry.index
+        );
+        exported += 1;
+    }
+    assert_eq!(exported, 6);
+    assert!(checkpoint.tree_size <= c.tree_size);
     app.stop().await;
     Ok(())
 }
@@ -242,7 +362,10 @@ async fn bad_input_is_refused_by_field_and_the_log_is_not_public() -> anyhow::Re
     let stored = audit
         .list_events(with_bearer(
             pb::ListEventsRequest {
-                action_prefix: "test.".into(),
+                filter: Some(pb::EventFilter {
+                    action_prefix: "test.".into(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             &s.token,

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use plinth_audit::model::{ActorKind, Event, Filter, Outcome};
+use plinth_audit::model::{ActorKind, Event, Filter, Outcome, RetentionPolicy};
 use plinth_audit::{Audit, AuditError, Store};
 use plinth_runtime::config::AuditSettings;
 use plinth_runtime::events::{EventBus, InProcessBus};
@@ -55,6 +55,7 @@ on_both_backends!(
     listing_filters_and_pages_without_gaps,
     two_replicas_integrate_one_log,
     bus_events_are_recorded_once,
+    retention_and_erasure_keep_every_proof_valid,
 );
 
 fn settings(batch: usize) -> AuditSettings {
@@ -509,4 +510,109 @@ async fn bus_events_are_recorded_once(db: &TestDatabase) {
     assert_eq!(entry.event.action, "config.values.changed");
     assert_eq!(entry.event.actor_id, "user-7");
     assert_eq!(entry.event.resource_name, "shop/prod");
+}
+
+async fn retention_and_erasure_keep_every_proof_valid(db: &TestDatabase) {
+    let audit = open(db, 10_000).await;
+    audit.append((0..40).map(event).collect()).await.unwrap();
+    let before = audit.integrate_all().await.unwrap().unwrap();
+    let proof_of = |i: u64| audit.inclusion_proof(Some(i), None, 40);
+    let old_proofs: Vec<_> = futures::future::join_all((0..40).map(proof_of)).await;
+    let now = plinth_runtime::auth::unix_now_ms();
+    let hour = 3_600_000;
+
+    // Failed logins are kept an hour (these are from 2023); the rest stays.
+    audit
+        .set_policy(RetentionPolicy {
+            name: "logins".into(),
+            action_prefix: "auth.login.".into(),
+            tenant: String::new(),
+            retain_ms: hour,
+            updated_ms: now,
+        })
+        .await
+        .unwrap();
+    audit
+        .set_policy(RetentionPolicy {
+            name: "recent-only".into(),
+            action_prefix: "config.".into(),
+            tenant: "acme".into(),
+            retain_ms: 100 * 365 * 24 * hour,
+            updated_ms: now,
+        })
+        .await
+        .unwrap();
+    let erased = audit.apply_retention(now).await.unwrap();
+    assert_eq!(erased, vec![("logins".to_owned(), 10)]);
+    assert!(
+        audit.apply_retention(now).await.unwrap().is_empty(),
+        "nothing left to erase, nothing logged"
+    );
+    let (gone, _) = audit.entry(4).await.unwrap();
+    assert!(gone.data.is_none());
+    assert_eq!(
+        (gone.event.action.as_str(), gone.event.actor_id.as_str()),
+        ("auth.login.failed", "")
+    );
+    let (kept, _) = audit.entry(5).await.unwrap();
+    assert_eq!(kept.event, event(5));
+
+    // The erasure is itself in the log.
+    audit.integrate_all().await.unwrap();
+    let records = audit
+        .list(
+            &Filter {
+                action_prefix: "audit.entries.erased".into(),
+                ..Filter::default()
+            },
+            None,
+            true,
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(records.entries.len(), 1);
+    assert_eq!(records.entries[0].0.event.metadata["erased"], serde_json::json!(10));
+    assert_eq!(records.entries[0].0.event.resource_name, "logins");
+
+    // A person's entries, on request: their id is not in the record.
+    let (n, record) = audit.erase_subject("user-1", "ticket 7", "admin-1", now).await.unwrap();
+    let expected = (0..40u64).filter(|i| i % 3 == 1 && i % 4 != 0).count() as u64;
+    assert_eq!(n, expected);
+    let (record, _) = audit.entry(record.unwrap()).await.unwrap();
+    let bytes = String::from_utf8(record.data.clone().unwrap()).unwrap();
+    assert!(!bytes.contains("user-1"), "{bytes}");
+    assert!(record.event.resource_name.starts_with("sha256:"));
+    assert_eq!(record.event.actor_id, "admin-1");
+    let by_actor = Filter {
+        actor_id: "user-1".into(),
+        ..Filter::default()
+    };
+    assert!(audit.list(&by_actor, None, true, 100).await.unwrap().entries.is_empty());
+    assert_eq!(
+        audit.erase_subject("user-1", "again", "admin-1", now).await.unwrap(),
+        (0, None)
+    );
+
+    // Every old proof still holds against the old root, and the log verifies.
+    audit.integrate_all().await.unwrap();
+    for (i, old) in old_proofs.into_iter().enumerate() {
+        let old = old.unwrap();
+        let again = audit.inclusion_proof(Some(i as u64), None, 40).await.unwrap();
+        assert_eq!(again, old);
+        assert!(verify_inclusion(
+            i as u64,
+            40,
+            &old.leaf_hash,
+            &old.hashes,
+            &before.root
+        ));
+    }
+    let v = audit.verify().await.unwrap();
+    assert_eq!(v.problem, None);
+    assert!(audit.delete_policy("logins").await.is_ok());
+    assert!(matches!(
+        audit.delete_policy("logins").await,
+        Err(AuditError::PolicyNotFound(_))
+    ));
 }

@@ -285,38 +285,53 @@ async fn main() -> anyhow::Result<()> {
         (
             "actor",
             Arc::new(|r| pb::ListEventsRequest {
-                actor_id: format!("user-{}", r % 1000),
+                filter: Some(pb::EventFilter {
+                    actor_id: format!("user-{}", r % 1000),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
         ),
         (
             "action prefix + outcome",
             Arc::new(|r| pb::ListEventsRequest {
-                action_prefix: if r % 2 == 0 { "auth.login." } else { "queue." }.into(),
-                outcome: pb::Outcome::Failure as i32,
+                filter: Some(pb::EventFilter {
+                    action_prefix: if r % 2 == 0 { "auth.login." } else { "queue." }.into(),
+                    outcome: pb::Outcome::Failure as i32,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
         ),
         (
             "resource",
             Arc::new(|r| pb::ListEventsRequest {
-                resource_type: "bench.thing".into(),
-                resource_name: format!("thing-{}", r % 10_000),
+                filter: Some(pb::EventFilter {
+                    resource_type: "bench.thing".into(),
+                    resource_name: format!("thing-{}", r % 10_000),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
         ),
         (
             "correlation id",
             Arc::new(move |r| pb::ListEventsRequest {
-                correlation_id: format!("{run}-c{}", r % (size_u / 10).max(1)),
+                filter: Some(pb::EventFilter {
+                    correlation_id: format!("{run}-c{}", r % (size_u / 10).max(1)),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
         ),
         (
             "tenant + actor",
             Arc::new(|r| pb::ListEventsRequest {
-                tenant: format!("tenant-{}", r % 10),
-                actor_id: format!("user-{}", (r >> 8) % 1000),
+                filter: Some(pb::EventFilter {
+                    tenant: format!("tenant-{}", r % 10),
+                    actor_id: format!("user-{}", (r >> 8) % 1000),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
         ),

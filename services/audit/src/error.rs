@@ -13,6 +13,9 @@ pub enum AuditError {
     /// No entry with that index or event id.
     #[error("no audit entry {0}")]
     EntryNotFound(String),
+    /// No retention policy of that name.
+    #[error("retention policy {0:?} not found")]
+    PolicyNotFound(String),
     /// The proof asks about a tree larger than the latest checkpoint, or an
     /// entry not yet integrated.
     #[error("{0}")]
@@ -48,7 +51,7 @@ impl ServiceError for AuditError {
     fn code(&self) -> ErrorCode {
         match self {
             Self::Invalid(_) => ErrorCode::InvalidArgument,
-            Self::EntryNotFound(_) => ErrorCode::NotFound,
+            Self::EntryNotFound(_) | Self::PolicyNotFound(_) => ErrorCode::NotFound,
             Self::NotYetIntegrated(_) => ErrorCode::FailedPrecondition,
             Self::Corrupt(_) => ErrorCode::Internal,
             Self::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
@@ -60,6 +63,7 @@ impl ServiceError for AuditError {
         match self {
             Self::Invalid(_) => "INVALID_ARGUMENT",
             Self::EntryNotFound(_) => "ENTRY_NOT_FOUND",
+            Self::PolicyNotFound(_) => "POLICY_NOT_FOUND",
             Self::NotYetIntegrated(_) => "NOT_YET_INTEGRATED",
             Self::Corrupt(_) => "LOG_DAMAGED",
             Self::Storage(e) if e.is_unavailable() => "STORAGE_UNAVAILABLE",

@@ -1,17 +1,23 @@
 //! The gRPC face of the audit service: decode, validate into domain values
 //! (naming the offending field), call [`Audit`], encode.
 
+use std::pin::Pin;
+
 use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use plinth::audit::v1 as pb;
 use plinth::audit::v1::audit_service_server::AuditService;
-use plinth_runtime::auth::unix_now_ms;
+use plinth_runtime::auth::{Principal, unix_now_ms};
 use plinth_runtime::error::{FieldViolation, to_status};
-use plinth_runtime::wire::{self, json_of_struct, struct_of_json, timestamp, timestamp_ms};
+use plinth_runtime::wire::{self, duration, duration_ms, json_of_struct, struct_of_json, timestamp, timestamp_ms};
 
 use crate::error::AuditError;
-use crate::model::{ActorKind, Appended, Entry, Event, Filter, MAX_BATCH, Outcome};
+use crate::model::{
+    ActorKind, Appended, Entry, Event, Filter, MAX_BATCH, MIN_RETAIN_MS, Outcome, RetentionPolicy, valid_policy_name,
+};
+use crate::note::SignedCheckpoint;
 use crate::service::Audit;
 
 fn status(e: AuditError) -> Status {
@@ -177,29 +183,28 @@ fn text_problem(field: &str, value: &str, max: usize) -> Option<FieldViolation> 
     }
 }
 
-/// Text filters are compared exactly; bound them like the fields they match.
-fn filter(r: &pb::ListEventsRequest) -> Result<Filter, Status> {
+/// Filters from the wire, bounded like the fields they match; violations
+/// are named under `filter.`.
+fn filter(f: Option<&pb::EventFilter>) -> Result<Filter, Status> {
+    let default = pb::EventFilter::default();
+    let r = f.unwrap_or(&default);
     let mut bad = Vec::new();
     let texts = [
-        ("actor_id", &r.actor_id, 256),
-        ("action_prefix", &r.action_prefix, 128),
-        ("resource_type", &r.resource_type, 128),
-        ("resource_name", &r.resource_name, 512),
-        ("correlation_id", &r.correlation_id, 128),
-        ("tenant", &r.tenant, 128),
+        ("filter.actor_id", &r.actor_id, 256),
+        ("filter.action_prefix", &r.action_prefix, 128),
+        ("filter.resource_type", &r.resource_type, 128),
+        ("filter.resource_name", &r.resource_name, 512),
+        ("filter.correlation_id", &r.correlation_id, 128),
+        ("filter.tenant", &r.tenant, 128),
     ];
     for (field, value, max) in texts {
         if let Some(v) = text_problem(field, value, max) {
             bad.push(v);
         }
     }
-    let prefix_ok = r
-        .action_prefix
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.'));
-    if !prefix_ok {
+    if !valid_prefix(&r.action_prefix) {
         bad.push(FieldViolation::new(
-            "action_prefix",
+            "filter.action_prefix",
             "may hold only what actions hold: lowercase letters, digits, `_`, `-` and `.`",
         ));
     }
@@ -208,7 +213,7 @@ fn filter(r: &pb::ListEventsRequest) -> Result<Filter, Status> {
         n => match Outcome::from_number(n) {
             Some(o) => Some(o),
             None => {
-                bad.push(FieldViolation::new("outcome", "is not a known outcome"));
+                bad.push(FieldViolation::new("filter.outcome", "is not a known outcome"));
                 None
             }
         },
@@ -222,8 +227,8 @@ fn filter(r: &pb::ListEventsRequest) -> Result<Filter, Status> {
             }
         })
     };
-    let start_ms = time("start_time", r.start_time.as_ref());
-    let end_ms = time("end_time", r.end_time.as_ref());
+    let start_ms = time("filter.start_time", r.start_time.as_ref());
+    let end_ms = time("filter.end_time", r.end_time.as_ref());
     if !bad.is_empty() {
         return Err(status(AuditError::Invalid(bad)));
     }
@@ -239,6 +244,46 @@ fn filter(r: &pb::ListEventsRequest) -> Result<Filter, Status> {
         tenant: r.tenant.clone(),
     })
 }
+
+fn wire_checkpoint(c: SignedCheckpoint, signer: &crate::note::NoteSigner) -> pb::Checkpoint {
+    pb::Checkpoint {
+        note: c.note,
+        origin: signer.origin().to_owned(),
+        tree_size: i64::try_from(c.tree_size).unwrap_or(i64::MAX),
+        root_hash: Bytes::copy_from_slice(&c.root),
+        time: Some(timestamp(i64::try_from(c.time_secs).unwrap_or(0).saturating_mul(1000))),
+    }
+}
+
+/// The longest retention a policy may set: 100 years.
+const MAX_RETAIN_MS: i64 = 100 * 366 * 24 * 3_600_000;
+
+fn valid_prefix(prefix: &str) -> bool {
+    prefix
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.'))
+}
+
+fn wire_policy(p: RetentionPolicy) -> pb::RetentionPolicy {
+    pb::RetentionPolicy {
+        name: p.name,
+        action_prefix: p.action_prefix,
+        tenant: p.tenant,
+        retain: Some(duration(p.retain_ms)),
+        update_time: Some(timestamp(p.updated_ms)),
+    }
+}
+
+/// Who is calling, from the auth layer.
+fn caller<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<Principal>()
+        .map_or_else(|| "anonymous".to_owned(), |p| p.subject.clone())
+}
+
+/// A server stream of the service's answers.
+type Answers<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AuditService for AuditGrpc {
@@ -287,7 +332,7 @@ impl AuditService for AuditGrpc {
         request: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
         let r = request.into_inner();
-        let filter = filter(&r)?;
+        let filter = filter(r.filter.as_ref())?;
         let limit = wire::page_size("page_size", r.page_size, 100).map_err(|e| status(e.into()))?;
         let cursor = if r.page_token.is_empty() {
             None
@@ -309,6 +354,163 @@ impl AuditService for AuditGrpc {
         }))
     }
 
+    type StreamEventsStream = Answers<pb::StreamEventsResponse>;
+
+    async fn stream_events(
+        &self,
+        request: Request<pb::StreamEventsRequest>,
+    ) -> Result<Response<Self::StreamEventsStream>, Status> {
+        let r = request.into_inner();
+        let filter = filter(r.filter.as_ref())?;
+        let after = match r.after_index {
+            None => self.audit.last_index().await.map_err(status)?,
+            Some(-1) => None,
+            Some(n) => Some(u64::try_from(n).map_err(|_| {
+                status(AuditError::invalid(
+                    "after_index",
+                    "must be -1 (the whole log) or an index",
+                ))
+            })?),
+        };
+        let stream = self.audit.tail(filter, after).map(|r| {
+            r.map(|e| pb::StreamEventsResponse {
+                entry: Some(wire_entry(e)),
+            })
+            .map_err(status)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type ExportEventsStream = Answers<pb::ExportEventsResponse>;
+
+    async fn export_events(
+        &self,
+        request: Request<pb::ExportEventsRequest>,
+    ) -> Result<Response<Self::ExportEventsStream>, Status> {
+        let r = request.into_inner();
+        let filter = filter(r.filter.as_ref())?;
+        let checkpoint = self.audit.checkpoint().await.map_err(status)?;
+        let first = pb::ExportEventsResponse {
+            checkpoint: Some(wire_checkpoint(checkpoint.clone(), self.audit.signer())),
+            entry: None,
+            inclusion_proof: Vec::new(),
+        };
+        let entries = self.audit.export(filter, &checkpoint).map(|r| {
+            r.map(|(entry, proof)| pb::ExportEventsResponse {
+                checkpoint: None,
+                entry: Some(wire_entry((entry, true))),
+                inclusion_proof: hashes(proof),
+            })
+            .map_err(status)
+        });
+        Ok(Response::new(Box::pin(
+            futures::stream::once(async { Ok(first) }).chain(entries),
+        )))
+    }
+
+    async fn set_retention_policy(
+        &self,
+        request: Request<pb::SetRetentionPolicyRequest>,
+    ) -> Result<Response<pb::SetRetentionPolicyResponse>, Status> {
+        let p = request
+            .into_inner()
+            .policy
+            .ok_or_else(|| status(AuditError::invalid("policy", "is required")))?;
+        let mut bad = Vec::new();
+        if !valid_policy_name(&p.name) {
+            bad.push(FieldViolation::new(
+                "policy.name",
+                "must be 1 to 63 lowercase letters, digits or `-`",
+            ));
+        }
+        if !p.action_prefix.is_empty() && !valid_prefix(&p.action_prefix) {
+            bad.push(FieldViolation::new(
+                "policy.action_prefix",
+                "may hold only what actions hold: lowercase letters, digits, `_`, `-` and `.`",
+            ));
+        }
+        bad.extend(text_problem("policy.action_prefix", &p.action_prefix, 128));
+        bad.extend(text_problem("policy.tenant", &p.tenant, 128));
+        let retain_ms = match &p.retain {
+            None => {
+                bad.push(FieldViolation::new("policy.retain", "is required"));
+                0
+            }
+            Some(d) => duration_ms("policy.retain", d, MIN_RETAIN_MS, MAX_RETAIN_MS).unwrap_or_else(|e| {
+                bad.extend(e.0);
+                0
+            }),
+        };
+        if !bad.is_empty() {
+            return Err(status(AuditError::Invalid(bad)));
+        }
+        let stored = self
+            .audit
+            .set_policy(RetentionPolicy {
+                name: p.name,
+                action_prefix: p.action_prefix,
+                tenant: p.tenant,
+                retain_ms,
+                updated_ms: unix_now_ms(),
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::SetRetentionPolicyResponse {
+            policy: Some(wire_policy(stored)),
+        }))
+    }
+
+    async fn list_retention_policies(
+        &self,
+        _request: Request<pb::ListRetentionPoliciesRequest>,
+    ) -> Result<Response<pb::ListRetentionPoliciesResponse>, Status> {
+        let policies = self.audit.policies().await.map_err(status)?;
+        Ok(Response::new(pb::ListRetentionPoliciesResponse {
+            policies: policies.into_iter().map(wire_policy).collect(),
+        }))
+    }
+
+    async fn delete_retention_policy(
+        &self,
+        request: Request<pb::DeleteRetentionPolicyRequest>,
+    ) -> Result<Response<pb::DeleteRetentionPolicyResponse>, Status> {
+        let name = request.into_inner().name;
+        if !valid_policy_name(&name) {
+            return Err(status(AuditError::invalid(
+                "name",
+                "must be 1 to 63 lowercase letters, digits or `-`",
+            )));
+        }
+        self.audit.delete_policy(&name).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteRetentionPolicyResponse {}))
+    }
+
+    async fn erase_subject(
+        &self,
+        request: Request<pb::EraseSubjectRequest>,
+    ) -> Result<Response<pb::EraseSubjectResponse>, Status> {
+        let by = caller(&request);
+        let r = request.into_inner();
+        let mut bad = Vec::new();
+        if r.subject_id.is_empty() {
+            bad.push(FieldViolation::new("subject_id", "is required"));
+        }
+        bad.extend(text_problem("subject_id", &r.subject_id, 512));
+        bad.extend(text_problem("reason", &r.reason, 1024));
+        if !bad.is_empty() {
+            return Err(status(AuditError::Invalid(bad)));
+        }
+        let (erased, record) = self
+            .audit
+            .erase_subject(&r.subject_id, &r.reason, &by, unix_now_ms())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::EraseSubjectResponse {
+            erased: i64::try_from(erased).unwrap_or(i64::MAX),
+            record_index: record.map_or(-1, |i| i64::try_from(i).unwrap_or(i64::MAX)),
+        }))
+    }
+
     async fn get_checkpoint(
         &self,
         _request: Request<pb::GetCheckpointRequest>,
@@ -316,13 +518,7 @@ impl AuditService for AuditGrpc {
         let c = self.audit.checkpoint().await.map_err(status)?;
         let signer = self.audit.signer();
         Ok(Response::new(pb::GetCheckpointResponse {
-            checkpoint: Some(pb::Checkpoint {
-                note: c.note,
-                origin: signer.origin().to_owned(),
-                tree_size: i64::try_from(c.tree_size).unwrap_or(i64::MAX),
-                root_hash: Bytes::copy_from_slice(&c.root),
-                time: Some(timestamp(i64::try_from(c.time_secs).unwrap_or(0).saturating_mul(1000))),
-            }),
+            checkpoint: Some(wire_checkpoint(c, signer)),
             verifier_key: signer.verifier_key(),
             public_key: Bytes::copy_from_slice(&signer.public_key()),
         }))

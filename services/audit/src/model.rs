@@ -380,6 +380,48 @@ pub struct Filter {
     pub tenant: String,
 }
 
+/// Erase entries matching these once older than `retain_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Its name.
+    pub name: String,
+    /// Actions starting with this (empty: all).
+    pub action_prefix: String,
+    /// Only this tenant (empty: all).
+    pub tenant: String,
+    /// How long entries stay whole.
+    pub retain_ms: i64,
+    /// When it was set, ms.
+    pub updated_ms: i64,
+}
+
+/// The shortest retention a policy may set: one hour.
+pub const MIN_RETAIN_MS: i64 = 3_600_000;
+
+/// Whether `name` is a policy name: lowercase letters, digits and `-`, 1–63.
+pub fn valid_policy_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// Which entries an erasure covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Erasure {
+    /// A policy's entries older than a cutoff (ms).
+    Expired {
+        /// Actions starting with this.
+        action_prefix: String,
+        /// Only this tenant, when not empty.
+        tenant: String,
+        /// Entries before this time.
+        before_ms: i64,
+    },
+    /// Every entry whose actor or resource is this subject.
+    Subject(String),
+}
+
 /// What `VerifyLog` found.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Verification {

@@ -9,15 +9,22 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use plinth_runtime::config::AuditSettings;
 use secrecy::ExposeSecret;
+use sha2::Digest;
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::AuditError;
 use crate::merkle::{self, Frontier, Hash, NodeId, Range, consistency_ranges, decompose, inclusion_ranges};
-use crate::model::{Appended, Entry, Event, Filter, Verification};
+use crate::model::{Appended, Entry, Erasure, Event, Filter, RetentionPolicy, Verification};
 use crate::note::{NoteSigner, SignedCheckpoint};
 use crate::store::{Prepared, Row, Store};
 
+/// How often a live tail looks for other replicas' appends.
+const TAIL_POLL: Duration = Duration::from_millis(250);
+/// Entries a tail or export reads per query.
+const STREAM_PAGE: usize = 500;
+/// Entries erased per statement.
+const ERASE_BATCH: i64 = 5_000;
 /// Entries read per query while verifying.
 const VERIFY_CHUNK: i64 = 5_000;
 /// Checkpoints read per query while verifying.
@@ -69,6 +76,8 @@ struct Inner {
     settings: AuditSettings,
     frontier: Mutex<Option<Frontier>>,
     wake: Notify,
+    /// Bumped after each append that added entries, for live tails.
+    appended: tokio::sync::watch::Sender<u64>,
 }
 
 /// The audit log.
@@ -107,6 +116,7 @@ impl Audit {
                 settings,
                 frontier: Mutex::new(None),
                 wake: Notify::new(),
+                appended: tokio::sync::watch::Sender::new(0),
             }),
         })
     }
@@ -139,6 +149,7 @@ impl Audit {
         let out = self.inner.store.append(&prepared).await?;
         if out.iter().any(|a| !a.duplicate) {
             self.inner.wake.notify_one();
+            self.inner.appended.send_modify(|n| *n += 1);
         }
         Ok(out)
     }
@@ -327,6 +338,200 @@ impl Audit {
         Ok(Page { entries, next })
     }
 
+    /// The entries matching `filter` after index `after` (from the first
+    /// when `None`), then each new one as it is appended, in index order.
+    /// Indexes are handed out under a lock and committed in order, so
+    /// reading past the last index seen never skips one.
+    pub fn tail(
+        &self,
+        filter: Filter,
+        after: Option<u64>,
+    ) -> impl futures::Stream<Item = Result<(Entry, bool), AuditError>> + Send + 'static {
+        struct State {
+            audit: Audit,
+            filter: Filter,
+            cursor: Option<u64>,
+            buffer: std::collections::VecDeque<(Entry, bool)>,
+            changes: tokio::sync::watch::Receiver<u64>,
+        }
+        let state = State {
+            changes: self.inner.appended.subscribe(),
+            audit: self.clone(),
+            filter,
+            cursor: after,
+            buffer: std::collections::VecDeque::new(),
+        };
+        futures::stream::unfold(state, |mut s| async move {
+            loop {
+                if let Some(item) = s.buffer.pop_front() {
+                    s.cursor = Some(item.0.index);
+                    return Some((Ok(item), s));
+                }
+                s.changes.borrow_and_update();
+                match s.audit.list(&s.filter, s.cursor, true, STREAM_PAGE).await {
+                    Err(e) => return Some((Err(e), s)),
+                    Ok(page) if !page.entries.is_empty() => s.buffer.extend(page.entries),
+                    Ok(_) => {
+                        // Caught up: wait for a local append or the next poll.
+                        let _ = tokio::time::timeout(TAIL_POLL, s.changes.changed()).await;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Where a tail that starts "now" starts: after the last entry appended.
+    pub async fn last_index(&self) -> Result<Option<u64>, AuditError> {
+        Ok(self.inner.store.appended().await?.checked_sub(1))
+    }
+
+    /// The entries matching `filter` in the tree of `checkpoint`, oldest
+    /// first, each with its inclusion proof in that tree.
+    pub fn export(
+        &self,
+        filter: Filter,
+        checkpoint: &SignedCheckpoint,
+    ) -> impl futures::Stream<Item = Result<(Entry, Vec<Hash>), AuditError>> + Send + 'static {
+        let size = checkpoint.tree_size;
+        let state = (
+            self.clone(),
+            filter,
+            None::<u64>,
+            std::collections::VecDeque::<(Entry, bool)>::new(),
+            false,
+        );
+        futures::stream::unfold(
+            state,
+            move |(audit, filter, mut cursor, mut buffer, mut done)| async move {
+                loop {
+                    if let Some((entry, _)) = buffer.pop_front() {
+                        if entry.index >= size {
+                            done = true;
+                            buffer.clear();
+                            continue;
+                        }
+                        cursor = Some(entry.index);
+                        let proof = audit.inclusion_proof(Some(entry.index), None, size).await;
+                        let item = proof.map(|p| (entry, p.hashes));
+                        return Some((item, (audit, filter, cursor, buffer, done)));
+                    }
+                    if done {
+                        return None;
+                    }
+                    match audit.list(&filter, cursor, true, STREAM_PAGE).await {
+                        Err(e) => return Some((Err(e), (audit, filter, cursor, buffer, true))),
+                        Ok(page) => {
+                            done = page.next.is_none();
+                            buffer.extend(page.entries);
+                        }
+                    }
+                }
+            },
+        )
+    }
+
+    /// Creates or replaces a retention policy (validated by the caller).
+    pub async fn set_policy(&self, policy: RetentionPolicy) -> Result<RetentionPolicy, AuditError> {
+        self.inner.store.set_policy(&policy).await?;
+        Ok(policy)
+    }
+
+    /// Every retention policy.
+    pub async fn policies(&self) -> Result<Vec<RetentionPolicy>, AuditError> {
+        self.inner.store.policies().await
+    }
+
+    /// Removes a retention policy.
+    pub async fn delete_policy(&self, name: &str) -> Result<(), AuditError> {
+        if self.inner.store.delete_policy(name).await? {
+            Ok(())
+        } else {
+            Err(AuditError::PolicyNotFound(name.to_owned()))
+        }
+    }
+
+    /// Erases everything `what` covers, in batches; how many entries.
+    async fn erase_all(&self, what: &Erasure, now_ms: i64) -> Result<u64, AuditError> {
+        let mut total = 0;
+        loop {
+            let n = self.inner.store.erase(what, ERASE_BATCH, now_ms).await?;
+            total += n;
+            if n < u64::try_from(ERASE_BATCH).unwrap_or(0) {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Applies every retention policy as of `now_ms`; each policy that
+    /// erased something appends an `audit.entries.erased` entry.
+    pub async fn apply_retention(&self, now_ms: i64) -> Result<Vec<(String, u64)>, AuditError> {
+        let mut out = Vec::new();
+        for p in self.policies().await? {
+            let before_ms = now_ms.saturating_sub(p.retain_ms);
+            let what = Erasure::Expired {
+                action_prefix: p.action_prefix.clone(),
+                tenant: p.tenant.clone(),
+                before_ms,
+            };
+            let erased = self.erase_all(&what, now_ms).await?;
+            if erased == 0 {
+                continue;
+            }
+            tracing::info!(policy = %p.name, erased, "audit retention erased expired entries");
+            let mut record = system_event("audit.entries.erased", now_ms);
+            record.resource_type = "audit.retention_policy".into();
+            record.resource_name = p.name.clone();
+            record.metadata = json_object(serde_json::json!({
+                "erased": erased,
+                "before_time_ms": before_ms,
+                "action_prefix": p.action_prefix,
+                "tenant": p.tenant,
+            }));
+            self.append(vec![record]).await?;
+            out.push((p.name, erased));
+        }
+        Ok(out)
+    }
+
+    /// Erases every entry about `subject` and records that (with the
+    /// subject's SHA-256, not the subject): (entries erased, record index).
+    pub async fn erase_subject(
+        &self,
+        subject: &str,
+        reason: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<(u64, Option<u64>), AuditError> {
+        let erased = self.erase_all(&Erasure::Subject(subject.to_owned()), now_ms).await?;
+        if erased == 0 {
+            return Ok((0, None));
+        }
+        let digest: String = sha2::Sha256::digest(subject.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut record = system_event("audit.subject.erased", now_ms);
+        record.actor_id = by.to_owned();
+        record.actor_kind = crate::model::ActorKind::User;
+        record.resource_type = "audit.subject".into();
+        record.resource_name = format!("sha256:{digest}");
+        record.reason = reason.to_owned();
+        record.metadata = json_object(serde_json::json!({"erased": erased}));
+        let appended = self.append(vec![record]).await?;
+        tracing::info!(erased, "audit erased a subject's entries on request");
+        Ok((erased, appended.first().map(|a| a.index)))
+    }
+
+    /// Applies the retention policies every `interval` until `token` is cancelled.
+    pub async fn run_retention(self, interval: Duration, token: CancellationToken) -> Result<(), AuditError> {
+        while plinth_runtime::tasks::pause(&token, interval).await {
+            if let Err(e) = self.apply_retention(plinth_runtime::auth::unix_now_ms()).await {
+                tracing::warn!(error = %e, "audit retention failed; retrying at the next interval");
+            }
+        }
+        Ok(())
+    }
+
     /// Re-derives the tree from the stored bytes and compares it with the
     /// stored nodes and every signed checkpoint; stops at the first problem.
     pub async fn verify(&self) -> Result<Verification, AuditError> {
@@ -461,6 +666,35 @@ impl Verification {
     fn damaged(mut self, problem: String) -> Self {
         self.problem = Some(problem);
         self
+    }
+}
+
+/// An event the audit service itself records.
+fn system_event(action: &str, now_ms: i64) -> Event {
+    Event {
+        id: uuid::Uuid::now_v7().to_string(),
+        time_ms: now_ms,
+        tenant: String::new(),
+        actor_id: "audit".into(),
+        actor_kind: crate::model::ActorKind::System,
+        actor_ip: String::new(),
+        actor_user_agent: String::new(),
+        action: action.into(),
+        resource_type: String::new(),
+        resource_name: String::new(),
+        outcome: crate::model::Outcome::Success,
+        reason: String::new(),
+        correlation_id: String::new(),
+        trace_id: String::new(),
+        source: "audit".into(),
+        metadata: serde_json::Map::new(),
+    }
+}
+
+fn json_object(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
     }
 }
 

@@ -13,7 +13,7 @@ use plinth_runtime::storage::{BeginWrite, Db};
 
 use crate::error::AuditError;
 use crate::merkle::{Frontier, Hash, NodeId, decompose};
-use crate::model::{ActorKind, Appended, Entry, Event, Filter, Outcome};
+use crate::model::{ActorKind, Appended, Entry, Erasure, Event, Filter, Outcome, RetentionPolicy};
 use crate::note::SignedCheckpoint;
 
 /// One event ready to store: its canonical bytes and their leaf hash.
@@ -613,6 +613,111 @@ impl Store {
             }
             q.fetch_all(pool).await?
         }))
+    }
+
+    /// Creates or replaces a retention policy.
+    pub async fn set_policy(&self, p: &RetentionPolicy) -> Result<(), AuditError> {
+        on_db!(&self.db, |pool| {
+            sqlx::query(
+                "INSERT INTO audit_retention (name, action_prefix, tenant, retain_ms, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET action_prefix = $2, tenant = $3, \
+                 retain_ms = $4, updated_at = $5",
+            )
+            .bind(&p.name)
+            .bind(&p.action_prefix)
+            .bind(&p.tenant)
+            .bind(p.retain_ms)
+            .bind(p.updated_ms)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Every retention policy, by name.
+    pub async fn policies(&self) -> Result<Vec<RetentionPolicy>, AuditError> {
+        let rows: Vec<(String, String, String, i64, i64)> = on_db!(&self.db, |pool| {
+            sqlx::query_as(
+                "SELECT name, action_prefix, tenant, retain_ms, updated_at FROM audit_retention ORDER BY name",
+            )
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(name, action_prefix, tenant, retain_ms, updated_ms)| RetentionPolicy {
+                name,
+                action_prefix,
+                tenant,
+                retain_ms,
+                updated_ms,
+            })
+            .collect())
+    }
+
+    /// Removes a policy; whether it existed.
+    pub async fn delete_policy(&self, name: &str) -> Result<bool, AuditError> {
+        let done = on_db!(&self.db, |pool| {
+            sqlx::query("DELETE FROM audit_retention WHERE name = $1")
+                .bind(name)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(done > 0)
+    }
+
+    /// Erases up to `batch` entries `what` covers (payload and personal
+    /// columns gone, leaf hash kept); how many.
+    pub async fn erase(&self, what: &Erasure, batch: i64, now_ms: i64) -> Result<u64, AuditError> {
+        let (condition, binds): (&str, Vec<Bind>) = match what {
+            Erasure::Expired {
+                action_prefix,
+                tenant,
+                before_ms,
+            } => {
+                let mut upper = action_prefix.clone().into_bytes();
+                match upper.last_mut() {
+                    Some(last) => *last = last.saturating_add(1),
+                    None => upper = vec![0x7f],
+                }
+                let upper = String::from_utf8_lossy(&upper).into_owned();
+                let condition = if tenant.is_empty() {
+                    "time_ms < $3 AND action >= $4 AND action < $5 AND $6 = ''"
+                } else {
+                    "time_ms < $3 AND action >= $4 AND action < $5 AND tenant = $6"
+                };
+                (
+                    condition,
+                    vec![
+                        Bind::Int(*before_ms),
+                        Bind::Text(action_prefix.clone()),
+                        Bind::Text(upper),
+                        Bind::Text(tenant.clone()),
+                    ],
+                )
+            }
+            Erasure::Subject(subject) => (
+                "(actor_id = $3 OR resource_name = $3)",
+                vec![Bind::Text(subject.clone())],
+            ),
+        };
+        let sql = format!(
+            "UPDATE audit_entries SET data = NULL, actor_id = '', resource_name = '', correlation_id = '', \
+             erased_at = $1 WHERE idx IN (SELECT idx FROM audit_entries WHERE data IS NOT NULL AND {condition} \
+             ORDER BY idx LIMIT $2)"
+        );
+        let done = on_db!(&self.db, |pool| {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now_ms).bind(batch);
+            for b in &binds {
+                q = match b {
+                    Bind::Text(t) => q.bind(t.as_str()),
+                    Bind::Int(i) => q.bind(*i),
+                };
+            }
+            q.execute(pool).await?.rows_affected()
+        });
+        Ok(done)
     }
 
     /// The stored checkpoint signing seed, generating and storing `fresh`

@@ -322,6 +322,9 @@ pub struct AuditSettings {
     /// holds (`true`) or only records events published from then on
     /// (`PLINTH_AUDIT__REPLAY`).
     pub replay: bool,
+    /// Seconds between runs of the retention policies
+    /// (`PLINTH_AUDIT__RETENTION_SWEEP_SECS`).
+    pub retention_sweep_secs: u64,
 }
 
 impl Default for AuditSettings {
@@ -334,6 +337,7 @@ impl Default for AuditSettings {
             ingest: true,
             consumer: "plinth-audit".into(),
             replay: true,
+            retention_sweep_secs: 3600,
         }
     }
 }
