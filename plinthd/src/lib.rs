@@ -388,11 +388,24 @@ fn migrations(component: Component) -> Migrations {
     }
 }
 
+/// How often each database's planner statistics are refreshed (SQLite;
+/// PostgreSQL's autovacuum does it itself).
+const OPTIMIZE_EVERY: u32 = 60;
+
 async fn pool_metrics(dbs: Vec<(Component, Db)>, token: CancellationToken) -> Result<(), std::convert::Infallible> {
+    let mut round: u32 = 0;
     loop {
         for (c, db) in &dbs {
             db.record_pool_metrics(c.name());
+            // Every 5 minutes, starting 5 minutes in.
+            if round > 0
+                && round.is_multiple_of(OPTIMIZE_EVERY)
+                && let Err(e) = db.optimize().await
+            {
+                tracing::warn!(component = %c, error = %e, "refreshing planner statistics failed");
+            }
         }
+        round = round.wrapping_add(1);
         if !plinth_runtime::tasks::pause(&token, Duration::from_secs(5)).await {
             return Ok(());
         }

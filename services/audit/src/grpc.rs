@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use plinth::audit::v1 as pb;
 use plinth::audit::v1::audit_service_server::AuditService;
-use plinth_runtime::auth::{Principal, unix_now_ms};
+use plinth_runtime::auth::{subject_of, unix_now_ms};
 use plinth_runtime::error::{FieldViolation, to_status};
 use plinth_runtime::wire::{self, duration, duration_ms, json_of_struct, struct_of_json, timestamp, timestamp_ms};
 
@@ -274,14 +274,6 @@ fn wire_policy(p: RetentionPolicy) -> pb::RetentionPolicy {
     }
 }
 
-/// Who is calling, from the auth layer.
-fn caller<T>(request: &Request<T>) -> String {
-    request
-        .extensions()
-        .get::<Principal>()
-        .map_or_else(|| "anonymous".to_owned(), |p| p.subject.clone())
-}
-
 /// A server stream of the service's answers.
 type Answers<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -489,7 +481,7 @@ impl AuditService for AuditGrpc {
         &self,
         request: Request<pb::EraseSubjectRequest>,
     ) -> Result<Response<pb::EraseSubjectResponse>, Status> {
-        let by = caller(&request);
+        let by = subject_of(&request);
         let r = request.into_inner();
         let mut bad = Vec::new();
         if r.subject_id.is_empty() {

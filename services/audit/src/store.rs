@@ -192,11 +192,14 @@ impl LogWrites for sqlx::PgConnection {
         ids: &'a [String],
     ) -> futures::future::BoxFuture<'a, Result<HashMap<String, i64>, sqlx::Error>> {
         Box::pin(async move {
-            let rows: Vec<(String, i64)> =
-                sqlx::query_as("SELECT event_id, idx FROM audit_entries WHERE event_id = ANY($1)")
-                    .bind(ids)
-                    .fetch_all(self)
-                    .await?;
+            // A join on the unnested ids, not `= ANY($1)`: the generic plan
+            // of the latter scans the whole table.
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT e.event_id, e.idx FROM UNNEST($1::text[]) AS u(id) JOIN audit_entries e ON e.event_id = u.id",
+            )
+            .bind(ids)
+            .fetch_all(self)
+            .await?;
             Ok(rows.into_iter().collect())
         })
     }
@@ -243,6 +246,66 @@ impl LogWrites for sqlx::PgConnection {
     }
 }
 
+/// Stored hashes as read: `(level, index, hash)`.
+type NodeRows = Vec<(i64, i64, Vec<u8>)>;
+
+/// Reads stored hashes; the SQL differs per backend.
+trait NodeReads: Send {
+    /// `(level, index, hash)` of those of `ids` that are stored.
+    fn read_nodes<'a>(&'a mut self, ids: &'a [NodeId])
+    -> futures::future::BoxFuture<'a, Result<NodeRows, sqlx::Error>>;
+}
+
+impl NodeReads for sqlx::SqliteConnection {
+    /// Literal integers in the text (SQLite prepares cheaply); not kept in
+    /// the statement cache, since nearly every text is new.
+    fn read_nodes<'a>(
+        &'a mut self,
+        ids: &'a [NodeId],
+    ) -> futures::future::BoxFuture<'a, Result<NodeRows, sqlx::Error>> {
+        Box::pin(async move {
+            match nodes_sql(ids) {
+                None => Ok(Vec::new()),
+                Some(sql) => {
+                    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                        .persistent(false)
+                        .fetch_all(self)
+                        .await
+                }
+            }
+        })
+    }
+}
+
+impl NodeReads for sqlx::PgConnection {
+    /// One fixed statement with the ids as arrays, prepared once.
+    fn read_nodes<'a>(
+        &'a mut self,
+        ids: &'a [NodeId],
+    ) -> futures::future::BoxFuture<'a, Result<NodeRows, sqlx::Error>> {
+        Box::pin(async move {
+            let leaves: Vec<i64> = ids.iter().filter(|n| n.level == 0).map(|n| i64_of(n.index)).collect();
+            let (levels, indexes): (Vec<i16>, Vec<i64>) = ids
+                .iter()
+                .filter(|n| n.level > 0)
+                .map(|n| (i16::from(n.level), i64_of(n.index)))
+                .unzip();
+            sqlx::query_as(
+                "SELECT CAST(0 AS BIGINT), e.idx, e.leaf_hash FROM UNNEST($1::bigint[]) AS l(idx) \
+                 JOIN audit_entries e ON e.idx = l.idx \
+                 UNION ALL SELECT CAST(n.level AS BIGINT), n.idx, n.hash \
+                 FROM UNNEST($2::smallint[], $3::bigint[]) AS w(level, idx) \
+                 JOIN audit_nodes n ON n.level = w.level AND n.idx = w.idx",
+            )
+            .bind(leaves)
+            .bind(levels)
+            .bind(indexes)
+            .fetch_all(self)
+            .await
+        })
+    }
+}
+
 /// The SQL that reads the hashes of `ids` (leaves from the entries, the
 /// rest from the nodes). Only integers we computed are spliced in.
 fn nodes_sql(ids: &[NodeId]) -> Option<String> {
@@ -272,7 +335,7 @@ fn nodes_sql(ids: &[NodeId]) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join(" UNION ALL "))
 }
 
-fn node_map(rows: Vec<(i64, i64, Vec<u8>)>) -> Result<HashMap<NodeId, Hash>, AuditError> {
+fn node_map(rows: NodeRows) -> Result<HashMap<NodeId, Hash>, AuditError> {
     rows.into_iter()
         .map(|(level, idx, hash)| {
             let id = NodeId {
@@ -396,10 +459,7 @@ impl Store {
                 Some(f) if f.size() == size => f,
                 _ => {
                     let ids = decompose((0, size));
-                    let found = match nodes_sql(&ids) {
-                        Some(sql) => node_map(sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await?)?,
-                        None => HashMap::new(),
-                    };
+                    let found = node_map(tx.read_nodes(&ids).await?)?;
                     let nodes = ids
                         .iter()
                         .map(|id| found.get(id).map(|h| (*id, *h)))
@@ -458,11 +518,12 @@ impl Store {
 
     /// The hashes of `ids`; an id with no stored hash is missing from the map.
     pub async fn nodes(&self, ids: &[NodeId]) -> Result<HashMap<NodeId, Hash>, AuditError> {
-        let Some(sql) = nodes_sql(ids) else {
+        if ids.is_empty() {
             return Ok(HashMap::new());
-        };
-        let rows: Vec<(i64, i64, Vec<u8>)> = on_db!(&self.db, |pool| {
-            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await?
+        }
+        let rows: NodeRows = on_db!(&self.db, |pool| {
+            let mut conn = pool.acquire().await?;
+            conn.read_nodes(ids).await?
         });
         node_map(rows)
     }
@@ -603,8 +664,11 @@ impl Store {
             " ORDER BY idx DESC LIMIT "
         });
         sql.push_str(&limit.to_string());
+        // Planned for these values each time (not cached): a generic plan
+        // cannot know whether an action prefix matches a few rows (walk its
+        // index) or a quarter of the log (walk the log newest first).
         Ok(on_db!(&self.db, |pool| {
-            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).persistent(false);
             for b in &binds {
                 q = match b {
                     Bind::Text(t) => q.bind(t.as_str()),

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use plinth::queue::v1 as pb;
 use plinth::queue::v1::queue_service_server::QueueService;
-use plinth_runtime::auth::Principal;
+use plinth_runtime::auth::subject_of;
 use plinth_runtime::auth::unix_now_ms;
 use plinth_runtime::error::to_status;
 use plinth_runtime::wire::{self, duration, duration_ms, timestamp, timestamp_ms};
@@ -28,13 +28,6 @@ use crate::service::{QueueView, Queues, SettingsUpdate};
 
 fn status(e: QueueError) -> Status {
     to_status(&e)
-}
-
-fn subject<T>(request: &Request<T>) -> String {
-    request
-        .extensions()
-        .get::<Principal>()
-        .map_or_else(|| "anonymous".to_owned(), |p| p.subject.clone())
 }
 
 /// The queue service over gRPC.
@@ -573,7 +566,7 @@ impl QueueService for QueueGrpc {
         &self,
         request: Request<pb::CreateQueueRequest>,
     ) -> Result<Response<pb::CreateQueueResponse>, Status> {
-        let who = subject(&request);
+        let who = subject_of(&request);
         let q = request
             .into_inner()
             .queue
@@ -627,7 +620,7 @@ impl QueueService for QueueGrpc {
         &self,
         request: Request<pb::UpdateQueueRequest>,
     ) -> Result<Response<pb::UpdateQueueResponse>, Status> {
-        let who = subject(&request);
+        let who = subject_of(&request);
         let r = request.into_inner();
         let name = queue_name(&r.queue)?;
         let given = r
@@ -662,7 +655,7 @@ impl QueueService for QueueGrpc {
         &self,
         request: Request<pb::DeleteQueueRequest>,
     ) -> Result<Response<pb::DeleteQueueResponse>, Status> {
-        let who = subject(&request);
+        let who = subject_of(&request);
         let r = request.into_inner();
         let n = self
             .queues
@@ -676,7 +669,7 @@ impl QueueService for QueueGrpc {
         &self,
         request: Request<pb::PauseQueueRequest>,
     ) -> Result<Response<pb::PauseQueueResponse>, Status> {
-        let who = subject(&request);
+        let who = subject_of(&request);
         let r = request.into_inner();
         let view = self.queues.pause(queue_name(&r.queue)?, &who).await.map_err(status)?;
         Ok(Response::new(pb::PauseQueueResponse {
@@ -688,7 +681,7 @@ impl QueueService for QueueGrpc {
         &self,
         request: Request<pb::ResumeQueueRequest>,
     ) -> Result<Response<pb::ResumeQueueResponse>, Status> {
-        let who = subject(&request);
+        let who = subject_of(&request);
         let r = request.into_inner();
         let view = self.queues.resume(queue_name(&r.queue)?, &who).await.map_err(status)?;
         Ok(Response::new(pb::ResumeQueueResponse {
@@ -700,7 +693,7 @@ impl QueueService for QueueGrpc {
         &self,
         request: Request<pb::DrainQueueRequest>,
     ) -> Result<Response<pb::DrainQueueResponse>, Status> {
-        let who = subject(&request);
+        let who = subject_of(&request);
         let r = request.into_inner();
         let name = queue_name(&r.queue)?;
         let wait = opt_duration("wait", r.wait.as_ref(), 0, MAX_WAIT_MS)?.unwrap_or(0);
@@ -930,7 +923,7 @@ impl QueueService for QueueGrpc {
         &self,
         request: Request<pb::PurgeQueueRequest>,
     ) -> Result<Response<pb::PurgeQueueResponse>, Status> {
-        let who = subject(&request);
+        let who = subject_of(&request);
         let r = request.into_inner();
         let name = queue_name(&r.queue)?;
         let mut states = Vec::new();
@@ -957,7 +950,7 @@ impl QueueService for QueueGrpc {
         &self,
         request: Request<pb::RetryFailedRequest>,
     ) -> Result<Response<pb::RetryFailedResponse>, Status> {
-        let who = subject(&request);
+        let who = subject_of(&request);
         let r = request.into_inner();
         let name = queue_name(&r.queue)?;
         if r.message_ids.len() > MAX_BATCH {

@@ -9,4 +9,4 @@ CREATE TABLE audit_retention (
 );
 
 -- Erasure on request finds a subject as actor or as resource.
-CREATE INDEX audit_entries_resource_name ON audit_entries (resource_name) WHERE resource_name <> '';
+CREATE INDEX audit_entries_resource_name ON audit_entries (resource_name);

@@ -342,6 +342,15 @@ impl Authenticator {
     }
 }
 
+/// The subject of the caller the auth layer let through, or `anonymous`
+/// (for logs and audit records, never for decisions).
+pub fn subject_of<T>(request: &tonic::Request<T>) -> String {
+    request
+        .extensions()
+        .get::<Principal>()
+        .map_or_else(|| "anonymous".to_owned(), |p| p.subject.clone())
+}
+
 /// Milliseconds since the epoch.
 pub fn unix_now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -261,6 +261,20 @@ impl Db {
         Ok(())
     }
 
+    /// Keeps the query planner's statistics current. SQLite has no
+    /// autovacuum: without `PRAGMA optimize` it never gathers statistics and
+    /// guesses (a filtered listing of a large table may then walk the wrong
+    /// index); the pragma analyzes only tables that changed enough, within
+    /// a bounded effort. PostgreSQL's autovacuum does this on its own.
+    pub async fn optimize(&self) -> Result<(), StorageError> {
+        if let Db::Sqlite(p) = self {
+            let mut conn = p.acquire().await?;
+            sqlx::query("PRAGMA analysis_limit = 1000").execute(&mut *conn).await?;
+            sqlx::query("PRAGMA optimize = 0x10002").execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+
     /// Updates `plinth_db_pool_connections{component}`.
     pub fn record_pool_metrics(&self, component: &str) {
         let (size, idle) = match self {
