@@ -340,6 +340,41 @@ async fn bad_input_is_refused_by_field_and_the_log_is_not_public() -> anyhow::Re
                 .map(drop),
         ),
         (
+            "policy.retain",
+            audit
+                .set_retention_policy(with_bearer(
+                    pb::SetRetentionPolicyRequest {
+                        name: "short".into(),
+                        policy: Some(pb::RetentionPolicy {
+                            retain: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+                            ..Default::default()
+                        }),
+                    },
+                    &s.token,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "name",
+            audit
+                .set_retention_policy(with_bearer(
+                    pb::SetRetentionPolicyRequest {
+                        name: "Not A Name".into(),
+                        policy: Some(pb::RetentionPolicy {
+                            retain: Some(prost_types::Duration {
+                                seconds: 86_400,
+                                nanos: 0,
+                            }),
+                            ..Default::default()
+                        }),
+                    },
+                    &s.token,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
             "page_token",
             audit
                 .list_events(with_bearer(
@@ -358,6 +393,11 @@ async fn bad_input_is_refused_by_field_and_the_log_is_not_public() -> anyhow::Re
         assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
         assert_eq!(violated_field(&status), field, "{status:?}");
     }
+    let policies = audit
+        .list_retention_policies(with_bearer(pb::ListRetentionPoliciesRequest {}, &s.token))
+        .await?
+        .into_inner();
+    assert!(policies.policies.is_empty(), "{policies:?}");
     // Nothing of the refused batches was stored.
     let stored = audit
         .list_events(with_bearer(
@@ -409,6 +449,17 @@ async fn bad_input_is_refused_by_field_and_the_log_is_not_public() -> anyhow::Re
         indexes.push(r["index"].clone());
     }
     assert_eq!(indexes[0], indexes[1], "a retried append lands on the same entry");
+    let policy: serde_json::Value = http
+        .put(format!("{base}/v1/audit/retentionPolicies/logins"))
+        .header("authorization", &bearer)
+        .json(&serde_json::json!({"actionPrefix": "auth.login.", "retain": "7776000s"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert_eq!(policy["policy"]["name"], "logins");
+    assert_eq!(policy["policy"]["retain"], "7776000s");
 
     // The checkpoint is public; the log and proofs are not.
     let checkpoint: serde_json::Value = http

@@ -404,15 +404,21 @@ impl AuditService for AuditGrpc {
         &self,
         request: Request<pb::SetRetentionPolicyRequest>,
     ) -> Result<Response<pb::SetRetentionPolicyResponse>, Status> {
-        let p = request
-            .into_inner()
+        let r = request.into_inner();
+        let p = r
             .policy
             .ok_or_else(|| status(AuditError::invalid("policy", "is required")))?;
         let mut bad = Vec::new();
-        if !valid_policy_name(&p.name) {
+        if !valid_policy_name(&r.name) {
+            bad.push(FieldViolation::new(
+                "name",
+                "must be 1 to 63 lowercase letters, digits or `-`",
+            ));
+        }
+        if !p.name.is_empty() && p.name != r.name {
             bad.push(FieldViolation::new(
                 "policy.name",
-                "must be 1 to 63 lowercase letters, digits or `-`",
+                "must be empty or the same as `name`",
             ));
         }
         if !p.action_prefix.is_empty() && !valid_prefix(&p.action_prefix) {
@@ -439,7 +445,7 @@ impl AuditService for AuditGrpc {
         let stored = self
             .audit
             .set_policy(RetentionPolicy {
-                name: p.name,
+                name: r.name,
                 action_prefix: p.action_prefix,
                 tenant: p.tenant,
                 retain_ms,
