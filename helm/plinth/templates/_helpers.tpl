@@ -136,6 +136,13 @@ point at a component deployed elsewhere.
       name: {{ $v.bootstrapAdmin.existingSecret }}
       key: {{ $v.bootstrapAdmin.secretKey }}
 {{- end }}
+{{- if and (eq .name "audit") $v.auditSigningKey.existingSecret }}
+- name: PLINTH_AUDIT__SIGNING_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.auditSigningKey.existingSecret }}
+      key: {{ $v.auditSigningKey.secretKey }}
+{{- end }}
 {{- if and (eq .name "config") $v.configKeys.existingSecret }}
 - name: PLINTH_CONFIG__KEYS
   valueFrom:
