@@ -29,13 +29,6 @@ fn ms(t: Option<&prost_types::Timestamp>) -> Option<i64> {
     })
 }
 
-fn meta(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    }
-}
-
 /// The trace id of a W3C `traceparent` header (`00-<trace>-<span>-<flags>`).
 fn trace_id(e: &BusEvent) -> String {
     e.headers
@@ -83,7 +76,7 @@ impl Mapped {
         self
     }
     fn with(mut self, v: Value) -> Self {
-        self.metadata = meta(v);
+        self.metadata = crate::model::json_object(v);
         self
     }
 }

@@ -296,6 +296,14 @@ impl Event {
     }
 }
 
+/// A JSON value's object, or an empty one.
+pub fn json_object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
 fn object(m: BTreeMap<&str, Value>) -> Value {
     Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
 }

@@ -28,8 +28,7 @@ const ERASE_BATCH: i64 = 5_000;
 /// Entries read per query while verifying.
 const VERIFY_CHUNK: i64 = 5_000;
 /// Checkpoints read per query while verifying.
-const CHECKPOINT_CHUNK: i64 = 1_000;
-const CHECKPOINT_CHUNK_LEN: usize = 1_000;
+const CHECKPOINT_CHUNK: usize = 1_000;
 
 /// An inclusion proof.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,7 +213,7 @@ impl Audit {
         Ok(requested)
     }
 
-    /// Hashes of `ranges` (and of `[0, size)` for each of `roots`), fetched in one query.
+    /// The hash of each of `ranges`, from stored subtrees fetched in one query.
     async fn range_hashes(&self, ranges: &[Range]) -> Result<Vec<Hash>, AuditError> {
         let parts: Vec<Vec<NodeId>> = ranges.iter().map(|r| decompose(*r)).collect();
         let ids: Vec<NodeId> = parts.iter().flatten().copied().collect();
@@ -328,7 +327,11 @@ impl Audit {
         let entries = rows
             .into_iter()
             .take(limit)
-            .map(|r| r.entry().map(|e| (e.clone(), e.index < size)))
+            .map(|r| {
+                let e = r.entry()?;
+                let integrated = e.index < size;
+                Ok::<_, AuditError>((e, integrated))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let next = if more {
             entries.last().map(|(e, _)| e.index)
@@ -481,7 +484,7 @@ impl Audit {
             let mut record = system_event("audit.entries.erased", now_ms);
             record.resource_type = "audit.retention_policy".into();
             record.resource_name = p.name.clone();
-            record.metadata = json_object(serde_json::json!({
+            record.metadata = crate::model::json_object(serde_json::json!({
                 "erased": erased,
                 "before_time_ms": before_ms,
                 "action_prefix": p.action_prefix,
@@ -516,7 +519,7 @@ impl Audit {
         record.resource_type = "audit.subject".into();
         record.resource_name = format!("sha256:{digest}");
         record.reason = reason.to_owned();
-        record.metadata = json_object(serde_json::json!({"erased": erased}));
+        record.metadata = crate::model::json_object(serde_json::json!({"erased": erased}));
         let appended = self.append(vec![record]).await?;
         tracing::info!(erased, "audit erased a subject's entries on request");
         Ok((erased, appended.first().map(|a| a.index)))
@@ -540,7 +543,7 @@ impl Audit {
         let mut report = Verification::default();
         let mut frontier = Frontier::default();
         let mut checkpoints = std::collections::VecDeque::from(store.checkpoints_after(0, CHECKPOINT_CHUNK).await?);
-        let mut more_checkpoints = checkpoints.len() == CHECKPOINT_CHUNK_LEN;
+        let mut more_checkpoints = checkpoints.len() == CHECKPOINT_CHUNK;
         let mut next: u64 = 0;
         loop {
             let rows = store.scan(next, VERIFY_CHUNK).await?;
@@ -564,7 +567,7 @@ impl Audit {
                             .checkpoints_after(frontier.size() - 1, CHECKPOINT_CHUNK)
                             .await?
                             .into();
-                        more_checkpoints = checkpoints.len() == CHECKPOINT_CHUNK_LEN;
+                        more_checkpoints = checkpoints.len() == CHECKPOINT_CHUNK;
                     }
                     while checkpoints.front().is_some_and(|c| c.tree_size <= frontier.size()) {
                         let Some(c) = checkpoints.pop_front() else { break };
@@ -688,13 +691,6 @@ fn system_event(action: &str, now_ms: i64) -> Event {
         trace_id: String::new(),
         source: "audit".into(),
         metadata: serde_json::Map::new(),
-    }
-}
-
-fn json_object(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
-    match v {
-        serde_json::Value::Object(m) => m,
-        _ => serde_json::Map::new(),
     }
 }
 

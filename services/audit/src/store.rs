@@ -557,7 +557,8 @@ impl Store {
     }
 
     /// Checkpoints with sizes in `(after, ..]`, smallest first, at most `limit`.
-    pub async fn checkpoints_after(&self, after: u64, limit: i64) -> Result<Vec<SignedCheckpoint>, AuditError> {
+    pub async fn checkpoints_after(&self, after: u64, limit: usize) -> Result<Vec<SignedCheckpoint>, AuditError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows: Vec<(i64, Vec<u8>, i64, String)> = on_db!(&self.db, |pool| {
             sqlx::query_as(
                 "SELECT tree_size, root_hash, signed_at, note FROM audit_checkpoints WHERE tree_size > $1 \

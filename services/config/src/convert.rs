@@ -2,6 +2,7 @@
 //! the offending field), domain values into answers.
 
 use plinth::config::v1 as pb;
+use plinth_runtime::wire::{json_of_struct, json_of_value, struct_of_json, value_of_json};
 
 use crate::error::ConfigError;
 use crate::formats::Format;
@@ -101,36 +102,20 @@ pub fn new_value(field: &str, v: Option<&pb::Value>) -> Result<NewValue, ConfigE
         Kind::NumberValue(n) if n.is_finite() => NewValue::Plain(Plain::Number(*n)),
         Kind::NumberValue(_) => return Err(ConfigError::invalid(format!("{field}.number_value"), "must be finite")),
         Kind::BoolValue(b) => NewValue::Plain(Plain::Bool(*b)),
-        Kind::JsonValue(j) => NewValue::Plain(Plain::Json(json_of(j, &format!("{field}.json_value"))?)),
+        Kind::JsonValue(j) => NewValue::Plain(Plain::Json(json_of_value(&format!("{field}.json_value"), j)?)),
         Kind::SecretValue(s) => NewValue::Secret(s.clone().into()),
     })
 }
 
-fn json_of(v: &prost_types::Value, field: &str) -> Result<serde_json::Value, ConfigError> {
-    Ok(plinth_runtime::wire::json_of_value(field, v)?)
-}
-
-/// JSON as a protobuf `Value`.
-pub fn proto_json(v: &serde_json::Value) -> prost_types::Value {
-    plinth_runtime::wire::value_of_json(v)
-}
-
 /// A `Struct` as JSON text (schemas).
 pub fn struct_json(s: &prost_types::Struct, field: &str) -> Result<String, ConfigError> {
-    let v = json_of(
-        &prost_types::Value {
-            kind: Some(prost_types::value::Kind::StructValue(s.clone())),
-        },
-        field,
-    )?;
-    Ok(v.to_string())
+    Ok(serde_json::Value::Object(json_of_struct(field, s)?).to_string())
 }
 
 /// JSON text as a `Struct` (schemas).
 pub fn json_struct(text: &str) -> Option<prost_types::Struct> {
-    let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    match proto_json(&v).kind {
-        Some(prost_types::value::Kind::StructValue(s)) => Some(s),
+    match serde_json::from_str(text).ok()? {
+        serde_json::Value::Object(o) => Some(struct_of_json(&o)),
         _ => None,
     }
 }
@@ -209,7 +194,7 @@ pub fn key_value(shown: &Shown) -> pb::KeyValue {
         (Stored::Plain(Plain::String(s)), _) => (Kind::StringValue(s.clone()), false),
         (Stored::Plain(Plain::Number(n)), _) => (Kind::NumberValue(*n), false),
         (Stored::Plain(Plain::Bool(b)), _) => (Kind::BoolValue(*b), false),
-        (Stored::Plain(Plain::Json(j)), _) => (Kind::JsonValue(proto_json(j)), false),
+        (Stored::Plain(Plain::Json(j)), _) => (Kind::JsonValue(value_of_json(j)), false),
         (Stored::Secret(_), Some(text)) => (Kind::SecretValue(text.clone()), false),
         (Stored::Secret(_), None) => (Kind::SecretValue(String::new()), true),
     };
