@@ -56,6 +56,18 @@ pub mod queue {
     }
 }
 
+/// One API over several model providers, with fallback and usage.
+pub mod ai {
+    /// Version 1 of the ai contract.
+    #[expect(
+        clippy::allow_attributes,
+        reason = "tonic's generated servers carry #[allow(non_camel_case_types)]"
+    )]
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/plinth.ai.v1.rs"));
+    }
+}
+
 /// A tamper-evident audit log with signed checkpoints and Merkle proofs.
 pub mod audit {
     /// Version 1 of the audit contract.

@@ -49,6 +49,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> axum::Router {
     let mut router = axum::Router::new()
         .route("/openapi.json", get(openapi))
         .route("/docs", get(docs))
+        .merge(crate::openai::routes())
         .fallback(handle)
         .layer(middleware::from_fn_with_state(inner.clone(), rate_limit))
         // Probes are not rate limited.

@@ -12,6 +12,7 @@ mod error;
 mod handler;
 mod health;
 mod metadata;
+mod openai;
 pub mod openapi;
 mod routes;
 pub mod template;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::FutureExt;
+use plinth::ai::v1::ai_service_server::AiServiceServer;
 use plinth::audit::v1::audit_service_server::AuditServiceServer;
 use plinth::auth::v1::auth_service_server::AuthServiceServer;
 use plinth::auth::v1::authorization_service_server::AuthorizationServiceServer;
@@ -210,6 +211,19 @@ impl Plinth {
                         tasks.spawn("audit-ingest", audit.run_ingest(bus.clone(), tasks.token()));
                     }
                 }
+                if component == Component::Ai {
+                    let ai = plinth_ai::Ai::new(&cfg.ai, db.clone(), Some(relay.clone()), tasks.clone())?;
+                    if cfg.ai.models.is_empty() {
+                        tracing::warn!(
+                            "no ai models configured: Generate and Embed answer NOT_FOUND until [[ai.models]] (or PLINTH_AI__MODELS) names some"
+                        );
+                    }
+                    builder = builder.add_service(
+                        AiServiceServer::new(plinth_ai::AiGrpc::new(ai)),
+                        plinth::FILE_DESCRIPTOR_SET,
+                    );
+                    health.register("plinth.ai.v1.AiService", &required).await;
+                }
                 tracing::info!(component = %component, storage = db.kind(), events = bus.kind(), state = state.kind(), "component ready");
                 Some(db)
             };
@@ -384,7 +398,8 @@ fn migrations(component: Component) -> Migrations {
         Component::Config => plinth_config::MIGRATIONS,
         Component::Queue => plinth_queue::MIGRATIONS,
         Component::Audit => plinth_audit::MIGRATIONS,
-        Component::Gateway | Component::Ai => Migrations::RUNTIME_ONLY,
+        Component::Ai => plinth_ai::MIGRATIONS,
+        Component::Gateway => Migrations::RUNTIME_ONLY,
     }
 }
 

@@ -19,6 +19,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 pub mod config;
+pub mod fake_upstream;
 pub mod queue;
 pub mod rfc9162;
 

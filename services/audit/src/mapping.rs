@@ -8,6 +8,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use plinth::ai::v1 as ai;
 use plinth::auth::v1 as auth;
 use plinth::config::v1 as config;
 use plinth::queue::v1 as queue;
@@ -265,6 +266,37 @@ fn queue_event(name: &str, payload: &[u8]) -> Option<Mapped> {
     })
 }
 
+fn ai_event(name: &str, payload: &[u8]) -> Option<Mapped> {
+    Some(match name {
+        "usage.recorded" => {
+            let e = ai::UsageRecordedEvent::decode(payload).ok()?;
+            let (outcome, reason) = match e.outcome.as_str() {
+                "failure" => (Outcome::Failure, e.error.as_str()),
+                "cancelled" => (Outcome::Success, "cancelled by the caller"),
+                _ => (Outcome::Success, ""),
+            };
+            let kind = if e.api_key.is_empty() {
+                ActorKind::User
+            } else {
+                ActorKind::ApiKey
+            };
+            let usage = e.usage.unwrap_or_default();
+            Mapped::new(&format!("ai.{}", action_word(&e.operation)), e.time.as_ref())
+                .by(&e.subject, kind)
+                .on("ai.model", &e.model)
+                .ended(outcome, reason)
+                .with(json!({
+                    "call": e.id, "provider": e.provider, "provider_model": e.provider_model,
+                    "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+                    "cached_input_tokens": usage.cached_input_tokens, "cost_usd": e.cost_usd,
+                    "latency_ms": e.latency_ms, "fallback_path": e.fallback_path, "estimated": e.estimated,
+                    "api_key": e.api_key,
+                }))
+        }
+        _ => return None,
+    })
+}
+
 /// Lowercases and replaces what an action may not contain.
 fn action_word(s: &str) -> String {
     let w: String = s
@@ -289,6 +321,7 @@ pub fn audit_event(e: &BusEvent, now_ms: i64) -> Event {
         "config" => config_event(name, &e.payload),
         "auth" => auth_event(name, &e.payload),
         "queue" => queue_event(name, &e.payload),
+        "ai" => ai_event(name, &e.payload),
         _ => None,
     };
     let m = known.unwrap_or_else(|| {
@@ -373,6 +406,39 @@ mod tests {
         assert_eq!(e.metadata.get("revision"), Some(&json!(7)));
         assert_eq!(e.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(e.time_ms, 5);
+    }
+
+    #[test]
+    fn an_ai_call_is_recorded_with_its_tokens_cost_and_caller() {
+        let payload = ai::UsageRecordedEvent {
+            id: "gen-1".into(),
+            subject: "u_9".into(),
+            api_key: "key_1".into(),
+            operation: "generate_stream".into(),
+            model: "chat".into(),
+            provider: "backup".into(),
+            usage: Some(ai::Usage {
+                input_tokens: 12,
+                output_tokens: 5,
+                ..Default::default()
+            }),
+            cost_usd: 0.25,
+            outcome: "failure".into(),
+            error: "stream broke".into(),
+            fallback_path: vec!["primary/gpt-p".into()],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let e = audit_event(&bus("plinth.ai.usage.recorded", payload), 1);
+        assert_eq!(e.action, "ai.generate_stream");
+        assert_eq!((e.actor_id.as_str(), e.actor_kind), ("u_9", ActorKind::ApiKey));
+        assert_eq!(
+            (e.resource_type.as_str(), e.resource_name.as_str()),
+            ("ai.model", "chat")
+        );
+        assert_eq!(e.outcome, Outcome::Failure);
+        assert_eq!(e.metadata.get("output_tokens"), Some(&json!(5)));
+        assert_eq!(e.metadata.get("fallback_path"), Some(&json!(["primary/gpt-p"])));
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct Config {
     pub queue: QueueSettings,
     /// The audit service (`PLINTH_AUDIT__*`).
     pub audit: AuditSettings,
+    /// The ai service: providers, model routes, prices (`PLINTH_AI__*`).
+    pub ai: AiSettings,
     /// The HTTP/JSON edge (`PLINTH_GATEWAY__*`).
     pub gateway: GatewaySettings,
     /// Comma-separated addresses or CIDR ranges of proxies (the split
@@ -93,6 +95,7 @@ impl Default for Config {
             config: ConfigSettings::default(),
             queue: QueueSettings::default(),
             audit: AuditSettings::default(),
+            ai: AiSettings::default(),
             gateway: GatewaySettings::default(),
             trusted_proxies: String::new(),
             tls: None,
@@ -289,6 +292,116 @@ impl Default for QueueSettings {
             sweep_ms: 100,
         }
     }
+}
+
+/// The ai service. Providers and models are usually given in the TOML
+/// file (`[ai.providers.<name>]`, `[[ai.models]]`, `[[ai.prices]]`); from
+/// the environment a whole table can be given as one value, e.g.
+/// `PLINTH_AI__MODELS='[{name="chat",targets=[{provider="openai",model="gpt-4o-mini"}]}]'`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AiSettings {
+    /// Provider accounts by name.
+    pub providers: BTreeMap<String, AiProvider>,
+    /// Logical models and their targets.
+    pub models: Vec<AiModel>,
+    /// US dollars per million tokens, per provider model.
+    pub prices: Vec<AiPrice>,
+    /// Milliseconds to wait for a provider's response headers, and then for
+    /// each streamed chunk (`PLINTH_AI__TIMEOUT_MS`).
+    pub timeout_ms: u64,
+    /// `max_tokens` when a request gives none (Anthropic requires one)
+    /// (`PLINTH_AI__DEFAULT_MAX_TOKENS`).
+    pub default_max_tokens: u32,
+    /// Consecutive failures that open a target's circuit breaker
+    /// (`PLINTH_AI__BREAKER_FAILURES`).
+    pub breaker_failures: u32,
+    /// Seconds an open breaker skips its target before a trial call
+    /// (`PLINTH_AI__BREAKER_OPEN_SECS`).
+    pub breaker_open_secs: u64,
+}
+
+impl Default for AiSettings {
+    fn default() -> Self {
+        Self {
+            providers: BTreeMap::new(),
+            models: Vec::new(),
+            prices: Vec::new(),
+            timeout_ms: 60_000,
+            default_max_tokens: 4096,
+            breaker_failures: 5,
+            breaker_open_secs: 30,
+        }
+    }
+}
+
+/// One provider account.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AiProvider {
+    /// Wire format: `openai`, `azure`, `anthropic`, `gemini`, or `custom`
+    /// (any OpenAI-compatible server).
+    pub kind: String,
+    /// Base URL; defaults to the provider's public API (required for
+    /// `azure`: `https://<resource>.openai.azure.com`, and for `custom`).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// The API key.
+    #[serde(default, serialize_with = "redact_opt")]
+    pub api_key: Option<SecretString>,
+    /// A file holding the API key (a mounted Kubernetes Secret); read at start.
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// Azure's `api-version`.
+    #[serde(default)]
+    pub api_version: Option<String>,
+}
+
+/// A logical model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AiModel {
+    /// The name callers use.
+    pub name: String,
+    /// Where it runs, tried in order of `tier` (default: position).
+    pub targets: Vec<AiTarget>,
+}
+
+/// One target of a logical model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AiTarget {
+    /// A key of `providers`.
+    pub provider: String,
+    /// The provider's model (Azure: the deployment name).
+    pub model: String,
+    /// Targets of one tier share first attempts by weight (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Lower tiers are tried first (default: the target's position).
+    #[serde(default)]
+    pub tier: Option<u32>,
+}
+
+/// Prices of one provider model, in US dollars per million tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AiPrice {
+    /// A key of `providers`; any provider when unset.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// The provider's model.
+    pub model: String,
+    /// Uncached prompt tokens.
+    pub input: f64,
+    /// Completion tokens.
+    pub output: f64,
+    /// Prompt tokens read from the provider's cache (default: `input`).
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+    /// Prompt tokens written to the provider's cache (default: `input`).
+    #[serde(default)]
+    pub cache_write: Option<f64>,
 }
 
 /// The audit service.

@@ -1,0 +1,611 @@
+//! What each call means: route to a target, fall back on retryable
+//! failures, stream with billing even when the caller goes away, price and
+//! record every call. The wire (`grpc`) and the gateway's OpenAI surface
+//! both call this.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use plinth_runtime::Tasks;
+use plinth_runtime::auth::unix_now_ms;
+use plinth_runtime::config::AiSettings;
+use plinth_runtime::events::outbox::Relay;
+use plinth_runtime::resilience::BreakerState;
+use plinth_runtime::storage::Db;
+use tokio::sync::mpsc;
+
+use crate::error::AiError;
+use crate::model::{Accumulator, ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, StreamEvent, Usage};
+use crate::pricing::{Cost, Prices};
+use crate::providers::{EventStream, ProviderError};
+use crate::router::{Route, Router, Skip, Target};
+use crate::tokens;
+use crate::usage::{self, Outcome, Recorder, UsageLog, UsageQuery, UsageRecord, UsageSum};
+
+/// Who is calling, for usage records.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The tenant, or empty.
+    pub tenant: String,
+    /// The user or service account.
+    pub subject: String,
+    /// The API key id, or empty.
+    pub api_key: String,
+}
+
+/// A target tried or skipped before the one that answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// Provider name.
+    pub provider: String,
+    /// Provider model.
+    pub model: String,
+    /// Why it was not used.
+    pub error: String,
+    /// Skipped without a call.
+    pub skipped: bool,
+}
+
+/// Which target answered, after which attempts.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// Plinth's call id.
+    pub id: String,
+    /// The logical model.
+    pub model: String,
+    /// The provider that answered.
+    pub provider: String,
+    /// Its model.
+    pub provider_model: String,
+    /// Targets before it.
+    pub attempts: Vec<Attempt>,
+}
+
+/// A whole answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Routing.
+    pub served: Served,
+    /// The answer.
+    pub response: ChatResponse,
+    /// Its cost.
+    pub cost: Cost,
+}
+
+/// Embeddings.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    /// Routing.
+    pub served: Served,
+    /// The vectors.
+    pub response: EmbedResponse,
+    /// Their cost.
+    pub cost: Cost,
+}
+
+/// One step of a streamed answer as the caller sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamItem {
+    /// A step of the answer.
+    Event(StreamEvent),
+    /// The end: usage and cost as billed.
+    Done {
+        /// Tokens.
+        usage: Usage,
+        /// Cost.
+        cost: Cost,
+    },
+}
+
+/// A started stream: where it is served from, then its items.
+#[derive(Debug)]
+pub struct Streaming {
+    /// Routing.
+    pub served: Served,
+    /// Items; ends after `Done` or an error.
+    pub items: mpsc::Receiver<Result<StreamItem, AiError>>,
+}
+
+/// A target's state, for `ListModels`.
+#[derive(Debug, Clone)]
+pub struct TargetInfo {
+    /// Provider name.
+    pub provider: String,
+    /// Wire format.
+    pub kind: &'static str,
+    /// Provider model.
+    pub model: String,
+    /// Tier.
+    pub tier: u32,
+    /// Weight.
+    pub weight: u32,
+    /// Breaker.
+    pub breaker: BreakerState,
+    /// Cool-down left.
+    pub cooling_down: Option<Duration>,
+}
+
+/// A logical model, for `ListModels`.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Its name.
+    pub name: String,
+    /// Its targets.
+    pub targets: Vec<TargetInfo>,
+}
+
+struct Inner {
+    router: Router,
+    prices: Prices,
+    recorder: Recorder,
+    usage: UsageLog,
+    default_max_tokens: u32,
+    tasks: Tasks,
+}
+
+/// The ai service's domain; cheap to clone.
+#[derive(Clone)]
+pub struct Ai {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Ai {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ai").finish_non_exhaustive()
+    }
+}
+
+/// The target that answered, its answer and the attempts before it; or
+/// why none did, with the attempts.
+type Fallback<T> = Result<(Arc<Target>, T, Vec<Attempt>), (AiError, Vec<Attempt>)>;
+
+/// An opened upstream stream and its first event.
+type Opened = (EventStream, StreamEvent);
+
+impl Ai {
+    /// The service over `db`, with targets from `settings`; starts the
+    /// usage writer on `tasks`.
+    pub fn new(settings: &AiSettings, db: Db, relay: Option<Relay>, tasks: Tasks) -> Result<Self, AiError> {
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .connect_timeout(Duration::from_millis(settings.timeout_ms.clamp(1, 10_000)))
+            .build()
+            .map_err(|e| AiError::Config(format!("HTTP client: {e}")))?;
+        let router = Router::from_settings(settings, client)?;
+        let log = UsageLog::new(db);
+        let (recorder, writer) = usage::recorder(log.clone(), relay);
+        tasks.spawn("ai-usage-writer", writer.run(tasks.token()));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                router,
+                prices: Prices::new(&settings.prices),
+                recorder,
+                usage: log,
+                default_max_tokens: settings.default_max_tokens.max(1),
+                tasks,
+            }),
+        })
+    }
+
+    /// One whole answer.
+    pub async fn generate(&self, caller: &Caller, model: &str, request: ChatRequest) -> Result<Answer, AiError> {
+        let started = Instant::now();
+        let route = self.inner.router.route(model)?;
+        let mut request = request;
+        if request.max_tokens.is_none() {
+            request.max_tokens = Some(self.inner.default_max_tokens);
+        }
+        let result = fallback(route, |target| {
+            let request = ChatRequest {
+                model: target.model.clone(),
+                ..request.clone()
+            };
+            async move { target.adapter.chat(&request).await }
+        })
+        .await;
+        let (target, response, attempts) = self.settle(caller, "generate", model, started, result).await?;
+        let (served, cost) = self
+            .answered(caller, "generate", model, &target, attempts, response.usage, started)
+            .await;
+        Ok(Answer { served, response, cost })
+    }
+
+    /// A streamed answer. Fallback happens before the first event; the
+    /// stream is read by a task of its own, so a caller that goes away stops
+    /// the upstream request and is billed for what was produced.
+    pub async fn generate_stream(
+        &self,
+        caller: &Caller,
+        model: &str,
+        request: ChatRequest,
+    ) -> Result<Streaming, AiError> {
+        let started = Instant::now();
+        let route = self.inner.router.route(model)?;
+        let mut request = request;
+        if request.max_tokens.is_none() {
+            request.max_tokens = Some(self.inner.default_max_tokens);
+        }
+        let result = fallback(route, |target| {
+            let request = ChatRequest {
+                model: target.model.clone(),
+                ..request.clone()
+            };
+            async move {
+                let mut stream = target.adapter.chat_stream(&request).await?;
+                match stream.next().await {
+                    Some(Ok(first)) => Ok::<Opened, ProviderError>((stream, first)),
+                    Some(Err(e)) => Err(e),
+                    None => Err(ProviderError::Malformed("the stream ended before any event".into())),
+                }
+            }
+        })
+        .await;
+        let (target, (upstream, first), attempts) =
+            self.settle(caller, "generate_stream", model, started, result).await?;
+        let served = served(call_id(), model, &target, attempts);
+        let (sender, items) = mpsc::channel(64);
+        let pump = Pump {
+            ai: self.clone(),
+            caller: caller.clone(),
+            served: served.clone(),
+            target,
+            prompt_estimate: tokens::of_request(&request),
+            started,
+        };
+        self.inner.tasks.spawn("ai-stream", pump.run(upstream, first, sender));
+        Ok(Streaming { served, items })
+    }
+
+    /// Embeddings, in input order.
+    pub async fn embed(&self, caller: &Caller, model: &str, request: EmbedRequest) -> Result<Embedded, AiError> {
+        let started = Instant::now();
+        let route = self.inner.router.route(model)?;
+        let result = fallback(route, |target| {
+            let request = EmbedRequest {
+                model: target.model.clone(),
+                ..request.clone()
+            };
+            async move { target.adapter.embed(&request).await }
+        })
+        .await;
+        let (target, mut response, attempts) = self.settle(caller, "embed", model, started, result).await?;
+        if response.usage.input_tokens == 0 {
+            // Some providers (Gemini) do not count embedding input.
+            response.usage.input_tokens = request.inputs.iter().map(|t| tokens::of_text(t)).sum();
+        }
+        let (served, cost) = self
+            .answered(caller, "embed", model, &target, attempts, response.usage, started)
+            .await;
+        Ok(Embedded { served, response, cost })
+    }
+
+    /// Estimated prompt tokens of `request` for `model`.
+    pub fn count_tokens(&self, model: &str, request: &ChatRequest) -> Result<u64, AiError> {
+        self.inner.router.route(model)?;
+        Ok(tokens::of_request(request))
+    }
+
+    /// Every logical model with its targets' health.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.inner
+            .router
+            .routes()
+            .map(|r| ModelInfo {
+                name: r.name.clone(),
+                targets: r
+                    .targets
+                    .iter()
+                    .map(|t| TargetInfo {
+                        provider: t.provider.clone(),
+                        kind: t.kind.name(),
+                        model: t.model.clone(),
+                        tier: t.tier,
+                        weight: t.weight,
+                        breaker: t.breaker_state(),
+                        cooling_down: t.cooling_down(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Usage sums.
+    pub async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageSum>, AiError> {
+        self.inner.usage.summarize(query).await
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "one record, assembled from the call's parts")]
+    async fn record(
+        &self,
+        caller: &Caller,
+        operation: &'static str,
+        served: &Served,
+        usage: Usage,
+        cost: Cost,
+        started: Instant,
+        outcome: Outcome,
+        error: &str,
+        estimated: bool,
+    ) {
+        self.inner
+            .recorder
+            .record(UsageRecord {
+                id: served.id.clone(),
+                time_ms: unix_now_ms(),
+                tenant: caller.tenant.clone(),
+                subject: caller.subject.clone(),
+                api_key: caller.api_key.clone(),
+                operation,
+                model: served.model.clone(),
+                provider: served.provider.clone(),
+                provider_model: served.provider_model.clone(),
+                usage,
+                cost_nanos: cost.nanos,
+                priced: cost.priced,
+                latency_ms: i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
+                outcome,
+                error: error.to_owned(),
+                fallback_path: served
+                    .attempts
+                    .iter()
+                    .map(|a| format!("{}/{}", a.provider, a.model))
+                    .collect(),
+                estimated,
+            })
+            .await;
+    }
+
+    /// A fallback's result; a failure is recorded (unless it was the
+    /// caller's own mistake) and returned.
+    async fn settle<T>(
+        &self,
+        caller: &Caller,
+        operation: &'static str,
+        model: &str,
+        started: Instant,
+        result: Fallback<T>,
+    ) -> Result<(Arc<Target>, T, Vec<Attempt>), AiError> {
+        let (error, attempts) = match result {
+            Ok(ok) => return Ok(ok),
+            Err(failed) => failed,
+        };
+        if !matches!(error, AiError::UnknownModel(_) | AiError::Invalid(_)) {
+            let served = Served {
+                id: call_id(),
+                model: model.to_owned(),
+                provider: String::new(),
+                provider_model: String::new(),
+                attempts,
+            };
+            let failure = error.to_string();
+            self.record(
+                caller,
+                operation,
+                &served,
+                Usage::default(),
+                Cost::default(),
+                started,
+                Outcome::Failure,
+                &failure,
+                false,
+            )
+            .await;
+        }
+        Err(error)
+    }
+
+    /// Prices and records a whole answer from `target`.
+    #[expect(clippy::too_many_arguments, reason = "one record, assembled from the call's parts")]
+    async fn answered(
+        &self,
+        caller: &Caller,
+        operation: &'static str,
+        model: &str,
+        target: &Target,
+        attempts: Vec<Attempt>,
+        usage: Usage,
+        started: Instant,
+    ) -> (Served, Cost) {
+        let cost = self.inner.prices.cost(&target.provider, &target.model, &usage);
+        let served = served(call_id(), model, target, attempts);
+        self.record(
+            caller,
+            operation,
+            &served,
+            usage,
+            cost,
+            started,
+            Outcome::Success,
+            "",
+            false,
+        )
+        .await;
+        (served, cost)
+    }
+}
+
+fn call_id() -> String {
+    format!("gen-{}", uuid::Uuid::now_v7().simple())
+}
+
+fn served(id: String, model: &str, target: &Target, attempts: Vec<Attempt>) -> Served {
+    Served {
+        id,
+        model: model.to_owned(),
+        provider: target.provider.clone(),
+        provider_model: target.model.clone(),
+        attempts,
+    }
+}
+
+/// Tries `route`'s targets in plan order until one answers; skips open
+/// and cooling-down targets; stops at the first error that another target
+/// would repeat (the caller's own mistake).
+async fn fallback<T, F>(route: &Route, mut call: impl FnMut(Arc<Target>) -> F) -> Fallback<T>
+where
+    F: Future<Output = Result<T, ProviderError>> + Send,
+{
+    let mut attempts = Vec::new();
+    let mut last: Option<ProviderError> = None;
+    let mut soonest: Option<Duration> = None;
+    let mut cooling = false;
+    for target in route.plan() {
+        if let Err(skip) = target.admit() {
+            cooling |= matches!(skip, Skip::CoolingDown(_));
+            let d = skip.retry_after();
+            soonest = Some(soonest.map_or(d, |s| s.min(d)));
+            attempts.push(Attempt {
+                provider: target.provider.clone(),
+                model: target.model.clone(),
+                error: skip.to_string(),
+                skipped: true,
+            });
+            continue;
+        }
+        match call(target.clone()).await {
+            Ok(value) => {
+                target.report(true, None);
+                return Ok((target, value, attempts));
+            }
+            Err(e) => {
+                target.report(!e.counts_against_target(), e.retry_after());
+                if let Some(d) = e.retry_after() {
+                    soonest = Some(soonest.map_or(d, |s| s.min(d)));
+                }
+                tracing::warn!(
+                    model = %route.name,
+                    target = %target.label(),
+                    error = %e,
+                    retryable = e.retryable(),
+                    "ai target failed"
+                );
+                if let ProviderError::Invalid { field, reason } = &e {
+                    return Err((AiError::invalid(field.clone(), reason.clone()), attempts));
+                }
+                attempts.push(Attempt {
+                    provider: target.provider.clone(),
+                    model: target.model.clone(),
+                    error: e.to_string(),
+                    skipped: false,
+                });
+                let retryable = e.retryable();
+                last = Some(e);
+                if !retryable {
+                    break;
+                }
+            }
+        }
+    }
+    let summary = attempts
+        .iter()
+        .map(|a| format!("{}/{}: {}", a.provider, a.model, a.error))
+        .collect::<Vec<_>>()
+        .join("; ");
+    // Rate limited: the last call was refused with 429, or no call was made
+    // and some target is cooling down after a provider's Retry-After.
+    let rate_limited = match &last {
+        Some(e) => matches!(e, ProviderError::Status { status: 429, .. }),
+        None => cooling,
+    };
+    Err((
+        AiError::Exhausted {
+            model: route.name.clone(),
+            summary,
+            rate_limited,
+            retry_after: soonest,
+        },
+        attempts,
+    ))
+}
+
+/// Reads one upstream stream for one caller.
+struct Pump {
+    ai: Ai,
+    caller: Caller,
+    served: Served,
+    target: Arc<Target>,
+    prompt_estimate: u64,
+    started: Instant,
+}
+
+impl Pump {
+    async fn run(
+        self,
+        mut upstream: EventStream,
+        first: StreamEvent,
+        sender: mpsc::Sender<Result<StreamItem, AiError>>,
+    ) -> Result<(), AiError> {
+        let mut seen = Accumulator::default();
+        let mut next: Option<Result<StreamEvent, ProviderError>> = Some(Ok(first));
+        let (outcome, error) = loop {
+            match next {
+                None => break (Outcome::Success, String::new()),
+                Some(Ok(event)) => {
+                    seen.push(&event);
+                    if !matches!(event, StreamEvent::Usage(_))
+                        && sender.send(Ok(StreamItem::Event(event))).await.is_err()
+                    {
+                        break (Outcome::Cancelled, String::new());
+                    }
+                }
+                Some(Err(e)) => {
+                    self.target.report(!e.counts_against_target(), e.retry_after());
+                    tracing::warn!(target = %self.target.label(), error = %e, "ai stream broke after its first event");
+                    let _ = sender.send(Err(AiError::StreamBroken(e.to_string()))).await;
+                    break (Outcome::Failure, e.to_string());
+                }
+            }
+            next = tokio::select! {
+                item = upstream.next() => item,
+                () = sender.closed() => {
+                    break (Outcome::Cancelled, String::new());
+                }
+            };
+        };
+        drop(upstream);
+        let answer = seen.finish();
+        let mut usage = answer.usage;
+        let mut estimated = false;
+        if usage.input_tokens == 0 {
+            usage.input_tokens = self.prompt_estimate;
+            estimated = true;
+        }
+        if usage.output_tokens == 0 {
+            let produced = tokens::of_text(&answer.text)
+                + tokens::of_text(&answer.reasoning)
+                + answer
+                    .tool_calls
+                    .iter()
+                    .map(|c| tokens::of_text(&c.name) + tokens::of_text(&c.arguments))
+                    .sum::<u64>();
+            if produced > 0 {
+                usage.output_tokens = produced;
+                estimated = true;
+            }
+        }
+        let cost = self
+            .ai
+            .inner
+            .prices
+            .cost(&self.target.provider, &self.target.model, &usage);
+        if outcome == Outcome::Success {
+            let _ = sender.send(Ok(StreamItem::Done { usage, cost })).await;
+        }
+        self.ai
+            .record(
+                &self.caller,
+                "generate_stream",
+                &self.served,
+                usage,
+                cost,
+                self.started,
+                outcome,
+                &error,
+                estimated,
+            )
+            .await;
+        Ok(())
+    }
+}

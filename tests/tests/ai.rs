@@ -1,0 +1,560 @@
+//! The ai service as its users meet it, against local fake providers that
+//! speak OpenAI's wire format over real HTTP: fallback to the next target on
+//! a retryable failure, an open circuit breaker and a `Retry-After` that
+//! skip their target without a call, streaming with tool calls, usage and
+//! cost in `GetUsage`, a cancelled stream still billed, bad input named
+//! over gRPC, over HTTP and over the OpenAI-compatible surface, and the
+//! official `openai` Python SDK working unchanged against the gateway.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers shared by the tests; an unexpected answer fails the test"
+)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use plinth::ai::v1::ai_service_client::AiServiceClient;
+use plinth::ai::v1::{self as pb};
+use plinth_runtime::config::{AiModel, AiPrice, AiProvider, AiSettings, AiTarget, Config};
+use plinth_runtime::testing::{Backend, backend_url};
+use plinth_tests::fake_upstream::{FakeUpstream, Reply, sse_frames};
+use plinth_tests::{ADMIN_EMAIL, ADMIN_PASSWORD, TestApp, access_token, violated_field, with_admin, with_bearer};
+use serde_json::{Value, json};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn provider(fake: &FakeUpstream, kind: &str) -> AiProvider {
+    AiProvider {
+        kind: kind.into(),
+        base_url: Some(format!("{}/v1", fake.url())),
+        api_key: Some(secrecy::SecretString::from("sk-test")),
+        api_key_file: None,
+        api_version: None,
+    }
+}
+
+fn target(provider: &str, model: &str) -> AiTarget {
+    AiTarget {
+        provider: provider.into(),
+        model: model.into(),
+        weight: None,
+        tier: None,
+    }
+}
+
+/// `chat` → primary/gpt-p then backup/gpt-b; `embed` → primary/emb.
+fn config(primary: &FakeUpstream, backup: &FakeUpstream) -> Config {
+    let mut config = with_admin(TestApp::config());
+    config.ai = AiSettings {
+        providers: BTreeMap::from([
+            ("primary".to_owned(), provider(primary, "openai")),
+            ("backup".to_owned(), provider(backup, "custom")),
+        ]),
+        models: vec![
+            AiModel {
+                name: "chat".into(),
+                targets: vec![target("primary", "gpt-p"), target("backup", "gpt-b")],
+            },
+            AiModel {
+                name: "embed".into(),
+                targets: vec![target("primary", "emb")],
+            },
+        ],
+        prices: vec![
+            AiPrice {
+                provider: None,
+                model: "gpt-b".into(),
+                input: 1.0,
+                output: 2.0,
+                cached_input: None,
+                cache_write: None,
+            },
+            AiPrice {
+                provider: Some("primary".into()),
+                model: "gpt-p".into(),
+                input: 10.0,
+                output: 20.0,
+                cached_input: Some(5.0),
+                cache_write: None,
+            },
+        ],
+        timeout_ms: 5000,
+        breaker_failures: 2,
+        breaker_open_secs: 60,
+        ..AiSettings::default()
+    };
+    config
+}
+
+fn answer(text: &str, prompt: u64, completion: u64) -> Value {
+    json!({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "upstream-model",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                  "prompt_tokens_details": {"cached_tokens": 0}},
+    })
+}
+
+fn error(status: u16, kind: &str) -> Reply {
+    Reply::status(
+        status,
+        json!({"error": {"message": format!("fake {kind}"), "type": kind, "code": null}}),
+    )
+}
+
+fn user(text: &str) -> pb::Message {
+    pb::Message {
+        role: pb::Role::User as i32,
+        content: vec![pb::ContentPart {
+            part: Some(pb::content_part::Part::Text(text.into())),
+        }],
+        ..Default::default()
+    }
+}
+
+fn request(text: &str) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model: "chat".into(),
+        messages: vec![user(text)],
+        ..Default::default()
+    }
+}
+
+struct Session {
+    app: TestApp,
+    ai: AiServiceClient<Channel>,
+    token: String,
+}
+
+async fn start(config: Config) -> Session {
+    let app = TestApp::spawn(config).await.unwrap();
+    let token = access_token(&mut app.auth().await.unwrap(), ADMIN_EMAIL, ADMIN_PASSWORD)
+        .await
+        .unwrap();
+    let ai = AiServiceClient::new(app.channel().await.unwrap());
+    Session { app, ai, token }
+}
+
+impl Session {
+    async fn generate(&mut self, r: pb::GenerateRequest) -> Result<pb::GenerateResponse, tonic::Status> {
+        self.ai
+            .generate(with_bearer(r, &self.token))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Waits until `GetUsage` (grouped as given) counts `requests` calls in total.
+    async fn usage(&mut self, group_by: Vec<pb::UsageDimension>, requests: i64) -> pb::GetUsageResponse {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self
+                .ai
+                .get_usage(with_bearer(
+                    pb::GetUsageRequest {
+                        group_by: group_by.iter().map(|d| *d as i32).collect(),
+                        ..Default::default()
+                    },
+                    &self.token,
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            if r.total.as_ref().map_or(0, |t| t.requests) >= requests {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "usage never reached {requests} requests: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn target_state(&mut self, provider: &str) -> pb::Target {
+        let models = self
+            .ai
+            .list_models(with_bearer(pb::ListModelsRequest {}, &self.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .models;
+        let chat = models.into_iter().find(|m| m.name == "chat").unwrap();
+        chat.targets.into_iter().find(|t| t.provider == provider).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_failing_target_falls_back_and_the_answering_one_is_billed() {
+    let (primary, backup) = (
+        FakeUpstream::start().await.unwrap(),
+        FakeUpstream::start().await.unwrap(),
+    );
+    primary.push(CHAT, error(503, "server_error"));
+    backup.push(CHAT, Reply::ok(answer("from backup", 1_000_000, 500_000)));
+    let mut s = start(config(&primary, &backup)).await;
+
+    let r = s.generate(request("hello")).await.unwrap();
+    assert_eq!(r.provider, "backup");
+    assert_eq!(r.provider_model, "gpt-b");
+    assert_eq!(r.finish_reason, pb::FinishReason::Stop as i32);
+    let text = match &r.message.as_ref().unwrap().content[0].part {
+        Some(pb::content_part::Part::Text(t)) => t.clone(),
+        other => panic!("no text: {other:?}"),
+    };
+    assert_eq!(text, "from backup");
+    assert_eq!(r.attempts.len(), 1);
+    assert_eq!(r.attempts[0].provider, "primary");
+    assert!(!r.attempts[0].skipped);
+    assert!(r.attempts[0].error.contains("503"), "{:?}", r.attempts[0]);
+    // 1M input × $1 + 0.5M output × $2.
+    assert!(r.priced);
+    assert!((r.cost_usd - 2.0).abs() < 1e-9, "{}", r.cost_usd);
+
+    // Each target got the request under its own model name, with the default max_tokens.
+    let sent = backup.last().unwrap();
+    assert_eq!(sent.body["model"], "gpt-b");
+    assert_eq!(sent.body["max_tokens"], 4096);
+    assert_eq!(sent.body["messages"][0], json!({"role": "user", "content": "hello"}));
+    assert_eq!(sent.header("authorization"), "Bearer sk-test");
+    assert_eq!(primary.last().unwrap().body["model"], "gpt-p");
+
+    let usage = s.usage(vec![pb::UsageDimension::Provider], 1).await;
+    let total = usage.total.unwrap();
+    assert_eq!(total.failed_requests, 0);
+    assert_eq!(total.usage.as_ref().unwrap().input_tokens, 1_000_000);
+    assert_eq!(total.usage.as_ref().unwrap().output_tokens, 500_000);
+    assert!((total.cost_usd - 2.0).abs() < 1e-9);
+    assert_eq!(usage.rows.len(), 1);
+    assert_eq!(usage.rows[0].provider, "backup");
+    s.app.stop().await;
+}
+
+#[tokio::test]
+async fn an_open_breaker_and_a_retry_after_skip_their_target_without_a_call() {
+    let (primary, backup) = (
+        FakeUpstream::start().await.unwrap(),
+        FakeUpstream::start().await.unwrap(),
+    );
+    primary.always(CHAT, error(500, "server_error"));
+    backup.always(CHAT, Reply::ok(answer("ok", 10, 2)));
+    let mut s = start(config(&primary, &backup)).await;
+
+    for _ in 0..2 {
+        assert_eq!(s.generate(request("hi")).await.unwrap().provider, "backup");
+    }
+    assert_eq!(primary.requests().len(), 2);
+    assert_eq!(s.target_state("primary").await.breaker, pb::BreakerState::Open as i32);
+    // The breaker opened after two failures: the primary is skipped, not called.
+    let r = s.generate(request("hi")).await.unwrap();
+    assert_eq!(r.provider, "backup");
+    assert!(r.attempts[0].skipped, "{:?}", r.attempts);
+    assert!(r.attempts[0].error.contains("circuit open"), "{:?}", r.attempts);
+    assert_eq!(primary.requests().len(), 2, "an open target must not be called");
+
+    // A 429 with Retry-After on the backup: it is left alone for that long,
+    // and with every target unavailable the caller gets RESOURCE_EXHAUSTED
+    // with a retry delay instead of a hammering.
+    backup.push(CHAT, error(429, "rate_limit_exceeded").with_header("retry-after", "30"));
+    let refused = s.generate(request("hi")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let calls = backup.requests().len();
+    let again = s.generate(request("hi")).await.unwrap_err();
+    assert_eq!(again.code(), Code::ResourceExhausted, "{again:?}");
+    assert!(again.message().contains("cooling down"), "{again:?}");
+    let retry = again
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .unwrap();
+    assert!(retry > Duration::from_secs(20), "{retry:?}");
+    assert_eq!(
+        backup.requests().len(),
+        calls,
+        "a cooling-down target must not be called"
+    );
+    let state = s.target_state("backup").await;
+    let left = state.cooling_down.unwrap();
+    assert!(left.seconds > 20 && left.seconds <= 30, "{left:?}");
+    s.app.stop().await;
+}
+
+fn chunk(delta: Value, finish: Value) -> (&'static str, Value) {
+    (
+        "",
+        json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}),
+    )
+}
+
+#[tokio::test]
+async fn a_stream_carries_text_tool_calls_and_usage_and_a_cancelled_one_is_billed() {
+    let (primary, backup) = (
+        FakeUpstream::start().await.unwrap(),
+        FakeUpstream::start().await.unwrap(),
+    );
+    let mut frames = sse_frames([
+        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+        chunk(json!({"content": "Let me "}), Value::Null),
+        chunk(json!({"content": "check."}), Value::Null),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "weather", "arguments": ""}}]}),
+            Value::Null,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}),
+            Value::Null,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Oslo\"}"}}]}),
+            Value::Null,
+        ),
+        chunk(json!({}), json!("tool_calls")),
+        (
+            "",
+            json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
+                   "usage": {"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000, "total_tokens": 2_000_000,
+                             "prompt_tokens_details": {"cached_tokens": 400_000}}}),
+        ),
+    ]);
+    frames.push("data: [DONE]\n\n".into());
+    primary.push(CHAT, Reply::sse(frames));
+    let mut s = start(config(&primary, &backup)).await;
+
+    let mut stream =
+        s.ai.generate_stream(with_bearer(request("weather in Oslo?"), &s.token))
+            .await
+            .unwrap()
+            .into_inner();
+    let mut messages = Vec::new();
+    while let Some(m) = stream.next().await {
+        messages.push(m.unwrap());
+    }
+    assert_eq!(messages[0].provider, "primary");
+    let text: String = messages.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(text, "Let me check.");
+    let calls: Vec<&pb::ToolCallDelta> = messages.iter().flat_map(|m| &m.tool_calls).collect();
+    assert_eq!(calls[0].id, "call_1");
+    assert_eq!(calls[0].name, "weather");
+    assert!(calls.iter().all(|c| c.index == 0));
+    let args: String = calls.iter().map(|c| c.arguments.as_str()).collect();
+    assert_eq!(args, "{\"city\":\"Oslo\"}");
+    let last = messages.last().unwrap();
+    let finish = messages.iter().find(|m| m.finish_reason != 0).unwrap();
+    assert_eq!(finish.finish_reason, pb::FinishReason::ToolCalls as i32);
+    let usage = last.usage.unwrap();
+    assert_eq!(
+        (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens),
+        (1_000_000, 1_000_000, 400_000)
+    );
+    // 0.6M × $10 + 0.4M cached × $5 + 1M × $20.
+    assert!((last.cost_usd - 28.0).abs() < 1e-9, "{}", last.cost_usd);
+    // Upstream was asked for usage although the caller did not ask.
+    assert_eq!(primary.last().unwrap().body["stream_options"]["include_usage"], true);
+    let before = s.usage(vec![], 1).await.total.unwrap();
+
+    // A stream the caller abandons after two deltas: the upstream never
+    // sent its usage, yet the call is recorded with what was produced.
+    primary.push(
+        CHAT,
+        Reply::Sse {
+            chunks: sse_frames([
+                chunk(json!({"content": "word ".repeat(40)}), Value::Null),
+                chunk(json!({"content": "more ".repeat(40)}), Value::Null),
+            ]),
+            gap: Duration::ZERO,
+            hang_after: true,
+        },
+    );
+    let mut stream =
+        s.ai.generate_stream(with_bearer(request("write a long story"), &s.token))
+            .await
+            .unwrap()
+            .into_inner();
+    let mut got = 0;
+    while got < 2 {
+        let m = stream.next().await.unwrap().unwrap();
+        if !m.text.is_empty() {
+            got += 1;
+        }
+    }
+    drop(stream);
+    let after = s.usage(vec![], 2).await.total.unwrap();
+    let billed = after.usage.unwrap().output_tokens - before.usage.unwrap().output_tokens;
+    assert!(
+        billed >= 80,
+        "a cancelled stream must be billed for its ~100 produced tokens, got {billed}"
+    );
+    assert!(after.cost_usd > before.cost_usd);
+    s.app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_named_and_reaches_no_provider() {
+    let (primary, backup) = (
+        FakeUpstream::start().await.unwrap(),
+        FakeUpstream::start().await.unwrap(),
+    );
+    let mut s = start(config(&primary, &backup)).await;
+
+    let mut no_role = request("x");
+    no_role.messages[0].role = 0;
+    let e = s.generate(no_role).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(violated_field(&e), "messages[0].role");
+    let mut hot = request("x");
+    hot.temperature = Some(3.0);
+    assert_eq!(violated_field(&s.generate(hot).await.unwrap_err()), "temperature");
+    let unknown = pb::GenerateRequest {
+        model: "nope".into(),
+        ..request("x")
+    };
+    assert_eq!(s.generate(unknown).await.unwrap_err().code(), Code::NotFound);
+
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", s.app.http);
+    let r = http
+        .post(format!("{base}/v1/ai:generate"))
+        .bearer_auth(&s.token)
+        .json(&json!({"model": "chat", "messages": [{"role": "ROLE_USER", "content": [{"text": "x"}]}], "topP": 1.5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body.to_string().contains("top_p"), "{body}");
+
+    // The OpenAI-compatible surface answers in OpenAI's error shape.
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&s.token)
+        .json(&json!({"model": "chat", "messages": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "messages", "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&s.token)
+        .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "x"}], "temperature": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "temperature", "{body}");
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&s.token)
+        .json(&json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the OpenAI surface is authenticated like the rest");
+
+    assert!(primary.requests().is_empty() && backup.requests().is_empty());
+    s.app.stop().await;
+}
+
+#[tokio::test]
+async fn the_official_openai_python_sdk_works_unchanged() {
+    let Some(python) = backend_url(Backend::Python, "the_official_openai_python_sdk_works_unchanged").unwrap() else {
+        return;
+    };
+    let (primary, backup) = (
+        FakeUpstream::start().await.unwrap(),
+        FakeUpstream::start().await.unwrap(),
+    );
+    // In the order the script calls.
+    primary.push(CHAT, Reply::ok(answer("Hello from Plinth", 9, 4)));
+    let mut frames = sse_frames([
+        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+        chunk(json!({"content": "one "}), Value::Null),
+        chunk(json!({"content": "two"}), Value::Null),
+        chunk(json!({}), json!("stop")),
+        (
+            "",
+            json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
+                   "usage": {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}}),
+        ),
+    ]);
+    frames.push("data: [DONE]\n\n".into());
+    primary.push(CHAT, Reply::sse(frames));
+    let mut frames = sse_frames([
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "lookup", "arguments": ""}}]}),
+            Value::Null,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\":"}}]}),
+            Value::Null,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"rust\"}"}}]}),
+            Value::Null,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\":\"go\"}"}}]}),
+            Value::Null,
+        ),
+        chunk(json!({}), json!("tool_calls")),
+    ]);
+    frames.push("data: [DONE]\n\n".into());
+    primary.push(CHAT, Reply::sse(frames));
+    // Out of order on purpose: the index decides.
+    primary.push(
+        "/v1/embeddings",
+        Reply::ok(
+            json!({"object": "list", "model": "emb", "usage": {"prompt_tokens": 4, "total_tokens": 4},
+            "data": [{"object": "embedding", "index": 1, "embedding": [0.5, -1.0, 0.25]},
+                     {"object": "embedding", "index": 0, "embedding": [1.0, 2.0, 3.0]}]}),
+        ),
+    );
+    primary.push(
+        "/v1/embeddings",
+        Reply::ok(
+            json!({"object": "list", "model": "emb", "usage": {"prompt_tokens": 2, "total_tokens": 2},
+            "data": [{"object": "embedding", "index": 0, "embedding": [1.0, 2.0, 3.0]}]}),
+        ),
+    );
+    let s = start(config(&primary, &backup)).await;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_sdk.py");
+    // Off the runtime's thread: the app under test is served by this runtime.
+    let (base, token) = (format!("http://{}/v1", s.app.http), s.token.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .arg(base)
+            .arg(token)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "the openai SDK script failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The script's streamed call asked for usage; upstream always is.
+    let streamed = &primary.requests()[1];
+    assert_eq!(streamed.body["stream"], true);
+    assert_eq!(streamed.body["messages"][0]["role"], "system");
+    s.app.stop().await;
+}
