@@ -208,8 +208,9 @@ pub fn server_config(database_url: &str) -> Config {
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let app = TestApp::spawn(config.clone()).await?;
     out(&format!(
-        "grpc={} data={} schema_prefix={}",
+        "grpc={} http={} data={} schema_prefix={}",
         app.grpc,
+        app.http,
         config.data_dir.display(),
         config.storage.schema_prefix
     ));

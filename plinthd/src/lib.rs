@@ -212,7 +212,8 @@ impl Plinth {
                     }
                 }
                 if component == Component::Ai {
-                    let ai = plinth_ai::Ai::new(&cfg.ai, db.clone(), Some(relay.clone()), tasks.clone())?;
+                    let ai =
+                        plinth_ai::Ai::new(&cfg.ai, db.clone(), Some(relay.clone()), state.clone(), tasks.clone())?;
                     if cfg.ai.models.is_empty() {
                         tracing::warn!(
                             "no ai models configured: Generate and Embed answer NOT_FOUND until [[ai.models]] (or PLINTH_AI__MODELS) names some"

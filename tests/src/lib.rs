@@ -176,6 +176,14 @@ impl TestApp {
         }
     }
 
+    /// Shuts the app down as SIGTERM would and keeps its data (SQLite files,
+    /// PostgreSQL schemas), so that `TestApp::spawn` with the same config
+    /// starts it again.
+    pub async fn stop_keeping_data(self) {
+        self.shutdown.cancel();
+        self.tasks.shutdown(Duration::from_secs(10)).await;
+    }
+
     /// Shuts the app down as SIGTERM would and removes its data.
     pub async fn stop(self) {
         self.shutdown.cancel();

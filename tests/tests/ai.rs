@@ -44,6 +44,8 @@ fn target(provider: &str, model: &str) -> AiTarget {
         model: model.into(),
         weight: None,
         tier: None,
+        requests_per_minute: None,
+        tokens_per_minute: None,
     }
 }
 
@@ -557,4 +559,121 @@ async fn the_official_openai_python_sdk_works_unchanged() {
     assert_eq!(streamed.body["stream"], true);
     assert_eq!(streamed.body["messages"][0]["role"], "system");
     s.app.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limits_reserve_up_front_settle_to_use_and_release_on_failure() {
+    let (primary, backup) = (
+        FakeUpstream::start().await.unwrap(),
+        FakeUpstream::start().await.unwrap(),
+    );
+    let mut config = config(&primary, &backup);
+    // Each call reserves its prompt estimate plus max_tokens (4,096 by
+    // default): two at once fit in 10,000, three do not.
+    config.ai.caller_tokens_per_minute = 10_000;
+    config.ai.models[0].targets[0].requests_per_minute = Some(2);
+    primary.always(CHAT, Reply::ok(answer("p", 10, 2)));
+    backup.always(CHAT, Reply::ok(answer("b", 10, 2)));
+    let mut s = start(config).await;
+
+    // Settled to 12 tokens each, five calls in a row fit easily; the
+    // primary takes two a minute, then is skipped (not called) for the backup.
+    for i in 0..5 {
+        let r = s.generate(request("hi")).await.unwrap();
+        if i < 2 {
+            assert_eq!(r.provider, "primary");
+        } else {
+            assert_eq!(r.provider, "backup", "{r:?}");
+            assert!(
+                r.attempts[0].skipped && r.attempts[0].error.contains("requests per minute"),
+                "{r:?}"
+            );
+        }
+    }
+    assert_eq!(primary.requests().len(), 2);
+
+    // Failures give their reservation back: three failed calls in a row
+    // would have held 12,000 tokens.
+    backup.push(CHAT, error(400, "invalid_request_error"));
+    backup.push(CHAT, error(400, "invalid_request_error"));
+    backup.push(CHAT, error(400, "invalid_request_error"));
+    for _ in 0..3 {
+        assert!(s.generate(request("hi")).await.is_err());
+    }
+    assert_eq!(s.generate(request("hi")).await.unwrap().provider, "backup");
+
+    // One call that could use more than the caller's minute is refused
+    // before any provider is asked, with when to retry.
+    let calls = backup.requests().len();
+    let mut big = request("hi");
+    big.max_tokens = Some(20_000);
+    let e = s.generate(big).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("tokens per minute"), "{e:?}");
+    assert!(e.get_error_details().retry_info().is_some());
+    assert_eq!(backup.requests().len(), calls);
+    s.app.stop().await;
+}
+
+#[tokio::test]
+async fn a_budget_refuses_once_spent_and_stays_spent_across_a_restart() {
+    let (primary, backup) = (
+        FakeUpstream::start().await.unwrap(),
+        FakeUpstream::start().await.unwrap(),
+    );
+    // $10 in, $20 out per million tokens on the primary; 100 + 100 tokens = $0.003 a call.
+    primary.always(CHAT, Reply::ok(answer("p", 100, 100)));
+    let mut config = config(&primary, &backup);
+    let s = start(config.clone()).await;
+    let created = plinth::auth::v1::auth_service_client::AuthServiceClient::new(s.app.channel().await.unwrap())
+        .create_api_key(with_bearer(
+            plinth::auth::v1::CreateApiKeyRequest {
+                display_name: "budgeted".into(),
+                scopes: vec![],
+                expire_time: None,
+            },
+            &s.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (key_id, secret) = (created.api_key.unwrap().id, created.secret);
+    s.app.stop_keeping_data().await;
+
+    config.ai.budgets = vec![plinth_runtime::config::AiBudget {
+        tenant: None,
+        api_key: Some(key_id.clone()),
+        usd: 0.01,
+        period: "month".into(),
+    }];
+    config.ai.models[0].targets.truncate(1);
+    let call = |max: i32| pb::GenerateRequest {
+        max_tokens: Some(max),
+        ..request("hi")
+    };
+    let app = TestApp::spawn(config.clone()).await.unwrap();
+    let mut ai = AiServiceClient::new(app.channel().await.unwrap());
+    // Each call reserves (prompt + 100) × $20/M ≈ $0.0022 and settles to $0.003.
+    for _ in 0..3 {
+        ai.generate(with_bearer(call(100), &secret)).await.unwrap();
+    }
+    let e = ai.generate(with_bearer(call(100), &secret)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("budget"), "{e:?}");
+    assert_eq!(primary.requests().len(), 3, "a refused call reaches no provider");
+    // Other callers are not limited by this key's budget.
+    let admin = access_token(&mut app.auth().await.unwrap(), ADMIN_EMAIL, ADMIN_PASSWORD)
+        .await
+        .unwrap();
+    ai.generate(with_bearer(call(100), &admin)).await.unwrap();
+    app.stop_keeping_data().await;
+
+    // A restart starts with an empty in-process counter: it is seeded from
+    // the recorded usage, so the spent budget stays spent.
+    let app = TestApp::spawn(config).await.unwrap();
+    let mut ai = AiServiceClient::new(app.channel().await.unwrap());
+    let e = ai.generate(with_bearer(call(100), &secret)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert_eq!(primary.requests().len(), 4);
+    app.stop().await;
 }

@@ -27,6 +27,29 @@ pub enum AiError {
         /// When a skipped target may be tried again.
         retry_after: Option<Duration>,
     },
+    /// The caller is over a rate limit.
+    #[error("rate limited: {reason}")]
+    RateLimited {
+        /// Which limit.
+        reason: String,
+        /// When the window ends.
+        retry_after: std::time::Duration,
+    },
+    /// The caller's tenant or API key has spent its budget.
+    #[error("budget exceeded: {reason}")]
+    BudgetExceeded {
+        /// Which budget, spent how far.
+        reason: String,
+        /// When the period ends.
+        retry_after: std::time::Duration,
+    },
+    /// A budget applies but a target of the model has no price, so the
+    /// budget could not be kept.
+    #[error("{0}")]
+    Unpriced(String),
+    /// The shared state holding limits is unreachable.
+    #[error("rate limits and budgets unavailable: {0}")]
+    Limits(String),
     /// A stream broke after its first delta (no fallback is possible then).
     #[error("the provider's stream broke: {0}")]
     StreamBroken(String),
@@ -63,7 +86,9 @@ impl ServiceError for AiError {
             Self::Invalid(_) => ErrorCode::InvalidArgument,
             Self::UnknownModel(_) => ErrorCode::NotFound,
             Self::Exhausted { rate_limited: true, .. } => ErrorCode::ResourceExhausted,
-            Self::Exhausted { .. } | Self::StreamBroken(_) => ErrorCode::Unavailable,
+            Self::Exhausted { .. } | Self::StreamBroken(_) | Self::Limits(_) => ErrorCode::Unavailable,
+            Self::RateLimited { .. } | Self::BudgetExceeded { .. } => ErrorCode::ResourceExhausted,
+            Self::Unpriced(_) => ErrorCode::FailedPrecondition,
             Self::Config(_) => ErrorCode::Internal,
             Self::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
             Self::Storage(_) => ErrorCode::Internal,
@@ -77,6 +102,10 @@ impl ServiceError for AiError {
             Self::Exhausted { rate_limited: true, .. } => "UPSTREAM_RATE_LIMITED",
             Self::Exhausted { .. } => "NO_TARGET_AVAILABLE",
             Self::StreamBroken(_) => "UPSTREAM_STREAM_BROKEN",
+            Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::BudgetExceeded { .. } => "BUDGET_EXCEEDED",
+            Self::Unpriced(_) => "MODEL_UNPRICED",
+            Self::Limits(_) => "LIMITS_UNAVAILABLE",
             Self::Config(_) => "AI_MISCONFIGURED",
             Self::Storage(e) if e.is_unavailable() => "STORAGE_UNAVAILABLE",
             Self::Storage(_) => "STORAGE_ERROR",
@@ -93,6 +122,7 @@ impl ServiceError for AiError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Exhausted { retry_after, .. } => *retry_after,
+            Self::RateLimited { retry_after, .. } | Self::BudgetExceeded { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

@@ -2,11 +2,12 @@
 //! Gemini and any OpenAI-compatible endpoint. `model` is the shape,
 //! `providers` the wire formats, `router` picks targets and keeps their
 //! health, `service` falls back, streams and records usage, `pricing` and
-//! `tokens` count money and tokens, `usage` stores records, `grpc` is the
-//! wire.
+//! `tokens` count money and tokens, `limits` holds rate limits and budgets,
+//! `usage` stores records, `grpc` is the wire.
 
 mod error;
 mod grpc;
+pub mod limits;
 pub mod model;
 pub mod pricing;
 pub mod providers;

@@ -15,6 +15,7 @@ use rand::Rng;
 use secrecy::SecretString;
 
 use crate::error::AiError;
+use crate::limits::Limit;
 use crate::providers::{self, Endpoint, Provider, ProviderKind};
 
 /// One provider model of a route.
@@ -32,6 +33,8 @@ pub struct Target {
     pub weight: u32,
     /// The adapter.
     pub adapter: Arc<dyn Provider>,
+    /// Its rate limit, shared by every route that uses it.
+    pub limit: Option<Limit>,
     health: Arc<Health>,
 }
 
@@ -233,6 +236,11 @@ impl Router {
                     tier: t.tier.unwrap_or(u32::try_from(position).unwrap_or(u32::MAX)),
                     weight: t.weight.unwrap_or(1),
                     adapter: adapter.clone(),
+                    limit: (t.requests_per_minute.is_some() || t.tokens_per_minute.is_some()).then(|| Limit {
+                        scope: format!("target {label}"),
+                        requests_per_minute: t.requests_per_minute.unwrap_or(0),
+                        tokens_per_minute: t.tokens_per_minute.unwrap_or(0),
+                    }),
                     health,
                 }));
             }

@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use plinth_runtime::Tasks;
 use plinth_runtime::auth::unix_now_ms;
-use plinth_runtime::config::AiSettings;
+use plinth_runtime::config::{AiBudget, AiSettings};
 use plinth_runtime::events::outbox::Relay;
 use plinth_runtime::resilience::BreakerState;
+use plinth_runtime::state::SharedStateRef;
 use plinth_runtime::storage::Db;
 use tokio::sync::mpsc;
 
 use crate::error::AiError;
+use crate::limits::{Limit, Reservation};
 use crate::model::{Accumulator, ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, StreamEvent, Usage};
 use crate::pricing::{Cost, Prices};
 use crate::providers::{EventStream, ProviderError};
@@ -142,6 +144,10 @@ struct Inner {
     usage: UsageLog,
     default_max_tokens: u32,
     tasks: Tasks,
+    state: SharedStateRef,
+    caller_rpm: u64,
+    caller_tpm: u64,
+    budgets: Vec<AiBudget>,
 }
 
 /// The ai service's domain; cheap to clone.
@@ -166,7 +172,25 @@ type Opened = (EventStream, StreamEvent);
 impl Ai {
     /// The service over `db`, with targets from `settings`; starts the
     /// usage writer on `tasks`.
-    pub fn new(settings: &AiSettings, db: Db, relay: Option<Relay>, tasks: Tasks) -> Result<Self, AiError> {
+    pub fn new(
+        settings: &AiSettings,
+        db: Db,
+        relay: Option<Relay>,
+        state: SharedStateRef,
+        tasks: Tasks,
+    ) -> Result<Self, AiError> {
+        for (i, b) in settings.budgets.iter().enumerate() {
+            if b.tenant.is_some() == b.api_key.is_some() {
+                return Err(AiError::Config(format!(
+                    "budgets[{i}]: give exactly one of tenant or api_key"
+                )));
+            }
+            if !(b.usd.is_finite() && b.usd >= 0.0) || crate::limits::period(&b.period, 0).is_none() {
+                return Err(AiError::Config(format!(
+                    "budgets[{i}]: usd must be a non-negative amount and period day or month"
+                )));
+            }
+        }
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -185,6 +209,10 @@ impl Ai {
                 usage: log,
                 default_max_tokens: settings.default_max_tokens.max(1),
                 tasks,
+                state,
+                caller_rpm: settings.caller_requests_per_minute,
+                caller_tpm: settings.caller_tokens_per_minute,
+                budgets: settings.budgets.clone(),
             }),
         })
     }
@@ -197,7 +225,9 @@ impl Ai {
         if request.max_tokens.is_none() {
             request.max_tokens = Some(self.inner.default_max_tokens);
         }
-        let result = fallback(route, |target| {
+        let reserve = tokens::of_request(&request) + u64::from(request.max_tokens.unwrap_or(0));
+        let mut held = self.reserve(caller, route, reserve).await?;
+        let result = fallback(route, &self.inner.state, &mut held, reserve, |target| {
             let request = ChatRequest {
                 model: target.model.clone(),
                 ..request.clone()
@@ -205,10 +235,14 @@ impl Ai {
             async move { target.adapter.chat(&request).await }
         })
         .await;
+        if result.is_err() {
+            held.give_back().await;
+        }
         let (target, response, attempts) = self.settle(caller, "generate", model, started, result).await?;
         let (served, cost) = self
             .answered(caller, "generate", model, &target, attempts, response.usage, started)
             .await;
+        held.settle(response.usage.total(), cost.nanos).await;
         Ok(Answer { served, response, cost })
     }
 
@@ -227,7 +261,9 @@ impl Ai {
         if request.max_tokens.is_none() {
             request.max_tokens = Some(self.inner.default_max_tokens);
         }
-        let result = fallback(route, |target| {
+        let reserve = tokens::of_request(&request) + u64::from(request.max_tokens.unwrap_or(0));
+        let mut held = self.reserve(caller, route, reserve).await?;
+        let result = fallback(route, &self.inner.state, &mut held, reserve, |target| {
             let request = ChatRequest {
                 model: target.model.clone(),
                 ..request.clone()
@@ -242,6 +278,9 @@ impl Ai {
             }
         })
         .await;
+        if result.is_err() {
+            held.give_back().await;
+        }
         let (target, (upstream, first), attempts) =
             self.settle(caller, "generate_stream", model, started, result).await?;
         let served = served(call_id(), model, &target, attempts);
@@ -253,6 +292,7 @@ impl Ai {
             target,
             prompt_estimate: tokens::of_request(&request),
             started,
+            held,
         };
         self.inner.tasks.spawn("ai-stream", pump.run(upstream, first, sender));
         Ok(Streaming { served, items })
@@ -262,7 +302,9 @@ impl Ai {
     pub async fn embed(&self, caller: &Caller, model: &str, request: EmbedRequest) -> Result<Embedded, AiError> {
         let started = Instant::now();
         let route = self.inner.router.route(model)?;
-        let result = fallback(route, |target| {
+        let reserve: u64 = request.inputs.iter().map(|t| tokens::of_text(t)).sum();
+        let mut held = self.reserve(caller, route, reserve).await?;
+        let result = fallback(route, &self.inner.state, &mut held, reserve, |target| {
             let request = EmbedRequest {
                 model: target.model.clone(),
                 ..request.clone()
@@ -270,6 +312,9 @@ impl Ai {
             async move { target.adapter.embed(&request).await }
         })
         .await;
+        if result.is_err() {
+            held.give_back().await;
+        }
         let (target, mut response, attempts) = self.settle(caller, "embed", model, started, result).await?;
         if response.usage.input_tokens == 0 {
             // Some providers (Gemini) do not count embedding input.
@@ -278,6 +323,7 @@ impl Ai {
         let (served, cost) = self
             .answered(caller, "embed", model, &target, attempts, response.usage, started)
             .await;
+        held.settle(response.usage.total(), cost.nanos).await;
         Ok(Embedded { served, response, cost })
     }
 
@@ -355,6 +401,99 @@ impl Ai {
                 estimated,
             })
             .await;
+    }
+
+    /// Takes the caller's rate limits and budgets for a call that may use
+    /// `tokens` (prompt estimate plus `max_tokens`), before any target is tried.
+    async fn reserve(&self, caller: &Caller, route: &Route, tokens: u64) -> Result<Reservation, AiError> {
+        let inner = &self.inner;
+        let mut held = Reservation::none(inner.tasks.clone());
+        if inner.caller_rpm > 0 || inner.caller_tpm > 0 {
+            let scope = if caller.api_key.is_empty() {
+                format!("caller {}", caller.subject)
+            } else {
+                format!("api key {}", caller.api_key)
+            };
+            let limit = Limit {
+                scope,
+                requests_per_minute: inner.caller_rpm,
+                tokens_per_minute: inner.caller_tpm,
+            };
+            if let Err(refused) = held
+                .take_limits(&inner.state, &[limit], tokens)
+                .await
+                .map_err(|e| AiError::Limits(e.to_string()))?
+            {
+                return Err(AiError::RateLimited {
+                    reason: refused.reason,
+                    retry_after: refused.retry_after,
+                });
+            }
+        }
+        let budgets = inner.budgets.iter().filter(|b| {
+            b.tenant
+                .as_ref()
+                .is_some_and(|t| !caller.tenant.is_empty() && *t == caller.tenant)
+                || b.api_key
+                    .as_ref()
+                    .is_some_and(|k| !caller.api_key.is_empty() && *k == caller.api_key)
+        });
+        for budget in budgets {
+            // The most this call could cost: all of `tokens` at the dearest
+            // target's output price (output is the dearer side at every
+            // provider we know).
+            let worst = Usage {
+                output_tokens: tokens,
+                ..Usage::default()
+            };
+            let mut most = 0;
+            for t in &route.targets {
+                let cost = inner.prices.cost(&t.provider, &t.model, &worst);
+                if !cost.priced {
+                    return Err(AiError::Unpriced(format!(
+                        "a budget applies to this caller but target {} of model {:?} has no price; add it to [[ai.prices]]",
+                        t.label(),
+                        route.name
+                    )));
+                }
+                most = most.max(cost.nanos);
+            }
+            let (scope, query) = match (&budget.tenant, &budget.api_key) {
+                (Some(t), _) => (
+                    format!("tenant {t}"),
+                    UsageQuery {
+                        tenant: t.clone(),
+                        ..UsageQuery::default()
+                    },
+                ),
+                (None, k) => (
+                    format!("api key {}", k.clone().unwrap_or_default()),
+                    UsageQuery {
+                        api_key: k.clone().unwrap_or_default(),
+                        ..UsageQuery::default()
+                    },
+                ),
+            };
+            let usage = inner.usage.clone();
+            let spent_before = async move |start_ms: i64| -> Result<i64, AiError> {
+                let q = UsageQuery {
+                    start_ms,
+                    end_ms: i64::MAX,
+                    ..query
+                };
+                Ok(usage.summarize(&q).await?.first().map_or(0, |s| s.cost_nanos))
+            };
+            if let Err(refused) = held
+                .take_budget(&inner.state, budget, &scope, most, spent_before)
+                .await?
+            {
+                return Err(AiError::BudgetExceeded {
+                    reason: refused.reason,
+                    retry_after: refused.retry_after,
+                });
+            }
+        }
+        Ok(held)
     }
 
     /// A fallback's result; a failure is recorded (unless it was the
@@ -443,7 +582,13 @@ fn served(id: String, model: &str, target: &Target, attempts: Vec<Attempt>) -> S
 /// Tries `route`'s targets in plan order until one answers; skips open
 /// and cooling-down targets; stops at the first error that another target
 /// would repeat (the caller's own mistake).
-async fn fallback<T, F>(route: &Route, mut call: impl FnMut(Arc<Target>) -> F) -> Fallback<T>
+async fn fallback<T, F>(
+    route: &Route,
+    state: &SharedStateRef,
+    held: &mut Reservation,
+    tokens: u64,
+    mut call: impl FnMut(Arc<Target>) -> F,
+) -> Fallback<T>
 where
     F: Future<Output = Result<T, ProviderError>> + Send,
 {
@@ -463,6 +608,25 @@ where
                 skipped: true,
             });
             continue;
+        }
+        if let Some(limit) = &target.limit {
+            let taken = held
+                .take_limits(state, std::slice::from_ref(limit), tokens)
+                .await
+                .map_err(|e| (AiError::Limits(e.to_string()), attempts.clone()))?;
+            if let Err(refused) = taken {
+                // Not called: the breaker slot admit() took is handed back unused.
+                target.report(true, None);
+                cooling = true;
+                soonest = Some(soonest.map_or(refused.retry_after, |s| s.min(refused.retry_after)));
+                attempts.push(Attempt {
+                    provider: target.provider.clone(),
+                    model: target.model.clone(),
+                    error: refused.reason,
+                    skipped: true,
+                });
+                continue;
+            }
         }
         match call(target.clone()).await {
             Ok(value) => {
@@ -528,6 +692,7 @@ struct Pump {
     target: Arc<Target>,
     prompt_estimate: u64,
     started: Instant,
+    held: Reservation,
 }
 
 impl Pump {
@@ -590,6 +755,7 @@ impl Pump {
             .inner
             .prices
             .cost(&self.target.provider, &self.target.model, &usage);
+        self.held.settle(usage.total(), cost.nanos).await;
         if outcome == Outcome::Success {
             let _ = sender.send(Ok(StreamItem::Done { usage, cost })).await;
         }

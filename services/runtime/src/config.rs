@@ -319,6 +319,37 @@ pub struct AiSettings {
     /// Seconds an open breaker skips its target before a trial call
     /// (`PLINTH_AI__BREAKER_OPEN_SECS`).
     pub breaker_open_secs: u64,
+    /// Requests per minute one caller (API key, else user) may make; 0 for
+    /// no limit (`PLINTH_AI__CALLER_REQUESTS_PER_MINUTE`).
+    pub caller_requests_per_minute: u64,
+    /// Tokens per minute one caller may reserve (prompt estimate plus
+    /// `max_tokens`, settled to actual use); 0 for no limit
+    /// (`PLINTH_AI__CALLER_TOKENS_PER_MINUTE`).
+    pub caller_tokens_per_minute: u64,
+    /// Spending limits per tenant or API key.
+    pub budgets: Vec<AiBudget>,
+}
+
+/// A spending limit in US dollars per UTC day or calendar month, for one
+/// tenant or one API key (give exactly one).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AiBudget {
+    /// The tenant it limits.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// The API key id it limits.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// US dollars per period.
+    pub usd: f64,
+    /// `day` or `month` (default).
+    #[serde(default = "month")]
+    pub period: String,
+}
+
+fn month() -> String {
+    "month".into()
 }
 
 impl Default for AiSettings {
@@ -331,6 +362,9 @@ impl Default for AiSettings {
             default_max_tokens: 4096,
             breaker_failures: 5,
             breaker_open_secs: 30,
+            caller_requests_per_minute: 0,
+            caller_tokens_per_minute: 0,
+            budgets: Vec::new(),
         }
     }
 }
@@ -381,6 +415,14 @@ pub struct AiTarget {
     /// Lower tiers are tried first (default: the target's position).
     #[serde(default)]
     pub tier: Option<u32>,
+    /// Requests per minute sent to this provider model (all routes
+    /// together); a target at its limit is skipped like a busy one.
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    /// Tokens per minute sent to this provider model (reserved as prompt
+    /// estimate plus `max_tokens`, settled to actual use).
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
 }
 
 /// Prices of one provider model, in US dollars per million tokens.
