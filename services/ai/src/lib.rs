@@ -13,6 +13,7 @@ pub mod pricing;
 pub mod providers;
 pub mod router;
 mod service;
+mod telemetry;
 pub mod tokens;
 pub mod usage;
 

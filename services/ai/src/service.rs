@@ -15,6 +15,7 @@ use plinth_runtime::resilience::BreakerState;
 use plinth_runtime::state::SharedStateRef;
 use plinth_runtime::storage::Db;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::error::AiError;
 use crate::limits::{Limit, Reservation};
@@ -22,8 +23,8 @@ use crate::model::{Accumulator, ChatRequest, ChatResponse, EmbedRequest, EmbedRe
 use crate::pricing::{Cost, Prices};
 use crate::providers::{EventStream, ProviderError};
 use crate::router::{Route, Router, Skip, Target};
-use crate::tokens;
 use crate::usage::{self, Outcome, Recorder, UsageLog, UsageQuery, UsageRecord, UsageSum};
+use crate::{telemetry, tokens};
 
 /// Who is calling, for usage records.
 #[derive(Debug, Clone, Default)]
@@ -58,6 +59,9 @@ pub struct Served {
     pub model: String,
     /// The provider that answered.
     pub provider: String,
+    /// Its wire format in the GenAI conventions' names (`openai`,
+    /// `anthropic`, `gcp.gemini`, `azure.ai.openai`); empty when none answered.
+    pub kind: &'static str,
     /// Its model.
     pub provider_model: String,
     /// Targets before it.
@@ -219,6 +223,11 @@ impl Ai {
 
     /// One whole answer.
     pub async fn generate(&self, caller: &Caller, model: &str, request: ChatRequest) -> Result<Answer, AiError> {
+        let span = telemetry::span("generate", model);
+        self.generate_in_span(caller, model, request).instrument(span).await
+    }
+
+    async fn generate_in_span(&self, caller: &Caller, model: &str, request: ChatRequest) -> Result<Answer, AiError> {
         let started = Instant::now();
         let route = self.inner.router.route(model)?;
         let mut request = request;
@@ -254,6 +263,19 @@ impl Ai {
         caller: &Caller,
         model: &str,
         request: ChatRequest,
+    ) -> Result<Streaming, AiError> {
+        let span = telemetry::span("generate_stream", model);
+        self.generate_stream_in_span(caller, model, request, span.clone())
+            .instrument(span)
+            .await
+    }
+
+    async fn generate_stream_in_span(
+        &self,
+        caller: &Caller,
+        model: &str,
+        request: ChatRequest,
+        span: tracing::Span,
     ) -> Result<Streaming, AiError> {
         let started = Instant::now();
         let route = self.inner.router.route(model)?;
@@ -294,12 +316,19 @@ impl Ai {
             started,
             held,
         };
-        self.inner.tasks.spawn("ai-stream", pump.run(upstream, first, sender));
+        self.inner
+            .tasks
+            .spawn("ai-stream", pump.run(upstream, first, sender).instrument(span));
         Ok(Streaming { served, items })
     }
 
     /// Embeddings, in input order.
     pub async fn embed(&self, caller: &Caller, model: &str, request: EmbedRequest) -> Result<Embedded, AiError> {
+        let span = telemetry::span("embed", model);
+        self.embed_in_span(caller, model, request).instrument(span).await
+    }
+
+    async fn embed_in_span(&self, caller: &Caller, model: &str, request: EmbedRequest) -> Result<Embedded, AiError> {
         let started = Instant::now();
         let route = self.inner.router.route(model)?;
         let reserve: u64 = request.inputs.iter().map(|t| tokens::of_text(t)).sum();
@@ -375,6 +404,9 @@ impl Ai {
         error: &str,
         estimated: bool,
     ) {
+        // The error type is the kind of failure, not its text (a metric label).
+        let error_type = (outcome == Outcome::Failure).then_some("upstream");
+        telemetry::finished(operation, served, &usage, started.elapsed(), error_type);
         self.inner
             .recorder
             .record(UsageRecord {
@@ -515,6 +547,7 @@ impl Ai {
                 id: call_id(),
                 model: model.to_owned(),
                 provider: String::new(),
+                kind: "",
                 provider_model: String::new(),
                 attempts,
             };
@@ -574,6 +607,7 @@ fn served(id: String, model: &str, target: &Target, attempts: Vec<Attempt>) -> S
         id,
         model: model.to_owned(),
         provider: target.provider.clone(),
+        kind: target.kind.semconv_name(),
         provider_model: target.model.clone(),
         attempts,
     }

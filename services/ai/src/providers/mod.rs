@@ -136,6 +136,16 @@ impl ProviderKind {
         }
     }
 
+    /// The OpenTelemetry GenAI `gen_ai.provider.name`.
+    pub fn semconv_name(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Azure => "azure.ai.openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gcp.gemini",
+        }
+    }
+
     /// Parses a configuration name; `custom` and `openai-compatible` are
     /// OpenAI's format at another base URL.
     pub fn parse(name: &str) -> Option<Self> {
