@@ -677,3 +677,47 @@ async fn a_budget_refuses_once_spent_and_stays_spent_across_a_restart() {
     assert_eq!(primary.requests().len(), 4);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn identical_deterministic_requests_are_answered_from_the_cache() {
+    let (primary, backup) = (FakeUpstream::start().await.unwrap(), FakeUpstream::start().await.unwrap());
+    primary.always(CHAT, Reply::ok(answer("cached answer", 30, 3)));
+    let mut s = start(config(&primary, &backup)).await;
+    let zero = pb::GenerateRequest {
+        temperature: Some(0.0),
+        ..request("what is 2+2?")
+    };
+
+    let first = s.generate(zero.clone()).await.unwrap();
+    assert!(!first.cached);
+    let second = s.generate(zero.clone()).await.unwrap();
+    assert!(second.cached, "{second:?}");
+    assert_eq!(second.message, first.message);
+    assert_eq!(second.provider, "primary");
+    assert_eq!(second.cost_usd, 0.0);
+    assert_eq!(primary.requests().len(), 1, "a cache hit calls no provider");
+
+    // Another question, a bypass, or a sampled request all go upstream.
+    let other = pb::GenerateRequest {
+        temperature: Some(0.0),
+        ..request("what is 3+3?")
+    };
+    assert!(!s.generate(other).await.unwrap().cached);
+    let bypass = pb::GenerateRequest {
+        cache: pb::CachePolicy::Bypass as i32,
+        ..zero.clone()
+    };
+    assert!(!s.generate(bypass).await.unwrap().cached);
+    let sampled = pb::GenerateRequest {
+        temperature: Some(0.7),
+        ..request("what is 2+2?")
+    };
+    assert!(!s.generate(sampled.clone()).await.unwrap().cached);
+    assert!(!s.generate(sampled).await.unwrap().cached);
+    assert_eq!(primary.requests().len(), 5);
+
+    let total = s.usage(vec![], 6).await.total.unwrap();
+    assert_eq!(total.cache_hits, 1);
+    assert_eq!(total.requests, 6);
+    s.app.stop().await;
+}

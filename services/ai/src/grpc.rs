@@ -15,6 +15,7 @@ use plinth_runtime::auth::{Principal, unix_now_ms};
 use plinth_runtime::error::{FieldViolation, InvalidRequest, to_status};
 use plinth_runtime::wire::{duration, json_of_struct, timestamp_ms};
 
+use crate::cache::CachePolicy;
 use crate::error::AiError;
 use crate::model::{
     ChatRequest, EmbedRequest, FinishReason, Image, Message, Part, ResponseFormat, Role, StreamEvent, Tool, ToolCall,
@@ -411,6 +412,7 @@ fn sum_pb(s: &UsageSum) -> pb::UsageRow {
         provider: s.provider.clone(),
         requests: s.requests,
         failed_requests: s.failed_requests,
+        cache_hits: s.cache_hits,
         usage: Some(pb::Usage {
             input_tokens: s.input_tokens,
             output_tokens: s.output_tokens,
@@ -433,7 +435,17 @@ impl AiService for AiGrpc {
         let caller = caller(&request);
         let r = request.into_inner();
         let chat = chat_request(&r).map_err(|e| status(e.into()))?;
-        let answer = self.ai.generate(&caller, &r.model, chat).await.map_err(status)?;
+        let policy = match pb::CachePolicy::try_from(r.cache) {
+            Ok(pb::CachePolicy::Bypass) => CachePolicy::Bypass,
+            Ok(pb::CachePolicy::Use) => CachePolicy::Use,
+            Ok(pb::CachePolicy::Unspecified) => CachePolicy::Deterministic,
+            Err(_) => return Err(status(AiError::invalid("cache", "is not a known cache policy"))),
+        };
+        let answer = self
+            .ai
+            .generate(&caller, &r.model, chat, policy)
+            .await
+            .map_err(status)?;
         let resp = answer.response;
         let mut content = Vec::new();
         if !resp.text.is_empty() {
@@ -468,6 +480,7 @@ impl AiService for AiGrpc {
             cost_usd: answer.cost.usd(),
             priced: answer.cost.priced,
             attempts: attempts_pb(&answer.served.attempts),
+            cached: answer.cached,
         }))
     }
 

@@ -5,6 +5,7 @@
 //! `tokens` count money and tokens, `limits` holds rate limits and budgets,
 //! `usage` stores records, `grpc` is the wire.
 
+pub mod cache;
 mod error;
 mod grpc;
 pub mod limits;

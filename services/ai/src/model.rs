@@ -3,10 +3,11 @@
 //! already speak) and keeps what the other providers need to round-trip:
 //! tool-call ids, Gemini thought signatures, cache and reasoning token counts.
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Who wrote a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
     /// Instructions from the application.
     System,
@@ -21,7 +22,7 @@ pub enum Role {
 }
 
 /// One piece of a message's content.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Part {
     /// Text.
     Text(String),
@@ -30,7 +31,7 @@ pub enum Part {
 }
 
 /// An image input.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Image {
     /// Fetched by the provider.
     Url(String),
@@ -69,7 +70,7 @@ impl Image {
 }
 
 /// A call the model asked for.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ToolCall {
     /// The call's id; tool results name it.
     pub id: String,
@@ -83,7 +84,7 @@ pub struct ToolCall {
 }
 
 /// One message of a conversation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     /// Its author.
     pub role: Role,
@@ -122,7 +123,7 @@ impl Message {
 }
 
 /// A function the model may call.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tool {
     /// Its name.
     pub name: String,
@@ -133,7 +134,7 @@ pub struct Tool {
 }
 
 /// Whether and which tools the model may call.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum ToolChoice {
     /// The provider's default.
     #[default]
@@ -149,7 +150,7 @@ pub enum ToolChoice {
 }
 
 /// The shape of the answer.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub enum ResponseFormat {
     /// Free text.
     #[default]
@@ -168,7 +169,7 @@ pub enum ResponseFormat {
 }
 
 /// A chat request after routing: `model` is the provider's model name.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ChatRequest {
     /// The provider's model (or Azure deployment).
     pub model: String,
@@ -195,7 +196,7 @@ pub struct ChatRequest {
 }
 
 /// Why the model stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum FinishReason {
     /// Not reported (a stream that ended early).
     #[default]
@@ -232,7 +233,7 @@ impl FinishReason {
 /// Tokens used by one call, in OpenAI's accounting: `input_tokens` counts
 /// every prompt token including cached ones and cache writes;
 /// `output_tokens` includes reasoning tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Usage {
     /// All prompt tokens.
     pub input_tokens: u64,
@@ -259,7 +260,7 @@ impl Usage {
 }
 
 /// A finished (non-streamed) answer.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ChatResponse {
     /// The provider's response id.
     pub id: String,

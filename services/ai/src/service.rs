@@ -17,6 +17,7 @@ use plinth_runtime::storage::Db;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::cache::{CachePolicy, ResponseCache};
 use crate::error::AiError;
 use crate::limits::{Limit, Reservation};
 use crate::model::{Accumulator, ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, StreamEvent, Usage};
@@ -77,6 +78,8 @@ pub struct Answer {
     pub response: ChatResponse,
     /// Its cost.
     pub cost: Cost,
+    /// Served from the response cache.
+    pub cached: bool,
 }
 
 /// Embeddings.
@@ -145,6 +148,7 @@ struct Inner {
     router: Router,
     prices: Prices,
     recorder: Recorder,
+    cache: ResponseCache,
     usage: UsageLog,
     default_max_tokens: u32,
     tasks: Tasks,
@@ -210,6 +214,7 @@ impl Ai {
                 router,
                 prices: Prices::new(&settings.prices),
                 recorder,
+                cache: ResponseCache::new(state.clone(), Duration::from_secs(settings.cache_ttl_secs)),
                 usage: log,
                 default_max_tokens: settings.default_max_tokens.max(1),
                 tasks,
@@ -222,17 +227,64 @@ impl Ai {
     }
 
     /// One whole answer.
-    pub async fn generate(&self, caller: &Caller, model: &str, request: ChatRequest) -> Result<Answer, AiError> {
+    pub async fn generate(
+        &self,
+        caller: &Caller,
+        model: &str,
+        request: ChatRequest,
+        cache: CachePolicy,
+    ) -> Result<Answer, AiError> {
         let span = telemetry::span("generate", model);
-        self.generate_in_span(caller, model, request).instrument(span).await
+        self.generate_in_span(caller, model, request, cache)
+            .instrument(span)
+            .await
     }
 
-    async fn generate_in_span(&self, caller: &Caller, model: &str, request: ChatRequest) -> Result<Answer, AiError> {
+    async fn generate_in_span(
+        &self,
+        caller: &Caller,
+        model: &str,
+        request: ChatRequest,
+        cache: CachePolicy,
+    ) -> Result<Answer, AiError> {
         let started = Instant::now();
         let route = self.inner.router.route(model)?;
         let mut request = request;
         if request.max_tokens.is_none() {
             request.max_tokens = Some(self.inner.default_max_tokens);
+        }
+        let cache_key = self.inner.cache.key(cache, model, &request);
+        if let Some(key) = &cache_key
+            && let Some(hit) = self.inner.cache.get(key).await
+        {
+            let served = Served {
+                id: call_id(),
+                model: model.to_owned(),
+                provider: hit.provider,
+                kind: "",
+                provider_model: hit.provider_model,
+                attempts: Vec::new(),
+            };
+            let free = Cost { nanos: 0, priced: true };
+            self.record_call(
+                caller,
+                "generate",
+                &served,
+                Usage::default(),
+                free,
+                started,
+                Outcome::Success,
+                "",
+                false,
+                true,
+            )
+            .await;
+            return Ok(Answer {
+                served,
+                response: hit.response,
+                cost: free,
+                cached: true,
+            });
         }
         let reserve = tokens::of_request(&request) + u64::from(request.max_tokens.unwrap_or(0));
         let mut held = self.reserve(caller, route, reserve).await?;
@@ -252,7 +304,28 @@ impl Ai {
             .answered(caller, "generate", model, &target, attempts, response.usage, started)
             .await;
         held.settle(response.usage.total(), cost.nanos).await;
-        Ok(Answer { served, response, cost })
+        if let Some(key) = &cache_key
+            && response.finish_reason != crate::model::FinishReason::Error
+        {
+            let entry = crate::cache::Entry {
+                provider: served.provider.clone(),
+                provider_model: served.provider_model.clone(),
+                response,
+            };
+            self.inner.cache.put(key, &entry).await;
+            return Ok(Answer {
+                served,
+                response: entry.response,
+                cost,
+                cached: false,
+            });
+        }
+        Ok(Answer {
+            served,
+            response,
+            cost,
+            cached: false,
+        })
     }
 
     /// A streamed answer. Fallback happens before the first event; the
@@ -404,6 +477,26 @@ impl Ai {
         error: &str,
         estimated: bool,
     ) {
+        self.record_call(
+            caller, operation, served, usage, cost, started, outcome, error, estimated, false,
+        )
+        .await;
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "one record, assembled from the call's parts")]
+    async fn record_call(
+        &self,
+        caller: &Caller,
+        operation: &'static str,
+        served: &Served,
+        usage: Usage,
+        cost: Cost,
+        started: Instant,
+        outcome: Outcome,
+        error: &str,
+        estimated: bool,
+        cache_hit: bool,
+    ) {
         // The error type is the kind of failure, not its text (a metric label).
         let error_type = (outcome == Outcome::Failure).then_some("upstream");
         telemetry::finished(operation, served, &usage, started.elapsed(), error_type);
@@ -431,6 +524,7 @@ impl Ai {
                     .map(|a| format!("{}/{}", a.provider, a.model))
                     .collect(),
                 estimated,
+                cache_hit,
             })
             .await;
     }

@@ -80,6 +80,8 @@ pub struct UsageRecord {
     pub fallback_path: Vec<String>,
     /// Whether tokens were estimated.
     pub estimated: bool,
+    /// Whether the answer came from the response cache.
+    pub cache_hit: bool,
 }
 
 fn signed(n: u64) -> i64 {
@@ -120,6 +122,7 @@ impl UsageRecord {
             error: self.error.clone(),
             fallback_path: self.fallback_path.clone(),
             estimated: self.estimated,
+            cache_hit: self.cache_hit,
         }
     }
 }
@@ -182,6 +185,8 @@ pub struct UsageSum {
     pub requests: i64,
     /// Failed calls.
     pub failed_requests: i64,
+    /// Calls answered from the response cache.
+    pub cache_hits: i64,
     /// Prompt tokens.
     pub input_tokens: i64,
     /// Completion tokens.
@@ -219,8 +224,8 @@ impl UsageLog {
                 sqlx::query(
                     "INSERT INTO ai_usage (id, time_ms, tenant, subject, api_key, operation, model, provider, \
                      provider_model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, \
-                     reasoning_tokens, cost_nanos, priced, latency_ms, outcome, error, fallback_path, estimated) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) \
+                     reasoning_tokens, cost_nanos, priced, latency_ms, outcome, error, fallback_path, estimated, cache_hit) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22) \
                      ON CONFLICT (id) DO NOTHING",
                 )
                 .bind(&r.id)
@@ -244,6 +249,7 @@ impl UsageLog {
                 .bind(&r.error)
                 .bind(r.fallback_path.join(","))
                 .bind(r.estimated)
+                .bind(r.cache_hit)
                 .execute(&mut *tx)
                 .await?;
                 OutboxEvent::new("plinth.ai.usage.recorded", r.model.as_str(), &r.event())
@@ -274,6 +280,7 @@ impl UsageLog {
         let sql = format!(
             "SELECT {}, COUNT(*) AS requests, \
              CAST(COALESCE(SUM(CASE WHEN outcome = 'failure' THEN 1 ELSE 0 END), 0) AS BIGINT) AS failed_requests, \
+             CAST(COALESCE(SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END), 0) AS BIGINT) AS cache_hits, \
              CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens, \
              CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens, \
              CAST(COALESCE(SUM(cached_input_tokens), 0) AS BIGINT) AS cached_input_tokens, \

@@ -328,6 +328,9 @@ pub struct AiSettings {
     pub caller_tokens_per_minute: u64,
     /// Spending limits per tenant or API key.
     pub budgets: Vec<AiBudget>,
+    /// Seconds a cached `Generate` answer is kept; 0 turns the response
+    /// cache off (`PLINTH_AI__CACHE_TTL_SECS`).
+    pub cache_ttl_secs: u64,
 }
 
 /// A spending limit in US dollars per UTC day or calendar month, for one
@@ -365,6 +368,7 @@ impl Default for AiSettings {
             caller_requests_per_minute: 0,
             caller_tokens_per_minute: 0,
             budgets: Vec::new(),
+            cache_ttl_secs: 3600,
         }
     }
 }
