@@ -680,7 +680,10 @@ async fn a_budget_refuses_once_spent_and_stays_spent_across_a_restart() {
 
 #[tokio::test]
 async fn identical_deterministic_requests_are_answered_from_the_cache() {
-    let (primary, backup) = (FakeUpstream::start().await.unwrap(), FakeUpstream::start().await.unwrap());
+    let (primary, backup) = (
+        FakeUpstream::start().await.unwrap(),
+        FakeUpstream::start().await.unwrap(),
+    );
     primary.always(CHAT, Reply::ok(answer("cached answer", 30, 3)));
     let mut s = start(config(&primary, &backup)).await;
     let zero = pb::GenerateRequest {
@@ -719,5 +722,50 @@ async fn identical_deterministic_requests_are_answered_from_the_cache() {
     let total = s.usage(vec![], 6).await.total.unwrap();
     assert_eq!(total.cache_hits, 1);
     assert_eq!(total.requests, 6);
+    s.app.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_embeddings_are_sent_as_one_request_and_split_back() {
+    let (primary, backup) = (FakeUpstream::start().await.unwrap(), FakeUpstream::start().await.unwrap());
+    primary.push(
+        "/v1/embeddings",
+        Reply::ok(json!({"object": "list", "model": "emb", "usage": {"prompt_tokens": 40, "total_tokens": 40},
+            "data": (0..4).map(|i| json!({"object": "embedding", "index": i, "embedding": [f64::from(i), 0.5]})).collect::<Vec<_>>()})),
+    );
+    let mut config = config(&primary, &backup);
+    config.ai.embed_batch_window_ms = 200;
+    let s = start(config).await;
+    let call = |inputs: &[&str]| {
+        let mut ai = s.ai.clone();
+        let request = with_bearer(
+            pb::EmbedRequest {
+                model: "embed".into(),
+                inputs: inputs.iter().map(|t| (*t).to_owned()).collect(),
+                ..Default::default()
+            },
+            &s.token,
+        );
+        async move { ai.embed(request).await.map(tonic::Response::into_inner) }
+    };
+    let (one, two, three) = tokio::join!(call(&["alpha"]), call(&["beta", "gamma"]), call(&["delta"]));
+    let requests = primary.requests();
+    assert_eq!(requests.len(), 1, "three calls, one upstream request");
+    let sent: Vec<String> = requests[0].body["input"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sent.len(), 4);
+    for (answer, texts) in [(one, vec!["alpha"]), (two, vec!["beta", "gamma"]), (three, vec!["delta"])] {
+        let answer = answer.unwrap();
+        assert_eq!(answer.embeddings.len(), texts.len());
+        for (e, text) in answer.embeddings.iter().zip(texts) {
+            let position = sent.iter().position(|t| t == text).unwrap();
+            assert_eq!(e.values, vec![position as f32, 0.5], "{text} got another input's vector");
+        }
+        assert!(answer.usage.unwrap().input_tokens > 0);
+    }
     s.app.stop().await;
 }

@@ -6,6 +6,7 @@
 //! `usage` stores records, `grpc` is the wire.
 
 pub mod cache;
+mod coalesce;
 mod error;
 mod grpc;
 pub mod limits;

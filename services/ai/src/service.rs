@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::cache::{CachePolicy, ResponseCache};
+use crate::coalesce::Coalescer;
 use crate::error::AiError;
 use crate::limits::{Limit, Reservation};
 use crate::model::{Accumulator, ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, StreamEvent, Usage};
@@ -149,6 +150,7 @@ struct Inner {
     prices: Prices,
     recorder: Recorder,
     cache: ResponseCache,
+    coalescer: Coalescer,
     usage: UsageLog,
     default_max_tokens: u32,
     tasks: Tasks,
@@ -215,6 +217,7 @@ impl Ai {
                 prices: Prices::new(&settings.prices),
                 recorder,
                 cache: ResponseCache::new(state.clone(), Duration::from_secs(settings.cache_ttl_secs)),
+                coalescer: Coalescer::new(Duration::from_millis(settings.embed_batch_window_ms), tasks.clone()),
                 usage: log,
                 default_max_tokens: settings.default_max_tokens.max(1),
                 tasks,
@@ -411,7 +414,8 @@ impl Ai {
                 model: target.model.clone(),
                 ..request.clone()
             };
-            async move { target.adapter.embed(&request).await }
+            let coalescer = self.inner.coalescer.clone();
+            async move { coalescer.embed(target, request).await }
         })
         .await;
         if result.is_err() {

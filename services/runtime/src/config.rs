@@ -331,6 +331,10 @@ pub struct AiSettings {
     /// Seconds a cached `Generate` answer is kept; 0 turns the response
     /// cache off (`PLINTH_AI__CACHE_TTL_SECS`).
     pub cache_ttl_secs: u64,
+    /// Milliseconds concurrent `Embed` calls for one provider model are
+    /// gathered into one upstream request; 0 sends each alone
+    /// (`PLINTH_AI__EMBED_BATCH_WINDOW_MS`).
+    pub embed_batch_window_ms: u64,
 }
 
 /// A spending limit in US dollars per UTC day or calendar month, for one
@@ -369,6 +373,7 @@ impl Default for AiSettings {
             caller_tokens_per_minute: 0,
             budgets: Vec::new(),
             cache_ttl_secs: 3600,
+            embed_batch_window_ms: 2,
         }
     }
 }
