@@ -727,7 +727,10 @@ async fn identical_deterministic_requests_are_answered_from_the_cache() {
 
 #[tokio::test]
 async fn concurrent_embeddings_are_sent_as_one_request_and_split_back() {
-    let (primary, backup) = (FakeUpstream::start().await.unwrap(), FakeUpstream::start().await.unwrap());
+    let (primary, backup) = (
+        FakeUpstream::start().await.unwrap(),
+        FakeUpstream::start().await.unwrap(),
+    );
     primary.push(
         "/v1/embeddings",
         Reply::ok(json!({"object": "list", "model": "emb", "usage": {"prompt_tokens": 40, "total_tokens": 40},
@@ -758,12 +761,20 @@ async fn concurrent_embeddings_are_sent_as_one_request_and_split_back() {
         .map(|v| v.as_str().unwrap().to_owned())
         .collect();
     assert_eq!(sent.len(), 4);
-    for (answer, texts) in [(one, vec!["alpha"]), (two, vec!["beta", "gamma"]), (three, vec!["delta"])] {
+    for (answer, texts) in [
+        (one, vec!["alpha"]),
+        (two, vec!["beta", "gamma"]),
+        (three, vec!["delta"]),
+    ] {
         let answer = answer.unwrap();
         assert_eq!(answer.embeddings.len(), texts.len());
         for (e, text) in answer.embeddings.iter().zip(texts) {
             let position = sent.iter().position(|t| t == text).unwrap();
-            assert_eq!(e.values, vec![position as f32, 0.5], "{text} got another input's vector");
+            assert_eq!(
+                e.values,
+                vec![position as f32, 0.5],
+                "{text} got another input's vector"
+            );
         }
         assert!(answer.usage.unwrap().input_tokens > 0);
     }
