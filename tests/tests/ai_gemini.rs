@@ -462,11 +462,13 @@ async fn resource_exhausted_is_a_retryable_429_with_its_retry_after() {
         "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "17s"}]
     }});
     let fake = FakeUpstream::start().await.unwrap();
+    // With the header, and with only the RetryInfo in the body (what
+    // Gemini usually sends): both say 17 s.
     fake.push(
         GENERATE,
         Reply::status(429, body.clone()).with_header("retry-after", "17"),
     );
-    fake.push(STREAM, Reply::status(429, body).with_header("retry-after", "17"));
+    fake.push(STREAM, Reply::status(429, body));
     let provider = gemini(&fake);
     let r = request(vec![Message::text(Role::User, "Hi")]);
 

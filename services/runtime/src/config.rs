@@ -760,7 +760,19 @@ impl Config {
         // Optional sections and maps dump nothing when empty; fill them.
         let mut gateway = GatewaySettings::default();
         gateway.upstreams.insert("<component>".into(), String::new());
+        let mut ai = AiSettings::default();
+        ai.providers.insert(
+            "<name>".into(),
+            AiProvider {
+                kind: String::new(),
+                base_url: None,
+                api_key: None,
+                api_key_file: None,
+                api_version: None,
+            },
+        );
         let sample = Config {
+            ai,
             tls: Some(TlsConfig {
                 cert: PathBuf::new(),
                 key: PathBuf::new(),

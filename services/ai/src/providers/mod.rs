@@ -229,6 +229,7 @@ impl Endpoint {
             .and_then(Result::ok)
             .unwrap_or_default();
         let (kind, message) = parse_error(&body);
+        let retry_after = retry_after.or_else(|| retry_delay_in_body(&body));
         Err(ProviderError::Status {
             status: status.as_u16(),
             kind,
@@ -366,6 +367,18 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+/// Google's `google.rpc.RetryInfo` in an error body
+/// (`error.details[].retryDelay`, e.g. `"17s"`): Gemini says when to retry
+/// there rather than in a `Retry-After` header.
+pub fn retry_delay_in_body(body: &[u8]) -> Option<Duration> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v["error"]["details"].as_array()?.iter().find_map(|d| {
+        let is_retry_info = d["@type"].as_str().is_some_and(|t| t.ends_with("google.rpc.RetryInfo"));
+        let secs = d["retryDelay"].as_str()?.strip_suffix('s')?.parse::<f64>().ok()?;
+        (is_retry_info && secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    })
 }
 
 /// An error and its causes on one line (reqwest hides the useful part in sources).
