@@ -6,8 +6,10 @@
 //! earlier ones finished, so queueing shows up in the percentiles). Added
 //! latency is Plinth's percentile minus the direct one at the same rate.
 //! Then a soak at one rate reports Plinth's memory before and after.
-//! Mock, Plinth (all components, SQLite, usage recorded for every call) and
-//! this load generator share this machine's cores.
+//! Mock, Plinth (all components by default, or `--only ai,auth,gateway`;
+//! SQLite; usage recorded for every call, and with audit running, every
+//! usage event appended to the audit log) and this load generator share
+//! this machine's cores.
 //!
 //! `cargo run --release -p plinth-bench --bin ai-bench -- --rates 500,2000,5000 --seconds 10 --latency-ms 0 --soak-seconds 300`
 
@@ -134,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--serve") {
         let upstream: String = arg("--upstream", String::new());
         let mut config = server_config("");
+        config.only = arg("--only", "all".to_owned()).parse()?;
         config.ai = AiSettings {
             providers: [(
                 "mock".to_owned(),
@@ -169,7 +172,8 @@ async fn main() -> anyhow::Result<()> {
 
     let mock = ServerChild::start(&["--mock", "--latency-ms", &latency.as_millis().to_string()])?;
     let upstream = mock.field("grpc");
-    let plinth = ServerChild::start(&["--upstream", &upstream])?;
+    let only: String = arg("--only", "all".to_owned());
+    let plinth = ServerChild::start(&["--upstream", &upstream, "--only", &only])?;
     let pid = plinth.pid();
     let target = plinth.target();
     let token = admin_token(&target).await?;
@@ -178,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
     // the serve line; ask the server instead of guessing.
     let http = plinth.field("http");
     out(&format!(
-        "mock upstream latency {} ms; plinth pid {pid} (all components, SQLite); rates {rates:?} for {}s each",
+        "mock upstream latency {} ms; plinth pid {pid} (components {only}, SQLite); rates {rates:?} for {}s each",
         latency.as_millis(),
         seconds.as_secs()
     ));
