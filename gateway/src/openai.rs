@@ -199,29 +199,35 @@ fn content(v: &Value, param: &str) -> Result<Vec<pb::ContentPart>, ApiError> {
         } else {
             vec![text(s.clone())]
         }),
-        Value::Array(parts) => parts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
+        Value::Array(parts) => {
+            let mut out = Vec::with_capacity(parts.len());
+            for (i, p) in parts.iter().enumerate() {
                 let at = format!("{param}[{i}]");
-                match p["type"].as_str() {
-                    Some("text") => Ok(text(string(&p["text"], &format!("{at}.text"))?)),
+                out.push(match p["type"].as_str() {
+                    Some("text") => text(string(&p["text"], &format!("{at}.text"))?),
                     Some("image_url") => {
                         let url = match &p["image_url"] {
                             Value::String(s) => s.clone(),
                             other => string(&other["url"], &format!("{at}.image_url.url"))?,
                         };
-                        Ok(pb::ContentPart {
+                        pb::ContentPart {
                             part: Some(pb::content_part::Part::Image(pb::ImageInput {
                                 source: Some(pb::image_input::Source::Url(url)),
                                 media_type: String::new(),
                             })),
-                        })
+                        }
                     }
-                    _ => Err(ApiError::invalid(format!("{at}.type"), "must be text or image_url")),
+                    _ => return Err(ApiError::invalid(format!("{at}.type"), "must be text or image_url")),
+                });
+                // Anthropic-style `cache_control` on a part: cache up to here.
+                if p.get("cache_control").is_some_and(|c| !c.is_null()) {
+                    out.push(pb::ContentPart {
+                        part: Some(pb::content_part::Part::CachePoint(pb::CachePoint {})),
+                    });
                 }
-            })
-            .collect(),
+            }
+            Ok(out)
+        }
         _ => Err(ApiError::invalid(
             param,
             "must be a string or an array of content parts",
@@ -251,9 +257,35 @@ fn messages(v: &Value) -> Result<Vec<pb::Message>, ApiError> {
                         .to_owned(),
                 });
             }
+            // Reasoning from an earlier answer, as LiteLLM and our own
+            // responses carry it (`thinking_blocks`), goes first.
+            let mut parts = Vec::new();
+            for (j, b) in m["thinking_blocks"].as_array().into_iter().flatten().enumerate() {
+                let block = match b["type"].as_str() {
+                    Some("thinking") => pb::ReasoningBlock {
+                        text: b["thinking"].as_str().unwrap_or_default().to_owned(),
+                        signature: b["signature"].as_str().unwrap_or_default().to_owned(),
+                        redacted: String::new(),
+                    },
+                    Some("redacted_thinking") => pb::ReasoningBlock {
+                        redacted: string(&b["data"], &format!("{at}.thinking_blocks[{j}].data"))?,
+                        ..Default::default()
+                    },
+                    _ => {
+                        return Err(ApiError::invalid(
+                            format!("{at}.thinking_blocks[{j}].type"),
+                            "must be thinking or redacted_thinking",
+                        ));
+                    }
+                };
+                parts.push(pb::ContentPart {
+                    part: Some(pb::content_part::Part::Reasoning(block)),
+                });
+            }
+            parts.extend(content(&m["content"], &format!("{at}.content"))?);
             Ok(pb::Message {
                 role: role as i32,
-                content: content(&m["content"], &format!("{at}.content"))?,
+                content: parts,
                 tool_calls,
                 tool_call_id: m["tool_call_id"].as_str().unwrap_or_default().to_owned(),
                 name: m["name"].as_str().unwrap_or_default().to_owned(),
@@ -366,6 +398,16 @@ fn generate_request(body: &Map<String, Value>) -> Result<(pb::GenerateRequest, b
         _ => return Err(ApiError::invalid("stop", "must be a string or an array of strings")),
     };
     r.user = get("user").as_str().unwrap_or_default().to_owned();
+    r.reasoning_effort = (match get("reasoning_effort") {
+        Value::Null => pb::ReasoningEffort::Unspecified,
+        Value::String(e) => match e.as_str() {
+            "minimal" | "low" => pb::ReasoningEffort::Low,
+            "medium" => pb::ReasoningEffort::Medium,
+            "high" => pb::ReasoningEffort::High,
+            _ => return Err(ApiError::invalid("reasoning_effort", "must be low, medium or high")),
+        },
+        _ => return Err(ApiError::invalid("reasoning_effort", "must be low, medium or high")),
+    }) as i32;
     let stream = get("stream").as_bool().unwrap_or(false);
     let include_usage = get("stream_options")["include_usage"].as_bool().unwrap_or(false);
     Ok((r, stream, include_usage))
@@ -393,6 +435,16 @@ fn usage(u: &pb::Usage) -> Value {
         "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens},
         "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
     })
+}
+
+/// A reasoning block as LiteLLM's `thinking_blocks` entries (what clients
+/// send back on the next turn).
+fn thinking_block(b: &pb::ReasoningBlock) -> Value {
+    if b.redacted.is_empty() {
+        json!({"type": "thinking", "thinking": b.text, "signature": b.signature})
+    } else {
+        json!({"type": "redacted_thinking", "data": b.redacted})
+    }
 }
 
 fn tool_call(c: &pb::ToolCall) -> Value {
@@ -443,6 +495,17 @@ async fn chat(gw: &Inner, req: Request) -> Result<Response, ApiError> {
     }
     if !answer.reasoning.is_empty() {
         message["reasoning_content"] = json!(answer.reasoning);
+    }
+    let thinking: Vec<Value> = msg
+        .content
+        .iter()
+        .filter_map(|p| match &p.part {
+            Some(pb::content_part::Part::Reasoning(b)) => Some(thinking_block(b)),
+            _ => None,
+        })
+        .collect();
+    if !thinking.is_empty() {
+        message["thinking_blocks"] = Value::Array(thinking);
     }
     let body = json!({
         "id": answer.id,
@@ -530,6 +593,14 @@ impl ChunkFramer {
         }
         if !m.reasoning.is_empty() {
             self.frame(&mut out, &m.id, json!({"reasoning_content": m.reasoning}), Value::Null);
+        }
+        if !m.reasoning_signature.is_empty() {
+            let block = json!({"type": "thinking", "thinking": "", "signature": m.reasoning_signature});
+            self.frame(&mut out, &m.id, json!({"thinking_blocks": [block]}), Value::Null);
+        }
+        if !m.redacted_reasoning.is_empty() {
+            let block = json!({"type": "redacted_thinking", "data": m.redacted_reasoning});
+            self.frame(&mut out, &m.id, json!({"thinking_blocks": [block]}), Value::Null);
         }
         for t in &m.tool_calls {
             let call = if t.name.is_empty() && t.id.is_empty() {

@@ -780,3 +780,93 @@ async fn concurrent_embeddings_are_sent_as_one_request_and_split_back() {
     }
     s.app.stop().await;
 }
+
+#[tokio::test]
+async fn thinking_blocks_survive_a_tool_turn_through_the_openai_surface() {
+    let (primary, backup) = (
+        FakeUpstream::start().await.unwrap(),
+        FakeUpstream::start().await.unwrap(),
+    );
+    let claude = FakeUpstream::start().await.unwrap();
+    let mut config = config(&primary, &backup);
+    config.ai.providers.insert(
+        "claude".into(),
+        AiProvider {
+            base_url: Some(claude.url()),
+            ..provider(&claude, "anthropic")
+        },
+    );
+    config.ai.models.push(AiModel {
+        name: "thinker".into(),
+        targets: vec![target("claude", "claude-sonnet-4-5")],
+    });
+    claude.push(
+        "/v1/messages",
+        Reply::ok(json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+            "content": [
+                {"type": "thinking", "thinking": "Need the weather tool.", "signature": "SIG-1"},
+                {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Oslo"}},
+            ],
+            "stop_reason": "tool_use", "usage": {"input_tokens": 20, "output_tokens": 15},
+        })),
+    );
+    claude.push(
+        "/v1/messages",
+        Reply::ok(json!({
+            "id": "msg_2", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": "It is 3°C in Oslo."}],
+            "stop_reason": "end_turn", "usage": {"input_tokens": 60, "output_tokens": 9},
+        })),
+    );
+    let s = start(config).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/chat/completions", s.app.http);
+    let tools = json!([{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let mut messages = vec![json!({"role": "user", "content": "Weather in Oslo?"})];
+    let first: Value = http
+        .post(&url)
+        .bearer_auth(&s.token)
+        .json(&json!({"model": "thinker", "messages": messages, "tools": tools, "reasoning_effort": "low"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let answer = first["choices"][0]["message"].clone();
+    assert_eq!(
+        answer["thinking_blocks"],
+        json!([{"type": "thinking", "thinking": "Need the weather tool.", "signature": "SIG-1"}]),
+        "{first}"
+    );
+    assert_eq!(first["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(claude.last().unwrap().body["thinking"]["budget_tokens"], 1024);
+
+    // The client appends the assistant message as it came, then the tool's answer.
+    messages.push(answer);
+    messages.push(json!({"role": "tool", "tool_call_id": "toolu_1", "content": "3°C"}));
+    let second: Value = http
+        .post(&url)
+        .bearer_auth(&s.token)
+        .json(&json!({"model": "thinker", "messages": messages, "tools": tools, "reasoning_effort": "low"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        second["choices"][0]["message"]["content"], "It is 3°C in Oslo.",
+        "{second}"
+    );
+    let sent = claude.last().unwrap().body;
+    assert_eq!(
+        sent["messages"][1]["content"][0],
+        json!({"type": "thinking", "thinking": "Need the weather tool.", "signature": "SIG-1"}),
+        "{sent}"
+    );
+    assert_eq!(sent["messages"][1]["content"][1]["type"], "tool_use");
+    assert_eq!(sent["messages"][2]["content"][0]["type"], "tool_result");
+    s.app.stop().await;
+}

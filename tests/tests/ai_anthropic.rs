@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use plinth_ai::model::{
-    Accumulator, ChatRequest, ChatResponse, EmbedRequest, FinishReason, Image, Message, Part, Role, StreamEvent, Tool,
-    ToolCall, ToolChoice, Usage,
+    Accumulator, ChatRequest, ChatResponse, EmbedRequest, FinishReason, Image, Message, Part, Reasoning,
+    ReasoningEffort, Role, StreamEvent, Tool, ToolCall, ToolChoice, Usage,
 };
 use plinth_ai::providers::anthropic::{Anthropic, DEFAULT_MAX_TOKENS};
 use plinth_ai::providers::{Endpoint, Provider, ProviderError};
@@ -698,4 +698,145 @@ async fn embeddings_are_unsupported_without_a_request() {
         .unwrap_err();
     assert!(matches!(&err, ProviderError::Unsupported(m) if m.contains("embeddings")));
     assert!(fake.requests().is_empty());
+}
+
+/// A thinking turn with tools: the answer's signed thinking block comes back
+/// to the caller, and the next request carries it unchanged (and a redacted
+/// block as `redacted_thinking`) before the tool call; reasoning effort asks
+/// for a thinking budget, raises `max_tokens` above it and leaves sampling
+/// to Anthropic; a cache point marks the block before it with `cache_control`.
+#[tokio::test]
+async fn thinking_blocks_round_trip_signed_and_cache_points_become_cache_control() {
+    let fake = FakeUpstream::start().await.unwrap();
+    fake.push(
+        PATH,
+        Reply::ok(answer(
+            json!([
+                {"type": "thinking", "thinking": "The user wants Paris weather.", "signature": "EqQBCkgIARAB...sig"},
+                {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3p...enc"},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+            ]),
+            "tool_use",
+            json!({"input_tokens": 50, "output_tokens": 40}),
+        )),
+    );
+    fake.push(PATH, Reply::ok(short_answer("end_turn")));
+    let provider = adapter(&fake);
+    let mut request = ChatRequest {
+        model: "claude-sonnet-4-5".into(),
+        messages: vec![Message {
+            content: vec![
+                Part::Text("A long reference document.".into()),
+                Part::CachePoint,
+                Part::Text("What is the weather in Paris?".into()),
+            ],
+            ..Message::text(Role::User, "")
+        }],
+        tools: vec![weather_tool()],
+        temperature: Some(0.2),
+        max_tokens: Some(1000),
+        reasoning_effort: Some(ReasoningEffort::Medium),
+        ..ChatRequest::default()
+    };
+    let first = provider.chat(&request).await.unwrap();
+    assert_eq!(
+        first.reasoning_blocks,
+        vec![
+            Reasoning {
+                text: "The user wants Paris weather.".into(),
+                signature: Some("EqQBCkgIARAB...sig".into()),
+                redacted: None,
+            },
+            Reasoning {
+                redacted: Some("EmwKAhgBEgy3va3p...enc".into()),
+                ..Reasoning::default()
+            },
+        ]
+    );
+    let sent = fake.last().unwrap().body;
+    assert_eq!(sent["thinking"], json!({"type": "enabled", "budget_tokens": 4096}));
+    assert_eq!(
+        sent["max_tokens"],
+        4096 + 1024,
+        "max_tokens must exceed the thinking budget"
+    );
+    assert!(sent.get("temperature").is_none(), "{sent}");
+    let blocks = &sent["messages"][0]["content"];
+    assert_eq!(blocks[0]["cache_control"], json!({"type": "ephemeral"}));
+    assert!(blocks[1].get("cache_control").is_none());
+
+    // The next turn: the assistant message as answered, then the tool result.
+    let mut assistant = Message::text(Role::Assistant, "");
+    assistant.content = first.reasoning_blocks.iter().cloned().map(Part::Reasoning).collect();
+    assistant.tool_calls = first.tool_calls.clone();
+    request.messages.push(assistant);
+    request.messages.push(tool_reply("toolu_1", "18°C, clear"));
+    provider.chat(&request).await.unwrap();
+    let sent = fake.last().unwrap().body;
+    let turn = &sent["messages"][1];
+    assert_eq!(turn["role"], "assistant");
+    assert_eq!(
+        turn["content"][0],
+        json!({"type": "thinking", "thinking": "The user wants Paris weather.", "signature": "EqQBCkgIARAB...sig"})
+    );
+    assert_eq!(
+        turn["content"][1],
+        json!({"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3p...enc"})
+    );
+    assert_eq!(turn["content"][2]["type"], "tool_use");
+}
+
+#[tokio::test]
+async fn a_streamed_thinking_block_keeps_its_signature() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let frames = sse_frames([
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "content": [], "model": "c", "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me "}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "think."}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "EqQBsig"}}),
+        ),
+        ("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Answer."}}),
+        ),
+        ("content_block_stop", json!({"type": "content_block_stop", "index": 1})),
+        (
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 30}}),
+        ),
+        ("message_stop", json!({"type": "message_stop"})),
+    ]);
+    fake.push(PATH, Reply::sse(frames));
+    let provider = adapter(&fake);
+    let events = stream_all(&provider, &ask("Think, then answer.")).await.unwrap();
+    let whole = accumulate(&events);
+    assert_eq!(whole.text, "Answer.");
+    assert_eq!(
+        whole.reasoning_blocks,
+        vec![Reasoning {
+            text: "Let me think.".into(),
+            signature: Some("EqQBsig".into()),
+            redacted: None,
+        }]
+    );
 }

@@ -18,8 +18,8 @@ use plinth_runtime::wire::{duration, json_of_struct, timestamp_ms};
 use crate::cache::CachePolicy;
 use crate::error::AiError;
 use crate::model::{
-    ChatRequest, EmbedRequest, FinishReason, Image, Message, Part, ResponseFormat, Role, StreamEvent, Tool, ToolCall,
-    ToolChoice,
+    ChatRequest, EmbedRequest, FinishReason, Image, Message, Part, Reasoning, ReasoningEffort, ResponseFormat, Role,
+    StreamEvent, Tool, ToolCall, ToolChoice,
 };
 use crate::service::{Ai, Attempt, Caller, Served, StreamItem};
 use crate::usage::{Dimension, UsageQuery, UsageSum, usage_pb};
@@ -156,7 +156,24 @@ fn messages(list: &[pb::Message], out: &mut Vec<FieldViolation>) -> Vec<Message>
                         None => out.push(FieldViolation::new(format!("{pf}.image"), "needs a url or data")),
                     }
                 }
-                None => out.push(FieldViolation::new(&pf, "needs text or an image")),
+                Some(pb::content_part::Part::Reasoning(b)) => {
+                    if role != Role::Assistant {
+                        out.push(FieldViolation::new(
+                            &pf,
+                            "reasoning is allowed in assistant messages only",
+                        ));
+                    }
+                    content.push(Part::Reasoning(Reasoning {
+                        text: b.text.clone(),
+                        signature: (!b.signature.is_empty()).then(|| b.signature.clone()),
+                        redacted: (!b.redacted.is_empty()).then(|| b.redacted.clone()),
+                    }));
+                }
+                Some(pb::content_part::Part::CachePoint(_)) => content.push(Part::CachePoint),
+                None => out.push(FieldViolation::new(
+                    &pf,
+                    "needs text, an image, reasoning or a cache point",
+                )),
             }
         }
         let mut tool_calls = Vec::with_capacity(m.tool_calls.len());
@@ -316,6 +333,16 @@ pub fn chat_request(r: &pb::GenerateRequest) -> Result<ChatRequest, InvalidReque
     if r.stop.iter().any(String::is_empty) {
         out.push(FieldViolation::new("stop", "stop sequences must not be empty"));
     }
+    let reasoning_effort = match pb::ReasoningEffort::try_from(r.reasoning_effort) {
+        Ok(pb::ReasoningEffort::Unspecified) => None,
+        Ok(pb::ReasoningEffort::Low) => Some(ReasoningEffort::Low),
+        Ok(pb::ReasoningEffort::Medium) => Some(ReasoningEffort::Medium),
+        Ok(pb::ReasoningEffort::High) => Some(ReasoningEffort::High),
+        Err(_) => {
+            out.push(FieldViolation::new("reasoning_effort", "is not a known effort"));
+            None
+        }
+    };
     if !out.is_empty() {
         return Err(InvalidRequest(out));
     }
@@ -331,6 +358,7 @@ pub fn chat_request(r: &pb::GenerateRequest) -> Result<ChatRequest, InvalidReque
         max_tokens: r.max_tokens.and_then(|m| u32::try_from(m).ok()),
         stop: r.stop.clone(),
         user: (!r.user.is_empty()).then(|| r.user.clone()),
+        reasoning_effort,
     })
 }
 
@@ -376,6 +404,8 @@ fn stream_message(id: &str, item: StreamItem) -> pb::GenerateStreamResponse {
     match item {
         StreamItem::Event(StreamEvent::Text(t)) => m.text = t,
         StreamItem::Event(StreamEvent::Reasoning(t)) => m.reasoning = t,
+        StreamItem::Event(StreamEvent::ReasoningSignature(s)) => m.reasoning_signature = s,
+        StreamItem::Event(StreamEvent::RedactedReasoning(d)) => m.redacted_reasoning = d,
         StreamItem::Event(StreamEvent::ToolCallStart {
             index,
             id,
@@ -447,7 +477,17 @@ impl AiService for AiGrpc {
             .await
             .map_err(status)?;
         let resp = answer.response;
-        let mut content = Vec::new();
+        let mut content: Vec<pb::ContentPart> = resp
+            .reasoning_blocks
+            .into_iter()
+            .map(|b| pb::ContentPart {
+                part: Some(pb::content_part::Part::Reasoning(pb::ReasoningBlock {
+                    text: b.text,
+                    signature: b.signature.unwrap_or_default(),
+                    redacted: b.redacted.unwrap_or_default(),
+                })),
+            })
+            .collect();
         if !resp.text.is_empty() {
             content.push(pb::ContentPart {
                 part: Some(pb::content_part::Part::Text(resp.text)),

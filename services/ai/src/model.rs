@@ -28,6 +28,57 @@ pub enum Part {
     Text(String),
     /// An image, by URL (`https://…` or a `data:` URL).
     Image(Image),
+    /// The model's reasoning from an earlier answer (assistant messages),
+    /// sent back unchanged: Anthropic refuses tool-use turns whose thinking
+    /// blocks were altered or dropped.
+    Reasoning(Reasoning),
+    /// A prompt-cache breakpoint: the provider may cache everything before
+    /// it (Anthropic `cache_control` on the preceding block; ignored by
+    /// providers that cache on their own).
+    CachePoint,
+}
+
+/// A block of the model's reasoning, as the provider returned it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Reasoning {
+    /// The reasoning text (empty when redacted).
+    pub text: String,
+    /// The provider's signature over it (Anthropic `signature`).
+    pub signature: Option<String>,
+    /// Encrypted reasoning the provider redacted (Anthropic `redacted_thinking`).
+    pub redacted: Option<String>,
+}
+
+/// How much the model should reason before answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReasoningEffort {
+    /// A little.
+    Low,
+    /// Some.
+    Medium,
+    /// A lot.
+    High,
+}
+
+impl ReasoningEffort {
+    /// Thinking tokens to allow for providers that take a budget
+    /// (Anthropic `budget_tokens`, Gemini `thinkingBudget`).
+    pub fn budget_tokens(self) -> u32 {
+        match self {
+            ReasoningEffort::Low => 1024,
+            ReasoningEffort::Medium => 4096,
+            ReasoningEffort::High => 16384,
+        }
+    }
+
+    /// OpenAI's `reasoning_effort`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReasoningEffort::Low => "low",
+            ReasoningEffort::Medium => "medium",
+            ReasoningEffort::High => "high",
+        }
+    }
 }
 
 /// An image input.
@@ -193,6 +244,8 @@ pub struct ChatRequest {
     pub stop: Vec<String>,
     /// The end user, for provider abuse monitoring.
     pub user: Option<String>,
+    /// Reasoning ("thinking") before the answer, for models that do it.
+    pub reasoning_effort: Option<ReasoningEffort>,
 }
 
 /// Why the model stopped.
@@ -270,6 +323,9 @@ pub struct ChatResponse {
     pub text: String,
     /// Reasoning text, when the provider returns it.
     pub reasoning: String,
+    /// The reasoning as the provider's blocks, with their signatures: send
+    /// them back as [`Part::Reasoning`] in the next turn's assistant message.
+    pub reasoning_blocks: Vec<Reasoning>,
     /// Tool calls, in order.
     pub tool_calls: Vec<ToolCall>,
     /// Why it stopped.
@@ -286,6 +342,10 @@ pub enum StreamEvent {
     Text(String),
     /// More reasoning text.
     Reasoning(String),
+    /// The signature that closes the current reasoning block.
+    ReasoningSignature(String),
+    /// A reasoning block the provider redacted (its encrypted data).
+    RedactedReasoning(String),
     /// A new tool call: always sent before any of its argument fragments.
     ToolCallStart {
         /// Its index among this answer's tool calls.
@@ -366,7 +426,29 @@ impl Accumulator {
         let r = &mut self.response;
         match event {
             StreamEvent::Text(t) => r.text.push_str(t),
-            StreamEvent::Reasoning(t) => r.reasoning.push_str(t),
+            StreamEvent::Reasoning(t) => {
+                r.reasoning.push_str(t);
+                match r.reasoning_blocks.last_mut() {
+                    Some(open) if open.signature.is_none() && open.redacted.is_none() => open.text.push_str(t),
+                    _ => r.reasoning_blocks.push(Reasoning {
+                        text: t.clone(),
+                        ..Reasoning::default()
+                    }),
+                }
+            }
+            StreamEvent::ReasoningSignature(sig) => match r.reasoning_blocks.last_mut() {
+                Some(open) if open.signature.is_none() && open.redacted.is_none() => {
+                    open.signature = Some(sig.clone());
+                }
+                _ => r.reasoning_blocks.push(Reasoning {
+                    signature: Some(sig.clone()),
+                    ..Reasoning::default()
+                }),
+            },
+            StreamEvent::RedactedReasoning(data) => r.reasoning_blocks.push(Reasoning {
+                redacted: Some(data.clone()),
+                ..Reasoning::default()
+            }),
             StreamEvent::ToolCallStart {
                 index,
                 id,

@@ -27,6 +27,8 @@ pub fn of_prompt(messages: &[Message], tools: &[Tool]) -> u64 {
             total += match part {
                 Part::Text(t) => of_text(t),
                 Part::Image(_) => PER_IMAGE,
+                Part::Reasoning(r) => of_text(&r.text),
+                Part::CachePoint => 0,
             };
         }
         for call in &m.tool_calls {

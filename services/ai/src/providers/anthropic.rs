@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use super::{Endpoint, EventStream, Provider, ProviderError, ProviderKind, Translator, sse::SseEvent};
 use crate::model::{
-    ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, FinishReason, Image, Message, Part, ResponseFormat, Role,
-    StreamEvent, ToolCall, ToolChoice, Usage,
+    ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, FinishReason, Image, Message, Part, Reasoning,
+    ResponseFormat, Role, StreamEvent, ToolCall, ToolChoice, Usage,
 };
 
 /// `max_tokens` when the request sets none: Anthropic requires one, and
@@ -89,21 +89,37 @@ pub fn parse_error(body: &[u8]) -> (String, String) {
     (kind, message)
 }
 
-/// Text and image parts as content blocks; empty text is dropped (the API
-/// rejects empty text blocks).
+/// Parts as content blocks; empty text is dropped (the API rejects empty
+/// text blocks). Reasoning goes back as the `thinking` (or
+/// `redacted_thinking`) block it came from, signature unchanged; a cache
+/// point puts `cache_control` on the block before it.
 fn content_blocks(parts: &[Part]) -> Vec<Value> {
-    parts
-        .iter()
-        .filter_map(|p| match p {
-            Part::Text(t) if t.is_empty() => None,
-            Part::Text(t) => Some(json!({"type": "text", "text": t})),
-            Part::Image(Image::Inline { media_type, base64 }) => Some(json!({
+    let mut blocks: Vec<Value> = Vec::with_capacity(parts.len());
+    for p in parts {
+        let block = match p {
+            Part::Text(t) if t.is_empty() => continue,
+            Part::Text(t) => json!({"type": "text", "text": t}),
+            Part::Image(Image::Inline { media_type, base64 }) => json!({
                 "type": "image",
                 "source": {"type": "base64", "media_type": media_type, "data": base64},
-            })),
-            Part::Image(Image::Url(url)) => Some(json!({"type": "image", "source": {"type": "url", "url": url}})),
-        })
-        .collect()
+            }),
+            Part::Image(Image::Url(url)) => json!({"type": "image", "source": {"type": "url", "url": url}}),
+            Part::Reasoning(r) => match &r.redacted {
+                Some(data) => json!({"type": "redacted_thinking", "data": data}),
+                None => {
+                    json!({"type": "thinking", "thinking": r.text, "signature": r.signature.clone().unwrap_or_default()})
+                }
+            },
+            Part::CachePoint => {
+                if let Some(last) = blocks.last_mut() {
+                    last["cache_control"] = json!({"type": "ephemeral"});
+                }
+                continue;
+            }
+        };
+        blocks.push(block);
+    }
+    blocks
 }
 
 /// A tool message as a `tool_result` block: its text as a string, or its
@@ -190,11 +206,20 @@ pub fn chat_body(r: &ChatRequest, stream: bool) -> Result<Value, ProviderError> 
         })
         .collect();
 
+    let mut max_tokens = r.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    let thinking = r.reasoning_effort.map(|e| e.budget_tokens());
+    if let Some(budget) = thinking {
+        // The thinking budget must stay below max_tokens; leave room for the answer.
+        max_tokens = max_tokens.max(budget + 1024);
+    }
     let mut body = json!({
         "model": r.model,
-        "max_tokens": r.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        "max_tokens": max_tokens,
         "messages": messages,
     });
+    if let Some(budget) = thinking {
+        body["thinking"] = json!({"type": "enabled", "budget_tokens": budget});
+    }
     if !system.is_empty() {
         body["system"] = json!(system.join("\n\n"));
     }
@@ -213,11 +238,15 @@ pub fn chat_body(r: &ChatRequest, stream: bool) -> Result<Value, ProviderError> 
     // Clamping keeps 0–1 meaning the same and makes "hotter than 1" the
     // hottest Anthropic allows, rather than failing callers who send
     // OpenAI-range values.
-    if let Some(t) = r.temperature.filter(|t| t.is_finite()) {
-        body["temperature"] = json!(t.clamp(0.0, 1.0));
-    }
-    if let Some(p) = r.top_p {
-        body["top_p"] = json!(p);
+    // With thinking on, Anthropic refuses any temperature but 1 and a top_p
+    // below 0.95, so sampling settings are left to it.
+    if thinking.is_none() {
+        if let Some(t) = r.temperature.filter(|t| t.is_finite()) {
+            body["temperature"] = json!(t.clamp(0.0, 1.0));
+        }
+        if let Some(p) = r.top_p {
+            body["top_p"] = json!(p);
+        }
     }
     if !r.stop.is_empty() {
         body["stop_sequences"] = json!(r.stop);
@@ -348,17 +377,27 @@ fn parse_chat(v: &Value) -> Result<ChatResponse, ProviderError> {
     for block in content {
         match block["type"].as_str() {
             Some("text") => response.text.push_str(block["text"].as_str().unwrap_or_default()),
-            Some("thinking") => response
-                .reasoning
-                .push_str(block["thinking"].as_str().unwrap_or_default()),
+            Some("thinking") => {
+                let text = block["thinking"].as_str().unwrap_or_default();
+                response.reasoning.push_str(text);
+                response.reasoning_blocks.push(Reasoning {
+                    text: text.to_owned(),
+                    signature: block["signature"].as_str().map(str::to_owned),
+                    redacted: None,
+                });
+            }
+            Some("redacted_thinking") => response.reasoning_blocks.push(Reasoning {
+                redacted: Some(block["data"].as_str().unwrap_or_default().to_owned()),
+                ..Reasoning::default()
+            }),
             Some("tool_use") => response.tool_calls.push(ToolCall {
                 id: block["id"].as_str().unwrap_or_default().to_owned(),
                 name: block["name"].as_str().unwrap_or_default().to_owned(),
                 arguments: input_text(&block["input"]),
                 thought_signature: None,
             }),
-            // redacted_thinking, server tool blocks (run by Anthropic, not
-            // the caller), and whatever is added later.
+            // Server tool blocks (run by Anthropic, not the caller), and
+            // whatever is added later.
             _ => {}
         }
     }
@@ -423,6 +462,11 @@ impl Translator for EventTranslator {
                             out.push(StreamEvent::Reasoning(t.to_owned()));
                         }
                     }
+                    Some("redacted_thinking") => {
+                        out.push(StreamEvent::RedactedReasoning(
+                            block["data"].as_str().unwrap_or_default().to_owned(),
+                        ));
+                    }
                     Some("tool_use") => {
                         let index = self.next_tool;
                         self.next_tool += 1;
@@ -471,7 +515,12 @@ impl Translator for EventTranslator {
                             });
                         }
                     }
-                    // signature_delta, citations_delta, and later additions.
+                    Some("signature_delta") => {
+                        if let Some(sig) = delta["signature"].as_str().filter(|s| !s.is_empty()) {
+                            out.push(StreamEvent::ReasoningSignature(sig.to_owned()));
+                        }
+                    }
+                    // citations_delta, and later additions.
                     _ => {}
                 }
             }
@@ -991,6 +1040,7 @@ mod tests {
             vec![
                 StreamEvent::Usage(input),
                 StreamEvent::Reasoning("Hmm.".into()),
+                StreamEvent::ReasoningSignature("EqQB".into()),
                 StreamEvent::Text("Sure.".into()),
                 StreamEvent::ToolCallStart {
                     index: 0,

@@ -279,6 +279,12 @@ pub fn chat_body(r: &ChatRequest) -> Result<Value, ProviderError> {
             config.insert("responseSchema".into(), schema);
         }
     }
+    if let Some(effort) = r.reasoning_effort {
+        config.insert(
+            "thinkingConfig".into(),
+            json!({"thinkingBudget": effort.budget_tokens(), "includeThoughts": true}),
+        );
+    }
     if !config.is_empty() {
         body["generationConfig"] = Value::Object(config);
     }
@@ -399,6 +405,9 @@ fn function_response(
 }
 
 /// Text and image parts (empty texts left out: Gemini rejects them).
+/// Reasoning is not sent back (Gemini wants only the thought signatures on
+/// function calls, which travel with the calls) and cache points mean
+/// nothing here (Gemini caches prefixes on its own).
 fn content_parts(m: &Message) -> Vec<Value> {
     let mut parts = Vec::new();
     for p in &m.content {
@@ -406,6 +415,7 @@ fn content_parts(m: &Message) -> Vec<Value> {
             Part::Text(t) if t.is_empty() => {}
             Part::Text(t) => parts.push(json!({ "text": t })),
             Part::Image(image) => parts.push(image_part(image)),
+            Part::Reasoning(_) | Part::CachePoint => {}
         }
     }
     parts
@@ -1011,6 +1021,28 @@ mod tests {
                 {"inlineData": {"mimeType": "image/webp", "data": "UklGRg=="}},
             ])
         );
+    }
+
+    #[test]
+    fn reasoning_effort_becomes_a_thinking_budget_and_reasoning_parts_stay_home() {
+        let mut assistant = Message::text(Role::Assistant, "Earlier answer.");
+        assistant.content.insert(
+            0,
+            Part::Reasoning(crate::model::Reasoning {
+                text: "private".into(),
+                signature: Some("sig".into()),
+                redacted: None,
+            }),
+        );
+        assistant.content.push(Part::CachePoint);
+        let mut r = request(vec![user("x"), assistant, user("y")]);
+        r.reasoning_effort = Some(crate::model::ReasoningEffort::High);
+        let body = chat_body(&r).unwrap();
+        assert_eq!(
+            body["generationConfig"]["thinkingConfig"],
+            json!({"thinkingBudget": 16384, "includeThoughts": true})
+        );
+        assert_eq!(body["contents"][1]["parts"], json!([{"text": "Earlier answer."}]));
     }
 
     #[test]

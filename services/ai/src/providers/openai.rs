@@ -120,8 +120,14 @@ fn role_name(role: Role) -> &'static str {
 
 fn message_json(m: &Message) -> Value {
     let mut out = json!({"role": role_name(m.role)});
-    let only_text = m.content.iter().all(|p| matches!(p, Part::Text(_)));
-    out["content"] = if m.content.is_empty() {
+    // Reasoning blocks and cache points mean nothing to OpenAI's format.
+    let parts: Vec<&Part> = m
+        .content
+        .iter()
+        .filter(|p| matches!(p, Part::Text(_) | Part::Image(_)))
+        .collect();
+    let only_text = parts.iter().all(|p| matches!(p, Part::Text(_)));
+    out["content"] = if parts.is_empty() {
         if m.tool_calls.is_empty() {
             json!("")
         } else {
@@ -131,11 +137,12 @@ fn message_json(m: &Message) -> Value {
         json!(m.joined_text())
     } else {
         Value::Array(
-            m.content
+            parts
                 .iter()
-                .map(|p| match p {
-                    Part::Text(t) => json!({"type": "text", "text": t}),
-                    Part::Image(i) => json!({"type": "image_url", "image_url": {"url": i.to_url()}}),
+                .filter_map(|p| match p {
+                    Part::Text(t) => Some(json!({"type": "text", "text": t})),
+                    Part::Image(i) => Some(json!({"type": "image_url", "image_url": {"url": i.to_url()}})),
+                    Part::Reasoning(_) | Part::CachePoint => None,
                 })
                 .collect(),
         )
@@ -210,6 +217,9 @@ pub fn chat_body(r: &ChatRequest, stream: bool, azure: bool) -> Value {
     if let Some(u) = &r.user {
         body["user"] = json!(u);
     }
+    if let Some(e) = r.reasoning_effort {
+        body["reasoning_effort"] = json!(e.name());
+    }
     if stream {
         body["stream"] = json!(true);
         body["stream_options"] = json!({"include_usage": true});
@@ -267,6 +277,7 @@ fn parse_chat(v: &Value) -> Result<ChatResponse, ProviderError> {
         model: v["model"].as_str().unwrap_or_default().to_owned(),
         text: message["content"].as_str().unwrap_or_default().to_owned(),
         reasoning: message["reasoning_content"].as_str().unwrap_or_default().to_owned(),
+        reasoning_blocks: Vec::new(),
         tool_calls,
         finish_reason: finish_reason(choice["finish_reason"].as_str()),
         usage: parse_usage(&v["usage"]),
@@ -372,5 +383,29 @@ impl Translator for ChunkTranslator {
         } else {
             Err(ProviderError::Connect("the stream ended before [DONE]".into()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Reasoning, ReasoningEffort};
+
+    #[test]
+    fn reasoning_effort_passes_through_and_reasoning_parts_and_cache_points_are_left_out() {
+        let mut assistant = Message::text(Role::Assistant, "Earlier.");
+        assistant.content.insert(0, Part::Reasoning(Reasoning::default()));
+        let mut user = Message::text(Role::User, "Doc.");
+        user.content.push(Part::CachePoint);
+        let r = ChatRequest {
+            model: "o4-mini".into(),
+            messages: vec![user, assistant],
+            reasoning_effort: Some(ReasoningEffort::Medium),
+            ..ChatRequest::default()
+        };
+        let body = chat_body(&r, false, false);
+        assert_eq!(body["reasoning_effort"], "medium");
+        assert_eq!(body["messages"][0], json!({"role": "user", "content": "Doc."}));
+        assert_eq!(body["messages"][1], json!({"role": "assistant", "content": "Earlier."}));
     }
 }
