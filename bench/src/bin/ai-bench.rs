@@ -265,6 +265,20 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let before = rss_kib(pid);
+    // Plinth's memory every 30 s of the soak, to see whether it levels off.
+    let sampler = plinth_runtime::Tasks::new();
+    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let (samples, token) = (samples.clone(), sampler.token());
+        sampler.spawn("rss-sampler", async move {
+            while plinth_runtime::tasks::pause(&token, Duration::from_secs(30)).await {
+                if let Ok(mut s) = samples.lock() {
+                    s.push(rss_kib(pid) / 1024);
+                }
+            }
+            Ok::<(), std::convert::Infallible>(())
+        });
+    }
     let soaked = open_loop(
         "soak HTTP",
         soak_rate,
@@ -277,6 +291,11 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     let after = rss_kib(pid);
+    sampler.shutdown(Duration::from_secs(1)).await;
+    out(&format!(
+        "plinth RSS every 30 s of the soak (MiB): {:?}",
+        samples.lock().map(|s| s.clone()).unwrap_or_default()
+    ));
     out(&format!(
         "soak {soak_rate} req/s for {}s through HTTP: {} ok, {} errors, p50 {:.3} ms, p99 {:.3} ms; plinth RSS {} MiB before, {} MiB after",
         soak.as_secs(),
