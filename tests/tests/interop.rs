@@ -67,3 +67,40 @@ async fn pyjwt_verifies_access_tokens_with_the_published_jwks() {
     assert_eq!(claims["aud"], "plinth");
     app.stop().await;
 }
+
+/// Python stubs generated from `proto/` with grpcio-tools call every
+/// service over gRPC (`tests/python/grpc_clients.py`).
+#[tokio::test]
+async fn python_grpcio_stubs_call_every_service() {
+    let Some(python) = backend_url(Backend::Python, "python_grpcio_stubs_call_every_service").unwrap() else {
+        return;
+    };
+    let app = TestApp::spawn(plinth_tests::with_admin(TestApp::config()))
+        .await
+        .unwrap();
+    let out = std::env::temp_dir().join(format!("plinth-pystubs-{}", unique()));
+    let target = app.grpc.to_string();
+    let stubs = out.clone();
+    // Off the runtime's thread: the app under test is served by this runtime.
+    let result = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/python/grpc_clients.py"))
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../proto"))
+            .arg(&stubs)
+            .arg(target)
+            .arg(plinth_tests::ADMIN_EMAIL)
+            .arg(plinth_tests::ADMIN_PASSWORD)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&out);
+    app.stop().await;
+    assert!(
+        result.status.success(),
+        "the grpcio clients failed:\n{}\n{}",
+        String::from_utf8_lossy(&result.stdout),
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
