@@ -207,6 +207,12 @@ impl Plinth {
                             tasks.token(),
                         ),
                     );
+                    tasks.spawn(
+                        "audit-alerts",
+                        audit
+                            .clone()
+                            .run_alerts(Duration::from_millis(cfg.audit.alert_eval_ms.max(10)), tasks.token()),
+                    );
                     if cfg.audit.ingest {
                         tasks.spawn("audit-ingest", audit.run_ingest(bus.clone(), tasks.token()));
                     }

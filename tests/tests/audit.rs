@@ -24,7 +24,8 @@ use tonic::transport::Channel;
 
 plinth_tests::on_both_backends!(
     a_config_write_becomes_a_provable_audit_entry,
-    a_tail_follows_the_log_and_an_export_carries_proofs
+    a_tail_follows_the_log_and_an_export_carries_proofs,
+    an_alert_rule_raises_once_per_window_and_its_webhook_is_retried
 );
 
 fn hash(b: &[u8]) -> H {
@@ -552,5 +553,135 @@ async fn a_nats_outage_delays_the_audit_trail_and_loses_nothing() -> anyhow::Res
     prove(&mut audit, &s.token, entries.last().unwrap()).await?;
     app.stop().await;
     proxy.down().await;
+    Ok(())
+}
+
+fn login_failed(id: &str, actor: &str, outcome: pb::Outcome) -> pb::AuditEvent {
+    pb::AuditEvent {
+        id: id.into(),
+        action: "auth.login.failed".into(),
+        outcome: outcome as i32,
+        actor: Some(pb::Actor {
+            id: actor.into(),
+            kind: pb::ActorKind::User as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Three failed logins of one account within a minute raise one alert for
+/// that account (not for another with two, not again for a fourth), which
+/// a webhook receives after one refused attempt; bad rules are named.
+async fn an_alert_rule_raises_once_per_window_and_its_webhook_is_retried(config: Config) -> anyhow::Result<()> {
+    let hook = plinth_tests::fake_upstream::FakeUpstream::start().await?;
+    hook.push(
+        "/hook",
+        plinth_tests::fake_upstream::Reply::status(503, serde_json::json!({})),
+    );
+    hook.always("/hook", plinth_tests::fake_upstream::Reply::ok(serde_json::json!({})));
+    let app = TestApp::spawn(with_admin(config)).await?;
+    let s = ConfigSession::admin(&app).await?;
+    let mut audit = AuditServiceClient::new(app.channel().await?);
+    let rule = pb::AlertRule {
+        action_prefix: "auth.login.failed".into(),
+        outcome: pb::Outcome::Failure as i32,
+        group_by: pb::AlertGroup::Actor as i32,
+        threshold: 3,
+        window: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+        webhook_url: format!("{}/hook", hook.url()),
+        ..Default::default()
+    };
+    for (bad, field) in [
+        (
+            pb::AlertRule {
+                threshold: 0,
+                ..rule.clone()
+            },
+            "rule.threshold",
+        ),
+        (
+            pb::AlertRule {
+                window: None,
+                ..rule.clone()
+            },
+            "rule.window",
+        ),
+        (
+            pb::AlertRule {
+                webhook_url: "ftp://x".into(),
+                ..rule.clone()
+            },
+            "rule.webhook_url",
+        ),
+    ] {
+        let e = audit
+            .set_alert_rule(with_bearer(
+                pb::SetAlertRuleRequest {
+                    name: "logins".into(),
+                    rule: Some(bad),
+                },
+                &s.token,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), violated_field(&e)),
+            (Code::InvalidArgument, field.to_owned())
+        );
+    }
+    audit
+        .set_alert_rule(with_bearer(
+            pb::SetAlertRuleRequest {
+                name: "logins".into(),
+                rule: Some(rule),
+            },
+            &s.token,
+        ))
+        .await?;
+    let run = plinth_tests::unique();
+    let events = vec![
+        login_failed(&format!("{run}-1"), "mallory", pb::Outcome::Failure),
+        login_failed(&format!("{run}-2"), "alice", pb::Outcome::Failure),
+        login_failed(&format!("{run}-3"), "mallory", pb::Outcome::Failure),
+        login_failed(&format!("{run}-4"), "mallory", pb::Outcome::Success),
+        login_failed(&format!("{run}-5"), "alice", pb::Outcome::Failure),
+        login_failed(&format!("{run}-6"), "mallory", pb::Outcome::Failure),
+        login_failed(&format!("{run}-7"), "mallory", pb::Outcome::Failure),
+    ];
+    audit
+        .append_batch(with_bearer(pb::AppendBatchRequest { events }, &s.token))
+        .await?;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let alert = loop {
+        let alerts = audit
+            .list_alerts(with_bearer(
+                pb::ListAlertsRequest {
+                    rule: "logins".into(),
+                    page_size: 0,
+                },
+                &s.token,
+            ))
+            .await?
+            .into_inner()
+            .alerts;
+        if let Some(a) = alerts.first()
+            && a.delivery == pb::AlertDelivery::Delivered as i32
+        {
+            assert_eq!(alerts.len(), 1, "one alert per group and window: {alerts:?}");
+            break a.clone();
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no delivered alert: {alerts:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((alert.group.as_str(), alert.count, alert.threshold), ("mallory", 3, 3));
+    assert_eq!(alert.attempts, 2, "one refused webhook call, then one answered");
+    let calls = hook.requests();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[1].body["rule"], "logins");
+    assert_eq!(calls[1].body["group"], "mallory");
+    assert_eq!(calls[1].body["count"], 3);
+    app.stop().await;
     Ok(())
 }

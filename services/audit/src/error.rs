@@ -16,6 +16,9 @@ pub enum AuditError {
     /// No retention policy of that name.
     #[error("retention policy {0:?} not found")]
     PolicyNotFound(String),
+    /// No alert rule of that name.
+    #[error("alert rule {0:?} not found")]
+    AlertRuleNotFound(String),
     /// The proof asks about a tree larger than the latest checkpoint, or an
     /// entry not yet integrated.
     #[error("{0}")]
@@ -51,7 +54,7 @@ impl ServiceError for AuditError {
     fn code(&self) -> ErrorCode {
         match self {
             Self::Invalid(_) => ErrorCode::InvalidArgument,
-            Self::EntryNotFound(_) | Self::PolicyNotFound(_) => ErrorCode::NotFound,
+            Self::EntryNotFound(_) | Self::PolicyNotFound(_) | Self::AlertRuleNotFound(_) => ErrorCode::NotFound,
             Self::NotYetIntegrated(_) => ErrorCode::FailedPrecondition,
             Self::Corrupt(_) => ErrorCode::Internal,
             Self::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
@@ -64,6 +67,7 @@ impl ServiceError for AuditError {
             Self::Invalid(_) => "INVALID_ARGUMENT",
             Self::EntryNotFound(_) => "ENTRY_NOT_FOUND",
             Self::PolicyNotFound(_) => "POLICY_NOT_FOUND",
+            Self::AlertRuleNotFound(_) => "ALERT_RULE_NOT_FOUND",
             Self::NotYetIntegrated(_) => "NOT_YET_INTEGRATED",
             Self::Corrupt(_) => "LOG_DAMAGED",
             Self::Storage(e) if e.is_unavailable() => "STORAGE_UNAVAILABLE",

@@ -13,6 +13,7 @@ use plinth_runtime::auth::{subject_of, unix_now_ms};
 use plinth_runtime::error::{FieldViolation, to_status};
 use plinth_runtime::wire::{self, duration, duration_ms, json_of_struct, struct_of_json, timestamp, timestamp_ms};
 
+use crate::alerts::{AlertRow, AlertRule, Group};
 use crate::error::AuditError;
 use crate::model::{
     ActorKind, Appended, Entry, Event, Filter, MAX_BATCH, MIN_RETAIN_MS, Outcome, RetentionPolicy, valid_policy_name,
@@ -481,6 +482,129 @@ impl AuditService for AuditGrpc {
         }
         self.audit.delete_policy(&name).await.map_err(status)?;
         Ok(Response::new(pb::DeleteRetentionPolicyResponse {}))
+    }
+
+    async fn set_alert_rule(
+        &self,
+        request: Request<pb::SetAlertRuleRequest>,
+    ) -> Result<Response<pb::SetAlertRuleResponse>, Status> {
+        let r = request.into_inner();
+        let rule = r
+            .rule
+            .ok_or_else(|| status(AuditError::invalid("rule", "is required")))?;
+        let mut bad = Vec::new();
+        if !valid_policy_name(&r.name) {
+            bad.push(FieldViolation::new(
+                "name",
+                "must be 1 to 63 lowercase letters, digits or `-`",
+            ));
+        }
+        if !rule.name.is_empty() && rule.name != r.name {
+            bad.push(FieldViolation::new("rule.name", "must be empty or the same as `name`"));
+        }
+        if !rule.action_prefix.is_empty() && !valid_prefix(&rule.action_prefix) {
+            bad.push(FieldViolation::new(
+                "rule.action_prefix",
+                "may hold only what actions hold: lowercase letters, digits, `_`, `-` and `.`",
+            ));
+        }
+        bad.extend(text_problem("rule.action_prefix", &rule.action_prefix, 128));
+        if rule.outcome != 0 && Outcome::from_number(rule.outcome).is_none() {
+            bad.push(FieldViolation::new("rule.outcome", "is not a known outcome"));
+        }
+        let group_by = Group::from_number(rule.group_by).unwrap_or_else(|| {
+            bad.push(FieldViolation::new("rule.group_by", "is not a known grouping"));
+            Group::All
+        });
+        if !(1..=1_000_000).contains(&rule.threshold) {
+            bad.push(FieldViolation::new("rule.threshold", "must be between 1 and 1,000,000"));
+        }
+        let window_ms = match &rule.window {
+            None => {
+                bad.push(FieldViolation::new("rule.window", "is required"));
+                0
+            }
+            Some(d) => duration_ms("rule.window", d, 1000, 86_400_000).unwrap_or_else(|e| {
+                bad.extend(e.0);
+                0
+            }),
+        };
+        if !rule.webhook_url.is_empty() {
+            let scheme_ok = rule.webhook_url.starts_with("http://") || rule.webhook_url.starts_with("https://");
+            if !scheme_ok || rule.webhook_url.len() > 2048 || rule.webhook_url.chars().any(char::is_whitespace) {
+                bad.push(FieldViolation::new(
+                    "rule.webhook_url",
+                    "must be an http:// or https:// URL of at most 2,048 bytes",
+                ));
+            }
+        }
+        if !bad.is_empty() {
+            return Err(status(AuditError::Invalid(bad)));
+        }
+        let stored = self
+            .audit
+            .set_alert_rule(AlertRule {
+                name: r.name,
+                action_prefix: rule.action_prefix,
+                outcome: rule.outcome,
+                group_by,
+                threshold: rule.threshold,
+                window_ms,
+                webhook_url: rule.webhook_url,
+                updated_ms: unix_now_ms(),
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::SetAlertRuleResponse {
+            rule: Some(stored.wire()),
+        }))
+    }
+
+    async fn list_alert_rules(
+        &self,
+        _request: Request<pb::ListAlertRulesRequest>,
+    ) -> Result<Response<pb::ListAlertRulesResponse>, Status> {
+        let rules = self.audit.alert_rules().await.map_err(status)?;
+        Ok(Response::new(pb::ListAlertRulesResponse {
+            rules: rules.iter().map(AlertRule::wire).collect(),
+        }))
+    }
+
+    async fn delete_alert_rule(
+        &self,
+        request: Request<pb::DeleteAlertRuleRequest>,
+    ) -> Result<Response<pb::DeleteAlertRuleResponse>, Status> {
+        let name = request.into_inner().name;
+        if !valid_policy_name(&name) {
+            return Err(status(AuditError::invalid(
+                "name",
+                "must be 1 to 63 lowercase letters, digits or `-`",
+            )));
+        }
+        self.audit.delete_alert_rule(&name).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteAlertRuleResponse {}))
+    }
+
+    async fn list_alerts(
+        &self,
+        request: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        let r = request.into_inner();
+        let limit = wire::page_size("page_size", r.page_size, 100).map_err(|e| status(e.into()))?;
+        if !r.rule.is_empty() && !valid_policy_name(&r.rule) {
+            return Err(status(AuditError::invalid(
+                "rule",
+                "must be 1 to 63 lowercase letters, digits or `-`",
+            )));
+        }
+        let alerts = self
+            .audit
+            .alerts(&r.rule, i64::try_from(limit).unwrap_or(100))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts: alerts.iter().map(AlertRow::wire).collect(),
+        }))
     }
 
     async fn erase_subject(

@@ -6,6 +6,7 @@
 //! `service` the meaning of each call, `ingest` + `mapping` the bus consumer,
 //! `grpc` the wire.
 
+pub mod alerts;
 mod error;
 mod grpc;
 mod ingest;

@@ -13,6 +13,7 @@ use sha2::Digest;
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::{AlertRow, AlertRule};
 use crate::error::AuditError;
 use crate::merkle::{self, Frontier, Hash, NodeId, Range, consistency_ranges, decompose, inclusion_ranges};
 use crate::model::{Appended, Entry, Erasure, Event, Filter, RetentionPolicy, Verification};
@@ -451,6 +452,88 @@ impl Audit {
         } else {
             Err(AuditError::PolicyNotFound(name.to_owned()))
         }
+    }
+
+    /// Creates or replaces an alert rule.
+    pub async fn set_alert_rule(&self, rule: AlertRule) -> Result<AlertRule, AuditError> {
+        self.inner.store.set_alert_rule(&rule).await?;
+        Ok(rule)
+    }
+
+    /// Every alert rule, by name.
+    pub async fn alert_rules(&self) -> Result<Vec<AlertRule>, AuditError> {
+        self.inner.store.alert_rules().await
+    }
+
+    /// Removes an alert rule.
+    pub async fn delete_alert_rule(&self, name: &str) -> Result<(), AuditError> {
+        if self.inner.store.delete_alert_rule(name).await? {
+            Ok(())
+        } else {
+            Err(AuditError::AlertRuleNotFound(name.to_owned()))
+        }
+    }
+
+    /// Raised alerts, newest first.
+    pub async fn alerts(&self, rule: &str, limit: i64) -> Result<Vec<AlertRow>, AuditError> {
+        self.inner.store.alerts(rule, limit).await
+    }
+
+    /// Evaluates alert rules over new entries and calls due webhooks, every
+    /// `interval`, until `token` is cancelled.
+    pub async fn run_alerts(self, interval: Duration, token: CancellationToken) -> Result<(), AuditError> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| AuditError::Corrupt(format!("webhook client: {e}")))?;
+        while plinth_runtime::tasks::pause(&token, interval).await {
+            loop {
+                match self
+                    .inner
+                    .store
+                    .evaluate_alerts(plinth_runtime::auth::unix_now_ms())
+                    .await
+                {
+                    Ok((read, raised)) => {
+                        for a in &raised {
+                            let w = a.wire();
+                            tracing::warn!(rule = %w.rule, group = %w.group, count = w.count, index = w.index, "audit alert raised");
+                        }
+                        if read < 500 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "evaluating audit alert rules failed; retrying");
+                        break;
+                    }
+                }
+            }
+            let now = plinth_runtime::auth::unix_now_ms();
+            let due = match self.inner.store.claim_deliveries(now).await {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading due audit alert webhooks failed; retrying");
+                    continue;
+                }
+            };
+            for alert in due {
+                let attempts = alert.attempts() + 1;
+                let (ok, error) = match crate::alerts::call_webhook(&client, &alert).await {
+                    Ok(()) => (true, String::new()),
+                    Err(e) => {
+                        tracing::warn!(alert = alert.id(), attempts, error = %e, "audit alert webhook failed");
+                        (false, e)
+                    }
+                };
+                let next = plinth_runtime::auth::unix_now_ms()
+                    + i64::try_from(crate::alerts::retry_in(attempts).as_millis()).unwrap_or(i64::MAX / 2);
+                if let Err(e) = self.inner.store.delivered(alert.id(), ok, &error, attempts, next).await {
+                    tracing::warn!(alert = alert.id(), error = %e, "recording an audit alert webhook attempt failed");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Erases everything `what` covers, in batches; how many entries.

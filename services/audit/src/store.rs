@@ -356,7 +356,7 @@ enum Bind {
 /// The audit tables.
 #[derive(Clone)]
 pub struct Store {
-    db: Db,
+    pub(crate) db: Db,
 }
 
 impl Store {

@@ -489,6 +489,9 @@ pub struct AuditSettings {
     /// Seconds between runs of the retention policies
     /// (`PLINTH_AUDIT__RETENTION_SWEEP_SECS`).
     pub retention_sweep_secs: u64,
+    /// Milliseconds between evaluations of the alert rules over new entries
+    /// (and calls of due webhooks) (`PLINTH_AUDIT__ALERT_EVAL_MS`).
+    pub alert_eval_ms: u64,
 }
 
 impl Default for AuditSettings {
@@ -502,6 +505,7 @@ impl Default for AuditSettings {
             consumer: "plinth-audit".into(),
             replay: true,
             retention_sweep_secs: 3600,
+            alert_eval_ms: 500,
         }
     }
 }
