@@ -34,6 +34,9 @@ use crate::metadata;
 use crate::upstream::GrpcService;
 
 const AI_SERVICE: &str = "plinth.ai.v1.AiService";
+/// Asks for (`use`) or refuses (`bypass`) Plinth's response cache; answered
+/// with `hit` or `miss` on unstreamed completions.
+const CACHE_HEADER: &str = "x-plinth-cache";
 
 /// An error in OpenAI's shape.
 struct ApiError {
@@ -464,7 +467,15 @@ async fn chat_completions(State(gw): State<Arc<Inner>>, req: Request) -> Respons
 
 async fn chat(gw: &Inner, req: Request) -> Result<Response, ApiError> {
     let (headers, peer, body) = read_json(gw, req).await?;
-    let (message, stream, include_usage) = generate_request(&body)?;
+    let (mut message, stream, include_usage) = generate_request(&body)?;
+    // The response cache is Plinth's, not OpenAI's, so it is asked for in a
+    // header the SDKs pass through (`extra_headers`).
+    message.cache = (match headers.get(CACHE_HEADER).map(|v| v.to_str().unwrap_or_default()) {
+        None => pb::CachePolicy::Unspecified,
+        Some("use") => pb::CachePolicy::Use,
+        Some("bypass") => pb::CachePolicy::Bypass,
+        Some(_) => return Err(ApiError::invalid(CACHE_HEADER, "must be use or bypass")),
+    }) as i32;
     let model = message.model.clone();
     let mut ai = client(gw)?;
     let request = grpc_request(&headers, peer, message)?;
@@ -516,7 +527,12 @@ async fn chat(gw: &Inner, req: Request) -> Result<Response, ApiError> {
         "choices": [{"index": 0, "message": message, "finish_reason": finish(answer.finish_reason), "logprobs": null}],
         "usage": usage(&answer.usage.unwrap_or_default()),
     });
-    Ok(Json(body).into_response())
+    let mut response = Json(body).into_response();
+    response.headers_mut().insert(
+        CACHE_HEADER,
+        HeaderValue::from_static(if answer.cached { "hit" } else { "miss" }),
+    );
+    Ok(response)
 }
 
 /// Streams chunks as OpenAI does: a first chunk with the role, one per

@@ -722,6 +722,37 @@ async fn identical_deterministic_requests_are_answered_from_the_cache() {
     let total = s.usage(vec![], 6).await.total.unwrap();
     assert_eq!(total.cache_hits, 1);
     assert_eq!(total.requests, 6);
+
+    // Over the OpenAI surface the cache is asked for with a header.
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/chat/completions", s.app.http);
+    let body = json!({"model": "chat", "temperature": 0.9, "messages": [{"role": "user", "content": "a haiku"}]});
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let r = http
+            .post(&url)
+            .bearer_auth(&s.token)
+            .header("x-plinth-cache", "use")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        seen.push(r.headers()["x-plinth-cache"].to_str().unwrap().to_owned());
+    }
+    assert_eq!(seen, ["miss", "hit"]);
+    assert_eq!(primary.requests().len(), 6);
+    let bad = http
+        .post(&url)
+        .bearer_auth(&s.token)
+        .header("x-plinth-cache", "sometimes")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let e: Value = bad.json().await.unwrap();
+    assert_eq!(e["error"]["param"], "x-plinth-cache");
     s.app.stop().await;
 }
 
