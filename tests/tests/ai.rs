@@ -93,6 +93,14 @@ fn config(primary: &FakeUpstream, backup: &FakeUpstream) -> Config {
     config
 }
 
+/// The primary and the backup provider.
+async fn fakes() -> (FakeUpstream, FakeUpstream) {
+    (
+        FakeUpstream::start().await.unwrap(),
+        FakeUpstream::start().await.unwrap(),
+    )
+}
+
 fn answer(text: &str, prompt: u64, completion: u64) -> Value {
     json!({
         "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "upstream-model",
@@ -143,6 +151,17 @@ async fn start(config: Config) -> Session {
 }
 
 impl Session {
+    /// POSTs `body` as JSON to `path` on the gateway with the admin token.
+    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("http://{}{path}", self.app.http))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn generate(&mut self, r: pb::GenerateRequest) -> Result<pb::GenerateResponse, tonic::Status> {
         self.ai
             .generate(with_bearer(r, &self.token))
@@ -192,10 +211,7 @@ impl Session {
 
 #[tokio::test]
 async fn a_failing_target_falls_back_and_the_answering_one_is_billed() {
-    let (primary, backup) = (
-        FakeUpstream::start().await.unwrap(),
-        FakeUpstream::start().await.unwrap(),
-    );
+    let (primary, backup) = fakes().await;
     primary.push(CHAT, error(503, "server_error"));
     backup.push(CHAT, Reply::ok(answer("from backup", 1_000_000, 500_000)));
     let mut s = start(config(&primary, &backup)).await;
@@ -238,10 +254,7 @@ async fn a_failing_target_falls_back_and_the_answering_one_is_billed() {
 
 #[tokio::test]
 async fn an_open_breaker_and_a_retry_after_skip_their_target_without_a_call() {
-    let (primary, backup) = (
-        FakeUpstream::start().await.unwrap(),
-        FakeUpstream::start().await.unwrap(),
-    );
+    let (primary, backup) = fakes().await;
     primary.always(CHAT, error(500, "server_error"));
     backup.always(CHAT, Reply::ok(answer("ok", 10, 2)));
     let mut s = start(config(&primary, &backup)).await;
@@ -285,6 +298,22 @@ async fn an_open_breaker_and_a_retry_after_skip_their_target_without_a_call() {
     s.app.stop().await;
 }
 
+/// The first chunk of tool call `index`: its id and name (and maybe arguments).
+fn call_start(index: u32, id: &str, name: &str, arguments: &str) -> (&'static str, Value) {
+    chunk(
+        json!({"tool_calls": [{"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": arguments}}]}),
+        Value::Null,
+    )
+}
+
+/// A later chunk of tool call `index`: only an argument fragment.
+fn call_arguments(index: u32, fragment: &str) -> (&'static str, Value) {
+    chunk(
+        json!({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}),
+        Value::Null,
+    )
+}
+
 fn chunk(delta: Value, finish: Value) -> (&'static str, Value) {
     (
         "",
@@ -295,26 +324,14 @@ fn chunk(delta: Value, finish: Value) -> (&'static str, Value) {
 
 #[tokio::test]
 async fn a_stream_carries_text_tool_calls_and_usage_and_a_cancelled_one_is_billed() {
-    let (primary, backup) = (
-        FakeUpstream::start().await.unwrap(),
-        FakeUpstream::start().await.unwrap(),
-    );
+    let (primary, backup) = fakes().await;
     let mut frames = sse_frames([
         chunk(json!({"role": "assistant", "content": ""}), Value::Null),
         chunk(json!({"content": "Let me "}), Value::Null),
         chunk(json!({"content": "check."}), Value::Null),
-        chunk(
-            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "weather", "arguments": ""}}]}),
-            Value::Null,
-        ),
-        chunk(
-            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}),
-            Value::Null,
-        ),
-        chunk(
-            json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Oslo\"}"}}]}),
-            Value::Null,
-        ),
+        call_start(0, "call_1", "weather", ""),
+        call_arguments(0, "{\"city\":"),
+        call_arguments(0, "\"Oslo\"}"),
         chunk(json!({}), json!("tool_calls")),
         (
             "",
@@ -397,10 +414,7 @@ async fn a_stream_carries_text_tool_calls_and_usage_and_a_cancelled_one_is_bille
 
 #[tokio::test]
 async fn bad_input_is_named_and_reaches_no_provider() {
-    let (primary, backup) = (
-        FakeUpstream::start().await.unwrap(),
-        FakeUpstream::start().await.unwrap(),
-    );
+    let (primary, backup) = fakes().await;
     let mut s = start(config(&primary, &backup)).await;
 
     let mut no_role = request("x");
@@ -417,51 +431,42 @@ async fn bad_input_is_named_and_reaches_no_provider() {
     };
     assert_eq!(s.generate(unknown).await.unwrap_err().code(), Code::NotFound);
 
-    let http = reqwest::Client::new();
-    let base = format!("http://{}", s.app.http);
-    let r = http
-        .post(format!("{base}/v1/ai:generate"))
-        .bearer_auth(&s.token)
-        .json(&json!({"model": "chat", "messages": [{"role": "ROLE_USER", "content": [{"text": "x"}]}], "topP": 1.5}))
-        .send()
-        .await
-        .unwrap();
+    let r = s
+        .post(
+            "/v1/ai:generate",
+            &json!({"model": "chat", "messages": [{"role": "ROLE_USER", "content": [{"text": "x"}]}], "topP": 1.5}),
+        )
+        .await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert!(body.to_string().contains("top_p"), "{body}");
 
     // The OpenAI-compatible surface answers in OpenAI's error shape.
-    let r = http
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(&s.token)
-        .json(&json!({"model": "chat", "messages": "hello"}))
-        .send()
-        .await
-        .unwrap();
+    let r = s
+        .post("/v1/chat/completions", &json!({"model": "chat", "messages": "hello"}))
+        .await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["param"], "messages", "{body}");
     assert_eq!(body["error"]["type"], "invalid_request_error");
-    let r = http
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(&s.token)
-        .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "x"}], "temperature": 5}))
-        .send()
-        .await
-        .unwrap();
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "chat", "messages": [{"role": "user", "content": "x"}], "temperature": 5}),
+        )
+        .await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["param"], "temperature", "{body}");
-    let r = http
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(&s.token)
-        .json(&json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}))
-        .send()
-        .await
-        .unwrap();
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
     assert_eq!(r.status(), 404);
-    let r = http
-        .post(format!("{base}/v1/chat/completions"))
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", s.app.http))
         .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "x"}]}))
         .send()
         .await
@@ -477,10 +482,7 @@ async fn the_official_openai_python_sdk_works_unchanged() {
     let Some(python) = backend_url(Backend::Python, "the_official_openai_python_sdk_works_unchanged").unwrap() else {
         return;
     };
-    let (primary, backup) = (
-        FakeUpstream::start().await.unwrap(),
-        FakeUpstream::start().await.unwrap(),
-    );
+    let (primary, backup) = fakes().await;
     // In the order the script calls.
     primary.push(CHAT, Reply::ok(answer("Hello from Plinth", 9, 4)));
     let mut frames = sse_frames([
@@ -497,22 +499,10 @@ async fn the_official_openai_python_sdk_works_unchanged() {
     frames.push("data: [DONE]\n\n".into());
     primary.push(CHAT, Reply::sse(frames));
     let mut frames = sse_frames([
-        chunk(
-            json!({"tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "lookup", "arguments": ""}}]}),
-            Value::Null,
-        ),
-        chunk(
-            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\":"}}]}),
-            Value::Null,
-        ),
-        chunk(
-            json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"rust\"}"}}]}),
-            Value::Null,
-        ),
-        chunk(
-            json!({"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\":\"go\"}"}}]}),
-            Value::Null,
-        ),
+        call_start(0, "call_a", "lookup", ""),
+        call_arguments(0, "{\"q\":"),
+        call_arguments(0, "\"rust\"}"),
+        call_start(1, "call_b", "lookup", "{\"q\":\"go\"}"),
         chunk(json!({}), json!("tool_calls")),
     ]);
     frames.push("data: [DONE]\n\n".into());
@@ -563,10 +553,7 @@ async fn the_official_openai_python_sdk_works_unchanged() {
 
 #[tokio::test]
 async fn rate_limits_reserve_up_front_settle_to_use_and_release_on_failure() {
-    let (primary, backup) = (
-        FakeUpstream::start().await.unwrap(),
-        FakeUpstream::start().await.unwrap(),
-    );
+    let (primary, backup) = fakes().await;
     let mut config = config(&primary, &backup);
     // Each call reserves its prompt estimate plus max_tokens (4,096 by
     // default): two at once fit in 10,000, three do not.
@@ -602,12 +589,24 @@ async fn rate_limits_reserve_up_front_settle_to_use_and_release_on_failure() {
     }
     assert_eq!(s.generate(request("hi")).await.unwrap().provider, "backup");
 
-    // One call that could use more than the caller's minute is refused
-    // before any provider is asked, with when to retry.
+    // What calls really use is what counts, also when a busy target was
+    // skipped on the way (the skip must not hand back the caller's
+    // reservation): three calls of 3,500 tokens each pass, then the caller's
+    // minute is used up and the next is refused before any provider is
+    // asked, with when to retry.
+    for _ in 0..3 {
+        backup.push(CHAT, Reply::ok(answer("long", 3_000, 500)));
+    }
+    let small = || pb::GenerateRequest {
+        max_tokens: Some(100),
+        ..request("hi")
+    };
+    for _ in 0..3 {
+        let r = s.generate(small()).await.unwrap();
+        assert!(r.attempts[0].skipped, "{r:?}");
+    }
     let calls = backup.requests().len();
-    let mut big = request("hi");
-    big.max_tokens = Some(20_000);
-    let e = s.generate(big).await.unwrap_err();
+    let e = s.generate(small()).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("tokens per minute"), "{e:?}");
     assert!(e.get_error_details().retry_info().is_some());
@@ -617,10 +616,7 @@ async fn rate_limits_reserve_up_front_settle_to_use_and_release_on_failure() {
 
 #[tokio::test]
 async fn a_budget_refuses_once_spent_and_stays_spent_across_a_restart() {
-    let (primary, backup) = (
-        FakeUpstream::start().await.unwrap(),
-        FakeUpstream::start().await.unwrap(),
-    );
+    let (primary, backup) = fakes().await;
     // $10 in, $20 out per million tokens on the primary; 100 + 100 tokens = $0.003 a call.
     primary.always(CHAT, Reply::ok(answer("p", 100, 100)));
     let mut config = config(&primary, &backup);
@@ -680,10 +676,7 @@ async fn a_budget_refuses_once_spent_and_stays_spent_across_a_restart() {
 
 #[tokio::test]
 async fn identical_deterministic_requests_are_answered_from_the_cache() {
-    let (primary, backup) = (
-        FakeUpstream::start().await.unwrap(),
-        FakeUpstream::start().await.unwrap(),
-    );
+    let (primary, backup) = fakes().await;
     primary.always(CHAT, Reply::ok(answer("cached answer", 30, 3)));
     let mut s = start(config(&primary, &backup)).await;
     let zero = pb::GenerateRequest {
@@ -758,10 +751,7 @@ async fn identical_deterministic_requests_are_answered_from_the_cache() {
 
 #[tokio::test]
 async fn concurrent_embeddings_are_sent_as_one_request_and_split_back() {
-    let (primary, backup) = (
-        FakeUpstream::start().await.unwrap(),
-        FakeUpstream::start().await.unwrap(),
-    );
+    let (primary, backup) = fakes().await;
     primary.push(
         "/v1/embeddings",
         Reply::ok(json!({"object": "list", "model": "emb", "usage": {"prompt_tokens": 40, "total_tokens": 40},
@@ -814,10 +804,7 @@ async fn concurrent_embeddings_are_sent_as_one_request_and_split_back() {
 
 #[tokio::test]
 async fn thinking_blocks_survive_a_tool_turn_through_the_openai_surface() {
-    let (primary, backup) = (
-        FakeUpstream::start().await.unwrap(),
-        FakeUpstream::start().await.unwrap(),
-    );
+    let (primary, backup) = fakes().await;
     let claude = FakeUpstream::start().await.unwrap();
     let mut config = config(&primary, &backup);
     config.ai.providers.insert(
@@ -851,17 +838,14 @@ async fn thinking_blocks_survive_a_tool_turn_through_the_openai_surface() {
         })),
     );
     let s = start(config).await;
-    let http = reqwest::Client::new();
-    let url = format!("http://{}/v1/chat/completions", s.app.http);
     let tools = json!([{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
     let mut messages = vec![json!({"role": "user", "content": "Weather in Oslo?"})];
-    let first: Value = http
-        .post(&url)
-        .bearer_auth(&s.token)
-        .json(&json!({"model": "thinker", "messages": messages, "tools": tools, "reasoning_effort": "low"}))
-        .send()
+    let first: Value = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "thinker", "messages": messages, "tools": tools, "reasoning_effort": "low"}),
+        )
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -877,13 +861,12 @@ async fn thinking_blocks_survive_a_tool_turn_through_the_openai_surface() {
     // The client appends the assistant message as it came, then the tool's answer.
     messages.push(answer);
     messages.push(json!({"role": "tool", "tool_call_id": "toolu_1", "content": "3°C"}));
-    let second: Value = http
-        .post(&url)
-        .bearer_auth(&s.token)
-        .json(&json!({"model": "thinker", "messages": messages, "tools": tools, "reasoning_effort": "low"}))
-        .send()
+    let second: Value = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "thinker", "messages": messages, "tools": tools, "reasoning_effort": "low"}),
+        )
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();

@@ -140,12 +140,15 @@ impl Reservation {
     ) -> Result<Result<(), Refused>, StateError> {
         let (start, left) = window(unix_now_ms());
         let ttl = left + Duration::from_secs(5);
+        // A refusal undoes what this call took, and only that: a target's
+        // limit refusing must not hand back the caller's reservation.
+        let ours = self.held.len();
         for limit in limits {
             if limit.requests_per_minute > 0 {
                 let key = format!("ai:rpm:{}:{start}", limit.scope);
                 let max = i64::try_from(limit.requests_per_minute).unwrap_or(i64::MAX);
                 if self.take(state, key, 1, max, Kind::Requests, ttl).await?.is_some() {
-                    self.give_back().await;
+                    self.undo_since(ours, state).await;
                     return Ok(Err(Refused {
                         reason: format!(
                             "{} is over {} requests per minute",
@@ -160,7 +163,7 @@ impl Reservation {
                 let max = i64::try_from(limit.tokens_per_minute).unwrap_or(i64::MAX);
                 let want = i64::try_from(tokens).unwrap_or(i64::MAX);
                 if self.take(state, key, want, max, Kind::Tokens, ttl).await?.is_some() {
-                    self.give_back().await;
+                    self.undo_since(ours, state).await;
                     return Ok(Err(Refused {
                         reason: format!(
                             "{} is over {} tokens per minute (this call reserves {tokens}: its prompt and max_tokens)",
@@ -209,19 +212,16 @@ impl Reservation {
             .map_err(state_error)?
         {
             None => Ok(Ok(())),
-            Some(spent) => {
-                self.give_back().await;
-                Ok(Err(Refused {
-                    reason: format!(
-                        "the {} budget of ${:.2} for {scope} is spent (${:.4} used; this call may cost up to ${:.4})",
-                        budget.period,
-                        budget.usd,
-                        spent as f64 / 1e9,
-                        nanos as f64 / 1e9
-                    ),
-                    retry_after: Duration::from_millis(u64::try_from(end - now).unwrap_or(0)),
-                }))
-            }
+            Some(spent) => Ok(Err(Refused {
+                reason: format!(
+                    "the {} budget of ${:.2} for {scope} is spent (${:.4} used; this call may cost up to ${:.4})",
+                    budget.period,
+                    budget.usd,
+                    spent as f64 / 1e9,
+                    nanos as f64 / 1e9
+                ),
+                retry_after: Duration::from_millis(u64::try_from(end - now).unwrap_or(0)),
+            })),
         }
     }
 
@@ -247,15 +247,28 @@ impl Reservation {
 
     /// Gives back tokens and money now (the call failed before using any).
     pub async fn give_back(&mut self) {
-        let Some(state) = self.state.clone() else {
-            return;
-        };
-        for h in std::mem::take(&mut self.held) {
-            if h.kind != Kind::Requests
-                && let Err(e) = state.incr(&h.key, -h.amount, h.ttl).await
-            {
-                tracing::warn!(key = %h.key, error = %e, "releasing an ai reservation failed");
+        if let Some(state) = self.state.clone() {
+            release(&state, std::mem::take(&mut self.held)).await;
+        }
+    }
+}
+
+impl Reservation {
+    /// Gives back everything taken since `len` entries were held, requests included.
+    async fn undo_since(&mut self, len: usize, state: &SharedStateRef) {
+        for h in self.held.split_off(len) {
+            if let Err(e) = state.incr(&h.key, -h.amount, h.ttl).await {
+                tracing::warn!(key = %h.key, error = %e, "undoing an ai reservation failed");
             }
+        }
+    }
+}
+
+/// Gives back the tokens and money of `held` (requests stay counted).
+async fn release(state: &SharedStateRef, held: Vec<Held>) {
+    for h in held.into_iter().filter(|h| h.kind != Kind::Requests) {
+        if let Err(e) = state.incr(&h.key, -h.amount, h.ttl).await {
+            tracing::warn!(key = %h.key, error = %e, "releasing an ai reservation failed");
         }
     }
 }
@@ -270,10 +283,8 @@ impl Drop for Reservation {
         };
         let held = std::mem::take(&mut self.held);
         self.tasks.spawn("ai-release", async move {
-            for h in held.into_iter().filter(|h| h.kind != Kind::Requests) {
-                state.incr(&h.key, -h.amount, h.ttl).await?;
-            }
-            Ok::<(), StateError>(())
+            release(&state, held).await;
+            Ok::<(), std::convert::Infallible>(())
         });
     }
 }

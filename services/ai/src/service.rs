@@ -250,12 +250,14 @@ impl Ai {
         request: ChatRequest,
         cache: CachePolicy,
     ) -> Result<Answer, AiError> {
-        let started = Instant::now();
+        let call = Call {
+            caller,
+            operation: "generate",
+            model,
+            started: Instant::now(),
+        };
         let route = self.inner.router.route(model)?;
-        let mut request = request;
-        if request.max_tokens.is_none() {
-            request.max_tokens = Some(self.inner.default_max_tokens);
-        }
+        let (request, prompt) = self.with_max_tokens(request);
         let cache_key = self.inner.cache.key(cache, model, &request);
         if let Some(key) = &cache_key
             && let Some(hit) = self.inner.cache.get(key).await
@@ -269,19 +271,11 @@ impl Ai {
                 attempts: Vec::new(),
             };
             let free = Cost { nanos: 0, priced: true };
-            self.record_call(
-                caller,
-                "generate",
-                &served,
-                Usage::default(),
-                free,
-                started,
-                Outcome::Success,
-                "",
-                false,
-                true,
-            )
-            .await;
+            let end = Ending {
+                cache_hit: true,
+                ..Ending::answered(Usage::default(), free)
+            };
+            self.record(&call, &served, end).await;
             return Ok(Answer {
                 served,
                 response: hit.response,
@@ -289,7 +283,7 @@ impl Ai {
                 cached: true,
             });
         }
-        let reserve = tokens::of_request(&request) + u64::from(request.max_tokens.unwrap_or(0));
+        let reserve = prompt + u64::from(request.max_tokens.unwrap_or(0));
         let mut held = self.reserve(caller, route, reserve).await?;
         let result = fallback(route, &self.inner.state, &mut held, reserve, |target| {
             let request = ChatRequest {
@@ -299,13 +293,8 @@ impl Ai {
             async move { target.adapter.chat(&request).await }
         })
         .await;
-        if result.is_err() {
-            held.give_back().await;
-        }
-        let (target, response, attempts) = self.settle(caller, "generate", model, started, result).await?;
-        let (served, cost) = self
-            .answered(caller, "generate", model, &target, attempts, response.usage, started)
-            .await;
+        let (target, response, attempts) = self.settle(&call, &mut held, result).await?;
+        let (served, cost) = self.answered(&call, &target, attempts, response.usage).await;
         held.settle(response.usage.total(), cost.nanos).await;
         if let Some(key) = &cache_key
             && response.finish_reason != crate::model::FinishReason::Error
@@ -353,13 +342,15 @@ impl Ai {
         request: ChatRequest,
         span: tracing::Span,
     ) -> Result<Streaming, AiError> {
-        let started = Instant::now();
+        let call = Call {
+            caller,
+            operation: "generate_stream",
+            model,
+            started: Instant::now(),
+        };
         let route = self.inner.router.route(model)?;
-        let mut request = request;
-        if request.max_tokens.is_none() {
-            request.max_tokens = Some(self.inner.default_max_tokens);
-        }
-        let reserve = tokens::of_request(&request) + u64::from(request.max_tokens.unwrap_or(0));
+        let (request, prompt) = self.with_max_tokens(request);
+        let reserve = prompt + u64::from(request.max_tokens.unwrap_or(0));
         let mut held = self.reserve(caller, route, reserve).await?;
         let result = fallback(route, &self.inner.state, &mut held, reserve, |target| {
             let request = ChatRequest {
@@ -376,11 +367,7 @@ impl Ai {
             }
         })
         .await;
-        if result.is_err() {
-            held.give_back().await;
-        }
-        let (target, (upstream, first), attempts) =
-            self.settle(caller, "generate_stream", model, started, result).await?;
+        let (target, (upstream, first), attempts) = self.settle(&call, &mut held, result).await?;
         let served = served(call_id(), model, &target, attempts);
         let (sender, items) = mpsc::channel(64);
         let pump = Pump {
@@ -388,8 +375,8 @@ impl Ai {
             caller: caller.clone(),
             served: served.clone(),
             target,
-            prompt_estimate: tokens::of_request(&request),
-            started,
+            prompt_estimate: prompt,
+            started: call.started,
             held,
         };
         self.inner
@@ -405,7 +392,12 @@ impl Ai {
     }
 
     async fn embed_in_span(&self, caller: &Caller, model: &str, request: EmbedRequest) -> Result<Embedded, AiError> {
-        let started = Instant::now();
+        let call = Call {
+            caller,
+            operation: "embed",
+            model,
+            started: Instant::now(),
+        };
         let route = self.inner.router.route(model)?;
         let reserve: u64 = request.inputs.iter().map(|t| tokens::of_text(t)).sum();
         let mut held = self.reserve(caller, route, reserve).await?;
@@ -418,19 +410,22 @@ impl Ai {
             async move { coalescer.embed(target, request).await }
         })
         .await;
-        if result.is_err() {
-            held.give_back().await;
-        }
-        let (target, mut response, attempts) = self.settle(caller, "embed", model, started, result).await?;
+        let (target, mut response, attempts) = self.settle(&call, &mut held, result).await?;
         if response.usage.input_tokens == 0 {
             // Some providers (Gemini) do not count embedding input.
-            response.usage.input_tokens = request.inputs.iter().map(|t| tokens::of_text(t)).sum();
+            response.usage.input_tokens = reserve;
         }
-        let (served, cost) = self
-            .answered(caller, "embed", model, &target, attempts, response.usage, started)
-            .await;
+        let (served, cost) = self.answered(&call, &target, attempts, response.usage).await;
         held.settle(response.usage.total(), cost.nanos).await;
         Ok(Embedded { served, response, cost })
+    }
+
+    /// `request` with the default `max_tokens` when it has none, and its
+    /// estimated prompt tokens.
+    fn with_max_tokens(&self, mut request: ChatRequest) -> (ChatRequest, u64) {
+        request.max_tokens.get_or_insert(self.inner.default_max_tokens);
+        let prompt = tokens::of_request(&request);
+        (request, prompt)
     }
 
     /// Estimated prompt tokens of `request` for `model`.
@@ -468,67 +463,36 @@ impl Ai {
         self.inner.usage.summarize(query).await
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one record, assembled from the call's parts")]
-    async fn record(
-        &self,
-        caller: &Caller,
-        operation: &'static str,
-        served: &Served,
-        usage: Usage,
-        cost: Cost,
-        started: Instant,
-        outcome: Outcome,
-        error: &str,
-        estimated: bool,
-    ) {
-        self.record_call(
-            caller, operation, served, usage, cost, started, outcome, error, estimated, false,
-        )
-        .await;
-    }
-
-    #[expect(clippy::too_many_arguments, reason = "one record, assembled from the call's parts")]
-    async fn record_call(
-        &self,
-        caller: &Caller,
-        operation: &'static str,
-        served: &Served,
-        usage: Usage,
-        cost: Cost,
-        started: Instant,
-        outcome: Outcome,
-        error: &str,
-        estimated: bool,
-        cache_hit: bool,
-    ) {
+    /// Records how `call` ended: metrics, span attributes and the usage row.
+    async fn record(&self, call: &Call<'_>, served: &Served, end: Ending) {
         // The error type is the kind of failure, not its text (a metric label).
-        let error_type = (outcome == Outcome::Failure).then_some("upstream");
-        telemetry::finished(operation, served, &usage, started.elapsed(), error_type);
+        let error_type = (end.outcome == Outcome::Failure).then_some("upstream");
+        telemetry::finished(call.operation, served, &end.usage, call.started.elapsed(), error_type);
         self.inner
             .recorder
             .record(UsageRecord {
                 id: served.id.clone(),
                 time_ms: unix_now_ms(),
-                tenant: caller.tenant.clone(),
-                subject: caller.subject.clone(),
-                api_key: caller.api_key.clone(),
-                operation,
+                tenant: call.caller.tenant.clone(),
+                subject: call.caller.subject.clone(),
+                api_key: call.caller.api_key.clone(),
+                operation: call.operation,
                 model: served.model.clone(),
                 provider: served.provider.clone(),
                 provider_model: served.provider_model.clone(),
-                usage,
-                cost_nanos: cost.nanos,
-                priced: cost.priced,
-                latency_ms: i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
-                outcome,
-                error: error.to_owned(),
+                usage: end.usage,
+                cost_nanos: end.cost.nanos,
+                priced: end.cost.priced,
+                latency_ms: i64::try_from(call.started.elapsed().as_millis()).unwrap_or(i64::MAX),
+                outcome: end.outcome,
+                error: end.error,
                 fallback_path: served
                     .attempts
                     .iter()
                     .map(|a| format!("{}/{}", a.provider, a.model))
                     .collect(),
-                estimated,
-                cache_hit,
+                estimated: end.estimated,
+                cache_hit: end.cache_hit,
             })
             .await;
     }
@@ -626,73 +590,78 @@ impl Ai {
         Ok(held)
     }
 
-    /// A fallback's result; a failure is recorded (unless it was the
-    /// caller's own mistake) and returned.
+    /// A fallback's result. On failure the reservation is given back and,
+    /// unless the caller made the mistake, the failure is recorded.
     async fn settle<T>(
         &self,
-        caller: &Caller,
-        operation: &'static str,
-        model: &str,
-        started: Instant,
+        call: &Call<'_>,
+        held: &mut Reservation,
         result: Fallback<T>,
     ) -> Result<(Arc<Target>, T, Vec<Attempt>), AiError> {
         let (error, attempts) = match result {
             Ok(ok) => return Ok(ok),
             Err(failed) => failed,
         };
+        held.give_back().await;
         if !matches!(error, AiError::UnknownModel(_) | AiError::Invalid(_)) {
             let served = Served {
                 id: call_id(),
-                model: model.to_owned(),
+                model: call.model.to_owned(),
                 provider: String::new(),
                 kind: "",
                 provider_model: String::new(),
                 attempts,
             };
-            let failure = error.to_string();
-            self.record(
-                caller,
-                operation,
-                &served,
-                Usage::default(),
-                Cost::default(),
-                started,
-                Outcome::Failure,
-                &failure,
-                false,
-            )
-            .await;
+            self.record(call, &served, Ending::failed(error.to_string())).await;
         }
         Err(error)
     }
 
     /// Prices and records a whole answer from `target`.
-    #[expect(clippy::too_many_arguments, reason = "one record, assembled from the call's parts")]
-    async fn answered(
-        &self,
-        caller: &Caller,
-        operation: &'static str,
-        model: &str,
-        target: &Target,
-        attempts: Vec<Attempt>,
-        usage: Usage,
-        started: Instant,
-    ) -> (Served, Cost) {
+    async fn answered(&self, call: &Call<'_>, target: &Target, attempts: Vec<Attempt>, usage: Usage) -> (Served, Cost) {
         let cost = self.inner.prices.cost(&target.provider, &target.model, &usage);
-        let served = served(call_id(), model, target, attempts);
-        self.record(
-            caller,
-            operation,
-            &served,
+        let served = served(call_id(), call.model, target, attempts);
+        self.record(call, &served, Ending::answered(usage, cost)).await;
+        (served, cost)
+    }
+}
+
+/// One call, for its usage record.
+struct Call<'a> {
+    caller: &'a Caller,
+    operation: &'static str,
+    model: &'a str,
+    started: Instant,
+}
+
+/// How a call ended.
+struct Ending {
+    usage: Usage,
+    cost: Cost,
+    outcome: Outcome,
+    error: String,
+    estimated: bool,
+    cache_hit: bool,
+}
+
+impl Ending {
+    fn answered(usage: Usage, cost: Cost) -> Self {
+        Self {
             usage,
             cost,
-            started,
-            Outcome::Success,
-            "",
-            false,
-        )
-        .await;
-        (served, cost)
+            outcome: Outcome::Success,
+            error: String::new(),
+            estimated: false,
+            cache_hit: false,
+        }
+    }
+
+    fn failed(error: String) -> Self {
+        Self {
+            outcome: Outcome::Failure,
+            error,
+            ..Self::answered(Usage::default(), Cost::default())
+        }
     }
 }
 
@@ -891,19 +860,21 @@ impl Pump {
         if outcome == Outcome::Success {
             let _ = sender.send(Ok(StreamItem::Done { usage, cost })).await;
         }
-        self.ai
-            .record(
-                &self.caller,
-                "generate_stream",
-                &self.served,
-                usage,
-                cost,
-                self.started,
-                outcome,
-                &error,
-                estimated,
-            )
-            .await;
+        let call = Call {
+            caller: &self.caller,
+            operation: "generate_stream",
+            model: &self.served.model,
+            started: self.started,
+        };
+        let end = Ending {
+            usage,
+            cost,
+            outcome,
+            error,
+            estimated,
+            cache_hit: false,
+        };
+        self.ai.record(&call, &self.served, end).await;
         Ok(())
     }
 }

@@ -22,7 +22,7 @@ use crate::store::Store;
 /// Webhook attempts before an alert's delivery is given up.
 pub const MAX_ATTEMPTS: i32 = 8;
 /// Entries evaluated per transaction.
-const BATCH: i64 = 500;
+pub(crate) const BATCH: i64 = 500;
 /// Alerts whose webhooks are called per round.
 const DELIVERIES: i64 = 16;
 
@@ -152,7 +152,7 @@ struct EntryCols {
 /// A raised alert as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AlertRow {
-    id: i64,
+    pub(crate) id: i64,
     rule: String,
     grp: String,
     count: i64,
@@ -162,7 +162,7 @@ pub struct AlertRow {
     time_ms: i64,
     webhook_url: String,
     delivery: i32,
-    attempts: i32,
+    pub(crate) attempts: i32,
     next_attempt_ms: i64,
     last_error: String,
 }
@@ -478,17 +478,4 @@ pub async fn call_webhook(client: &reqwest::Client, alert: &AlertRow) -> Result<
 /// When to try a webhook again after `attempts` failures.
 pub fn retry_in(attempts: i32) -> Duration {
     Backoff::new(Duration::from_secs(1), Duration::from_secs(300)).delay(u32::try_from(attempts).unwrap_or(0))
-}
-
-/// The row's webhook and attempts, for the delivery loop.
-impl AlertRow {
-    /// Webhook attempts so far.
-    pub fn attempts(&self) -> i32 {
-        self.attempts
-    }
-
-    /// Its id.
-    pub fn id(&self) -> i64 {
-        self.id
-    }
 }

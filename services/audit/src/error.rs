@@ -26,6 +26,9 @@ pub enum AuditError {
     /// Stored data does not parse (tampering or a bug); never the caller's fault.
     #[error("stored log is damaged: {0}")]
     Corrupt(String),
+    /// The HTTP client for alert webhooks could not be built.
+    #[error("alert webhooks: {0}")]
+    Webhooks(String),
     /// The database failed.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
@@ -56,7 +59,7 @@ impl ServiceError for AuditError {
             Self::Invalid(_) => ErrorCode::InvalidArgument,
             Self::EntryNotFound(_) | Self::PolicyNotFound(_) | Self::AlertRuleNotFound(_) => ErrorCode::NotFound,
             Self::NotYetIntegrated(_) => ErrorCode::FailedPrecondition,
-            Self::Corrupt(_) => ErrorCode::Internal,
+            Self::Corrupt(_) | Self::Webhooks(_) => ErrorCode::Internal,
             Self::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
             Self::Storage(_) => ErrorCode::Internal,
         }
@@ -70,6 +73,7 @@ impl ServiceError for AuditError {
             Self::AlertRuleNotFound(_) => "ALERT_RULE_NOT_FOUND",
             Self::NotYetIntegrated(_) => "NOT_YET_INTEGRATED",
             Self::Corrupt(_) => "LOG_DAMAGED",
+            Self::Webhooks(_) => "WEBHOOKS_UNAVAILABLE",
             Self::Storage(e) if e.is_unavailable() => "STORAGE_UNAVAILABLE",
             Self::Storage(_) => "STORAGE_ERROR",
         }

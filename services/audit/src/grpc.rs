@@ -174,6 +174,11 @@ fn hashes(h: Vec<[u8; 32]>) -> Vec<Bytes> {
 
 /// Why a text parameter is unusable: too long, or holding control characters
 /// (which no stored value holds and PostgreSQL text cannot).
+/// Why `name` is not a policy or rule name, if it is not.
+fn name_problem(field: &str, name: &str) -> Option<FieldViolation> {
+    (!valid_policy_name(name)).then(|| FieldViolation::new(field, "must be 1 to 63 lowercase letters, digits or `-`"))
+}
+
 fn text_problem(field: &str, value: &str, max: usize) -> Option<FieldViolation> {
     if value.len() > max {
         Some(FieldViolation::new(field, format!("must be at most {max} bytes")))
@@ -410,12 +415,7 @@ impl AuditService for AuditGrpc {
             .policy
             .ok_or_else(|| status(AuditError::invalid("policy", "is required")))?;
         let mut bad = Vec::new();
-        if !valid_policy_name(&r.name) {
-            bad.push(FieldViolation::new(
-                "name",
-                "must be 1 to 63 lowercase letters, digits or `-`",
-            ));
-        }
+        bad.extend(name_problem("name", &r.name));
         if !p.name.is_empty() && p.name != r.name {
             bad.push(FieldViolation::new(
                 "policy.name",
@@ -474,11 +474,8 @@ impl AuditService for AuditGrpc {
         request: Request<pb::DeleteRetentionPolicyRequest>,
     ) -> Result<Response<pb::DeleteRetentionPolicyResponse>, Status> {
         let name = request.into_inner().name;
-        if !valid_policy_name(&name) {
-            return Err(status(AuditError::invalid(
-                "name",
-                "must be 1 to 63 lowercase letters, digits or `-`",
-            )));
+        if let Some(bad) = name_problem("name", &name) {
+            return Err(status(AuditError::Invalid(vec![bad])));
         }
         self.audit.delete_policy(&name).await.map_err(status)?;
         Ok(Response::new(pb::DeleteRetentionPolicyResponse {}))
@@ -493,12 +490,7 @@ impl AuditService for AuditGrpc {
             .rule
             .ok_or_else(|| status(AuditError::invalid("rule", "is required")))?;
         let mut bad = Vec::new();
-        if !valid_policy_name(&r.name) {
-            bad.push(FieldViolation::new(
-                "name",
-                "must be 1 to 63 lowercase letters, digits or `-`",
-            ));
-        }
+        bad.extend(name_problem("name", &r.name));
         if !rule.name.is_empty() && rule.name != r.name {
             bad.push(FieldViolation::new("rule.name", "must be empty or the same as `name`"));
         }
@@ -575,11 +567,8 @@ impl AuditService for AuditGrpc {
         request: Request<pb::DeleteAlertRuleRequest>,
     ) -> Result<Response<pb::DeleteAlertRuleResponse>, Status> {
         let name = request.into_inner().name;
-        if !valid_policy_name(&name) {
-            return Err(status(AuditError::invalid(
-                "name",
-                "must be 1 to 63 lowercase letters, digits or `-`",
-            )));
+        if let Some(bad) = name_problem("name", &name) {
+            return Err(status(AuditError::Invalid(vec![bad])));
         }
         self.audit.delete_alert_rule(&name).await.map_err(status)?;
         Ok(Response::new(pb::DeleteAlertRuleResponse {}))
@@ -591,11 +580,8 @@ impl AuditService for AuditGrpc {
     ) -> Result<Response<pb::ListAlertsResponse>, Status> {
         let r = request.into_inner();
         let limit = wire::page_size("page_size", r.page_size, 100).map_err(|e| status(e.into()))?;
-        if !r.rule.is_empty() && !valid_policy_name(&r.rule) {
-            return Err(status(AuditError::invalid(
-                "rule",
-                "must be 1 to 63 lowercase letters, digits or `-`",
-            )));
+        if let Some(bad) = name_problem("rule", &r.rule).filter(|_| !r.rule.is_empty()) {
+            return Err(status(AuditError::Invalid(vec![bad])));
         }
         let alerts = self
             .audit

@@ -485,7 +485,7 @@ impl Audit {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
-            .map_err(|e| AuditError::Corrupt(format!("webhook client: {e}")))?;
+            .map_err(|e| AuditError::Webhooks(e.to_string()))?;
         while plinth_runtime::tasks::pause(&token, interval).await {
             loop {
                 match self
@@ -499,7 +499,7 @@ impl Audit {
                             let w = a.wire();
                             tracing::warn!(rule = %w.rule, group = %w.group, count = w.count, index = w.index, "audit alert raised");
                         }
-                        if read < 500 {
+                        if i64::try_from(read).unwrap_or(i64::MAX) < crate::alerts::BATCH {
                             break;
                         }
                     }
@@ -518,18 +518,18 @@ impl Audit {
                 }
             };
             for alert in due {
-                let attempts = alert.attempts() + 1;
+                let attempts = alert.attempts + 1;
                 let (ok, error) = match crate::alerts::call_webhook(&client, &alert).await {
                     Ok(()) => (true, String::new()),
                     Err(e) => {
-                        tracing::warn!(alert = alert.id(), attempts, error = %e, "audit alert webhook failed");
+                        tracing::warn!(alert = alert.id, attempts, error = %e, "audit alert webhook failed");
                         (false, e)
                     }
                 };
                 let next = plinth_runtime::auth::unix_now_ms()
                     + i64::try_from(crate::alerts::retry_in(attempts).as_millis()).unwrap_or(i64::MAX / 2);
-                if let Err(e) = self.inner.store.delivered(alert.id(), ok, &error, attempts, next).await {
-                    tracing::warn!(alert = alert.id(), error = %e, "recording an audit alert webhook attempt failed");
+                if let Err(e) = self.inner.store.delivered(alert.id, ok, &error, attempts, next).await {
+                    tracing::warn!(alert = alert.id, error = %e, "recording an audit alert webhook attempt failed");
                 }
             }
         }

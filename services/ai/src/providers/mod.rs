@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use futures::{Stream, StreamExt};
+use plinth_runtime::error::chain;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::model::{ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, StreamEvent};
@@ -217,7 +218,7 @@ impl Endpoint {
         let response = tokio::time::timeout(self.timeout, request.send())
             .await
             .map_err(|_| ProviderError::Timeout(self.timeout))?
-            .map_err(|e| ProviderError::Connect(error_chain(&e)))?;
+            .map_err(|e| ProviderError::Connect(chain(&e)))?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
@@ -248,7 +249,7 @@ impl Endpoint {
         let body = tokio::time::timeout(self.timeout, response.bytes())
             .await
             .map_err(|_| ProviderError::Timeout(self.timeout))?
-            .map_err(|e| ProviderError::Connect(error_chain(&e)))?;
+            .map_err(|e| ProviderError::Connect(chain(&e)))?;
         serde_json::from_slice(&body).map_err(|e| ProviderError::Malformed(e.to_string()))
     }
 }
@@ -330,7 +331,7 @@ pub fn sse_stream(response: reqwest::Response, translator: impl Translator, idle
             }
             match tokio::time::timeout(idle, s.body.next()).await {
                 Err(_) => s.fail(ProviderError::Timeout(idle)),
-                Ok(Some(Err(e))) => s.fail(ProviderError::Connect(error_chain(&e))),
+                Ok(Some(Err(e))) => s.fail(ProviderError::Connect(chain(&e))),
                 Ok(Some(Ok(chunk))) => {
                     let events = s.decoder.push(&chunk);
                     s.translate(events);
@@ -379,18 +380,6 @@ pub fn retry_delay_in_body(body: &[u8]) -> Option<Duration> {
         let secs = d["retryDelay"].as_str()?.strip_suffix('s')?.parse::<f64>().ok()?;
         (is_retry_info && secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
     })
-}
-
-/// An error and its causes on one line (reqwest hides the useful part in sources).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// Tool arguments (JSON text) as an object, for providers that want one.
