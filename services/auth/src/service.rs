@@ -597,8 +597,9 @@ impl Auth {
         }
     }
 
-    /// Ends the session of `refresh_token`, and denies `caller`'s access token
-    /// when given. Ending an already ended session succeeds.
+    /// Ends the session of `refresh_token` and every access token issued in
+    /// it (on every replica, at once), and denies `caller`'s access token when
+    /// given. Ending an already ended session succeeds.
     pub async fn logout(&self, refresh_token: &str, caller: Option<&Principal>) -> Result<(), AuthError> {
         if refresh_token.is_empty() {
             return Err(AuthError::field("refresh_token", "is required"));
@@ -616,8 +617,13 @@ impl Auth {
             Self::revoked_event("LOGOUT"),
         )
         .await?;
-        if ended.is_some() {
+        if let Some((session_id, _)) = ended {
             self.committed();
+            let lifetime = std::time::Duration::from_secs(self.settings.access_ttl_secs);
+            self.revocations
+                .revoke_session(&session_id, lifetime)
+                .await
+                .map_err(AuthError::Revocation)?;
         }
         Ok(())
     }
