@@ -3,6 +3,8 @@
 //! health, binds the listeners, and shuts down in order. No component logic
 //! lives here; each component's behaviour belongs to its own crate.
 
+pub mod cli;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +19,7 @@ use plinth::config::v1::config_service_server::ConfigServiceServer;
 use plinth::queue::v1::queue_service_server::QueueServiceServer;
 use plinth_gateway::{Gateway, GatewayOptions, Upstreams};
 use plinth_runtime::auth::{
-    ApiKeySource, AuthLayer, Authenticator, GrpcJwksSource, JwksSource, PermissionMap, Revocations,
+    ApiKeySource, AuthLayer, Authenticator, GrpcJwksSource, JwksSource, PermissionMap, Refusals, Revocations,
 };
 use plinth_runtime::client_address::TrustedProxies;
 use plinth_runtime::config::Config;
@@ -309,7 +311,8 @@ impl Plinth {
             Arc::new(a)
         });
         let permissions = PermissionMap::from_descriptor_set(plinth::FILE_DESCRIPTOR_SET)?;
-        builder = builder.with_auth(AuthLayer::new(authenticator, permissions));
+        builder = builder
+            .with_auth(AuthLayer::new(authenticator, permissions).with_refusals(Refusals::start(bus.clone(), &tasks)));
 
         let mut server = builder.bind(cfg.grpc_listen, cfg.http_listen, cfg.tls.as_ref()).await?;
         if cfg.only.contains(Component::Gateway) {

@@ -12,7 +12,7 @@ use plinth_runtime::resilience::Backoff;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::AuditError;
-use crate::mapping::{OWN_SUBJECTS, audit_event};
+use crate::mapping::{audit_event, recorded};
 use crate::service::Audit;
 
 /// Most deliveries appended in one transaction.
@@ -71,7 +71,7 @@ impl Audit {
         let now = plinth_runtime::auth::unix_now_ms();
         let events: Vec<_> = batch
             .iter()
-            .filter(|d| !d.event.subject.starts_with(OWN_SUBJECTS))
+            .filter(|d| recorded(&d.event.subject))
             .map(|d| audit_event(&d.event, now))
             .collect();
         let appended = if events.is_empty() {

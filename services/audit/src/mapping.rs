@@ -20,7 +20,14 @@ use crate::model::{ActorKind, Event, MAX_METADATA_BYTES, Outcome};
 
 /// The subjects of the audit service's own events, never recorded (they
 /// would feed back into the log).
-pub const OWN_SUBJECTS: &str = "plinth.audit.";
+const OWN_SUBJECTS: &str = "plinth.audit.";
+
+/// Whether `subject` is worth recording: everything but the audit service's
+/// own events. Refusals of audit RPCs are recorded like any other service's
+/// (recording one causes no further event).
+pub fn recorded(subject: &str) -> bool {
+    !subject.starts_with(OWN_SUBJECTS) || subject.ends_with(".access_denied")
+}
 
 fn ms(t: Option<&prost_types::Timestamp>) -> Option<i64> {
     t.map(|t| {
@@ -48,6 +55,7 @@ struct Mapped {
     resource: (&'static str, String),
     outcome: Outcome,
     reason: String,
+    tenant: String,
     metadata: Map<String, Value>,
 }
 
@@ -60,6 +68,7 @@ impl Mapped {
             resource: ("", String::new()),
             outcome: Outcome::Success,
             reason: String::new(),
+            tenant: String::new(),
             metadata: Map::new(),
         }
     }
@@ -74,6 +83,10 @@ impl Mapped {
     fn ended(mut self, outcome: Outcome, reason: &str) -> Self {
         self.outcome = outcome;
         self.reason = reason.to_owned();
+        self
+    }
+    fn in_tenant(mut self, tenant: &str) -> Self {
+        tenant.clone_into(&mut self.tenant);
         self
     }
     fn with(mut self, v: Value) -> Self {
@@ -313,11 +326,30 @@ fn action_word(s: &str) -> String {
     if w.is_empty() { "_".into() } else { w }
 }
 
+/// Any service's shared auth layer refused a caller an RPC for a missing permission.
+fn access_denied(service: &str, payload: &[u8]) -> Option<Mapped> {
+    let e = auth::AccessDeniedEvent::decode(payload).ok()?;
+    let kind = if e.api_key_id.is_empty() {
+        ActorKind::User
+    } else {
+        ActorKind::ApiKey
+    };
+    Some(
+        Mapped::new(&format!("{}.access.denied", action_word(service)), e.time.as_ref())
+            .by(&e.subject, kind)
+            .on("rpc", &e.rpc)
+            .ended(Outcome::Denied, &format!("missing permission {}", e.permission))
+            .in_tenant(&e.tenant)
+            .with(json!({"permission": e.permission, "api_key_id": e.api_key_id, "roles": e.roles})),
+    )
+}
+
 /// The audit event a bus event stands for; `now_ms` when it carries no time.
 pub fn audit_event(e: &BusEvent, now_ms: i64) -> Event {
     let mut parts = e.subject.splitn(3, '.');
     let (_, service, name) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let known = match service {
+        _ if name == "access_denied" => access_denied(service, &e.payload),
         "config" => config_event(name, &e.payload),
         "auth" => auth_event(name, &e.payload),
         "queue" => queue_event(name, &e.payload),
@@ -348,7 +380,7 @@ pub fn audit_event(e: &BusEvent, now_ms: i64) -> Event {
             e.id.clone()
         },
         time_ms: m.time.filter(|t| *t > 0).unwrap_or(now_ms),
-        tenant: String::new(),
+        tenant: m.tenant.chars().take(128).collect(),
         actor_id: m.actor.0.chars().take(256).collect(),
         actor_kind: m.actor.1,
         actor_ip: String::new(),
@@ -406,6 +438,33 @@ mod tests {
         assert_eq!(e.metadata.get("revision"), Some(&json!(7)));
         assert_eq!(e.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(e.time_ms, 5);
+    }
+
+    #[test]
+    fn a_refusal_by_any_service_is_recorded_as_denied_with_the_missing_permission() {
+        let payload = auth::AccessDeniedEvent {
+            rpc: "/plinth.queue.v1.QueueService/PurgeQueue".into(),
+            permission: "queue.messages.purge".into(),
+            subject: "u_7".into(),
+            tenant: "acme".into(),
+            api_key_id: "key_3".into(),
+            roles: vec!["viewer".into()],
+            time: Some(prost_types::Timestamp { seconds: 2, nanos: 0 }),
+        }
+        .encode_to_vec();
+        let e = audit_event(&bus("plinth.queue.access_denied", payload), 1);
+        assert_eq!(e.action, "queue.access.denied");
+        assert_eq!(e.outcome, Outcome::Denied);
+        assert_eq!(e.reason, "missing permission queue.messages.purge");
+        assert_eq!((e.actor_id.as_str(), e.actor_kind), ("u_7", ActorKind::ApiKey));
+        assert_eq!(
+            (e.resource_type.as_str(), e.resource_name.as_str()),
+            ("rpc", "/plinth.queue.v1.QueueService/PurgeQueue")
+        );
+        assert_eq!(e.tenant, "acme");
+        assert_eq!(e.source, "queue");
+        assert_eq!(e.time_ms, 2000);
+        assert_eq!(e.metadata.get("api_key_id"), Some(&json!("key_3")));
     }
 
     #[test]

@@ -10,12 +10,14 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower::{Layer, Service};
 
+use super::refusals::Refusals;
 use super::{Access, AuthError, Authenticator, PermissionMap, Principal, UNAUTHENTICATED_METHODS};
 use crate::error::to_status;
 
 struct State {
     authenticator: Option<Arc<Authenticator>>,
     permissions: PermissionMap,
+    refusals: Option<Refusals>,
 }
 
 /// Authenticates callers and enforces per-RPC permissions.
@@ -33,6 +35,19 @@ impl AuthLayer {
             state: Arc::new(State {
                 authenticator,
                 permissions,
+                refusals: None,
+            }),
+        }
+    }
+
+    /// Reports every refusal for a missing permission to `refusals` (and
+    /// so to the audit log).
+    pub fn with_refusals(self, refusals: Refusals) -> Self {
+        Self {
+            state: Arc::new(State {
+                authenticator: self.state.authenticator.clone(),
+                permissions: self.state.permissions.clone(),
+                refusals: Some(refusals),
             }),
         }
     }
@@ -128,6 +143,9 @@ async fn authorize(state: &State, path: &str, token: Option<&str>) -> Result<Opt
             if p.allows(perm) {
                 Ok(Some(p))
             } else {
+                if let Some(refusals) = &state.refusals {
+                    refusals.report(path, perm, &p);
+                }
                 Err(AuthError::Denied(perm.clone()))
             }
         }

@@ -7,6 +7,7 @@
 pub mod jwt;
 mod layer;
 mod policy;
+mod refusals;
 mod revocation;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use plinth::auth::v1::Jwk;
 
 pub use layer::{AuthLayer, AuthService};
 pub use policy::{Access, PermissionMap, UNAUTHENTICATED_METHODS, pattern_matches};
+pub use refusals::Refusals;
 pub use revocation::Revocations;
 
 use crate::error::{ErrorCode, ServiceError};
