@@ -1,9 +1,13 @@
 //! Typed helpers for the config service in tests: an admin session, fresh
 //! namespaces and environments, and short ways to set and read values.
 
+use std::convert::Infallible;
+
+use plinth::config::ConfigClient;
 use plinth::config::v1::config_service_client::ConfigServiceClient;
 use plinth::config::v1::value::Kind;
 use plinth::config::v1::{self as pb};
+use plinth_runtime::Tasks;
 use tonic::transport::Channel;
 
 use crate::{ADMIN_EMAIL, ADMIN_PASSWORD, TestApp, access_token, unique, with_bearer};
@@ -234,4 +238,24 @@ pub fn at_release(name: &str) -> Option<pb::ReadAt> {
         release: name.into(),
         ..Default::default()
     })
+}
+
+/// A Rust `ConfigClient` following `namespace`/`environment` through
+/// `channel` as the holder of `token`; its watch runs on the returned tasks.
+pub async fn follow(
+    channel: Channel,
+    namespace: &str,
+    environment: &str,
+    token: &str,
+) -> Result<(ConfigClient, Tasks), tonic::Status> {
+    let (client, follow) = ConfigClient::builder(channel, namespace, environment)
+        .bearer(token)
+        .start()
+        .await?;
+    let tasks = Tasks::new();
+    tasks.spawn("config-client", async move {
+        follow.await;
+        Ok::<(), Infallible>(())
+    });
+    Ok((client, tasks))
 }

@@ -18,8 +18,10 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+pub mod audit;
 pub mod config;
 pub mod fake_upstream;
+pub mod mesh;
 pub mod queue;
 pub mod rfc9162;
 
@@ -196,7 +198,7 @@ impl TestApp {
 }
 
 /// Removes the schemas a PostgreSQL-backed app created.
-async fn drop_schemas(url: &str, prefix: &str) {
+pub(crate) async fn drop_schemas(url: &str, prefix: &str) {
     let Ok(pool) = sqlx::PgPool::connect(url).await else {
         return;
     };
@@ -344,4 +346,18 @@ pub fn error_reason(status: &tonic::Status) -> String {
         .error_info()
         .map(|i| i.reason.clone())
         .unwrap_or_default()
+}
+
+/// Runs `script` with `PLINTH_TEST_PYTHON` and `args` off the async
+/// runtime (the app under test may be served by it); fails unless it exits 0.
+pub async fn run_python(python: String, script: &'static str, args: Vec<String>) -> anyhow::Result<String> {
+    let out = tokio::task::spawn_blocking(move || std::process::Command::new(python).arg(script).args(args).output())
+        .await??;
+    anyhow::ensure!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -528,22 +528,9 @@ async fn the_official_openai_python_sdk_works_unchanged() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_sdk.py");
     // Off the runtime's thread: the app under test is served by this runtime.
     let (base, token) = (format!("http://{}/v1", s.app.http), s.token.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(script)
-            .arg(base)
-            .arg(token)
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "the openai SDK script failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    plinth_tests::run_python(python, script, vec![base, token])
+        .await
+        .unwrap();
     // The script's streamed call asked for usage; upstream always is.
     let streamed = &primary.requests()[1];
     assert_eq!(streamed.body["stream"], true);

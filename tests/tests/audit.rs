@@ -16,51 +16,17 @@ use plinth::audit::v1::audit_service_client::AuditServiceClient;
 use plinth::audit::v1::{self as pb};
 use plinth_runtime::config::Config;
 use plinth_runtime::testing::{Backend, ToggleProxy, backend_url, host_port};
+use plinth_tests::audit::{hash, prove, wait_for_entries};
 use plinth_tests::config::{ConfigSession, text};
-use plinth_tests::rfc9162::{H, checkpoint_verifies, leaf, verify_inclusion};
+use plinth_tests::rfc9162::{H, leaf, verify_inclusion};
 use plinth_tests::{TestApp, access_token, register_user, violated_field, with_admin, with_bearer};
 use tonic::Code;
-use tonic::transport::Channel;
 
 plinth_tests::on_both_backends!(
     a_config_write_becomes_a_provable_audit_entry,
     a_tail_follows_the_log_and_an_export_carries_proofs,
     an_alert_rule_raises_once_per_window_and_its_webhook_is_retried
 );
-
-fn hash(b: &[u8]) -> H {
-    let mut h = [0u8; 32];
-    h.copy_from_slice(b);
-    h
-}
-
-/// Waits until the entries matching `request` number `count` and are all
-/// integrated; returns them.
-async fn wait_for_entries(
-    client: &mut AuditServiceClient<Channel>,
-    token: &str,
-    request: pb::ListEventsRequest,
-    count: usize,
-    within: Duration,
-) -> anyhow::Result<Vec<pb::Entry>> {
-    let deadline = Instant::now() + within;
-    loop {
-        let entries = client
-            .list_events(with_bearer(request.clone(), token))
-            .await?
-            .into_inner()
-            .entries;
-        if entries.len() >= count && entries.iter().all(|e| e.integrated) {
-            return Ok(entries);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{} of {count} audit entries after {within:?}: {entries:?}",
-            entries.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn config_changes(s: &ConfigSession) -> pb::ListEventsRequest {
     pb::ListEventsRequest {
@@ -73,40 +39,6 @@ fn config_changes(s: &ConfigSession) -> pb::ListEventsRequest {
         oldest_first: true,
         ..Default::default()
     }
-}
-
-/// Checks `entry` against the public checkpoint with the independent verifier.
-async fn prove(client: &mut AuditServiceClient<Channel>, token: &str, entry: &pb::Entry) -> anyhow::Result<()> {
-    let checkpoint = client.get_checkpoint(pb::GetCheckpointRequest {}).await?.into_inner();
-    let c = checkpoint.checkpoint.unwrap();
-    let size = u64::try_from(c.tree_size)?;
-    let root = hash(&c.root_hash);
-    anyhow::ensure!(
-        checkpoint_verifies(&c.note, &checkpoint.verifier_key, &c.origin, size, &root),
-        "the checkpoint note does not verify: {}",
-        c.note
-    );
-    let event_id = entry.event.as_ref().unwrap().id.clone();
-    let proof = client
-        .get_inclusion_proof(with_bearer(
-            pb::GetInclusionProofRequest {
-                event_id,
-                tree_size: c.tree_size,
-                ..Default::default()
-            },
-            token,
-        ))
-        .await?
-        .into_inner();
-    let path: Vec<H> = proof.hashes.iter().map(|h| hash(h)).collect();
-    let leaf_hash = leaf(&entry.leaf_data);
-    anyhow::ensure!(proof.index == entry.index, "the proof is for another entry");
-    anyhow::ensure!(
-        verify_inclusion(u64::try_from(entry.index)?, size, &leaf_hash, &path, &root),
-        "the inclusion proof of entry {} does not verify against the checkpoint",
-        entry.index
-    );
-    Ok(())
 }
 
 async fn a_config_write_becomes_a_provable_audit_entry(config: Config) -> anyhow::Result<()> {

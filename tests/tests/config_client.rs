@@ -8,7 +8,7 @@ use std::time::Duration;
 use plinth::config::ConfigClient;
 use plinth_runtime::Tasks;
 use plinth_runtime::testing::ToggleProxy;
-use plinth_tests::config::{ConfigSession, number, text, text_of};
+use plinth_tests::config::{ConfigSession, follow, number, text, text_of};
 use plinth_tests::{TestApp, unique, with_admin};
 use tonic::transport::Endpoint;
 
@@ -40,16 +40,9 @@ async fn the_client_follows_writes_and_resumes_after_a_disconnect_without_missin
         .unwrap()
         .connect_lazy();
 
-    let (client, follow) = ConfigClient::builder(channel, &admin.namespace, &admin.environment)
-        .bearer(&admin.token)
-        .start()
+    let (client, tasks) = follow(channel, &admin.namespace, &admin.environment, &admin.token)
         .await
         .unwrap();
-    let tasks = Tasks::new();
-    tasks.spawn("config-client", async move {
-        follow.await;
-        Ok::<(), Infallible>(())
-    });
     assert_eq!(client.revision(), 2, "start returns with the head");
     assert_eq!(value_of(&client, "db/url"), "a");
 
