@@ -213,8 +213,15 @@ fn raw(content_type: String, data: Bytes) -> Response {
     ([(header::CONTENT_TYPE, ct)], data).into_response()
 }
 
-/// A server stream: the first message (or error) is awaited before the
-/// status line, so an error before any message gets its own HTTP status.
+/// How long a server stream's first message is awaited before the status
+/// line goes out anyway: long enough for an immediate error (bad request,
+/// permission) to get its own HTTP status, short enough that a quiet live
+/// tail answers at once instead of leaving the client without headers.
+const FIRST_MESSAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A server stream: the first message (or error) is awaited, up to
+/// [`FIRST_MESSAGE_WAIT`], before the status line, so an error before any
+/// message gets its own HTTP status; later errors arrive in-band.
 async fn stream_response(
     gw: &Inner,
     binding: &Binding,
@@ -222,10 +229,10 @@ async fn stream_response(
     mut stream: tonic::Streaming<DynamicMessage>,
     sse: bool,
 ) -> Result<Response, Failure> {
-    let first = match stream.next().await {
-        Some(Err(status)) => return Err((status, None)),
-        Some(Ok(m)) => Some(m),
-        None => None,
+    let first = match tokio::time::timeout(FIRST_MESSAGE_WAIT, stream.next()).await {
+        Ok(Some(Err(status))) => return Err((status, None)),
+        Ok(Some(Ok(m))) => Some(m),
+        Ok(None) | Err(_) => None,
     };
     let pool = gw.table.pool().clone();
     let response_field = binding.response_body.clone();
