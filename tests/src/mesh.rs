@@ -62,6 +62,7 @@ impl Node {
         only: Option<&str>,
         dir: &Path,
         env: &[(String, String)],
+        args: &[String],
     ) -> anyhow::Result<Node> {
         let data = dir.join(name);
         let mut command = Command::new(binary);
@@ -77,6 +78,7 @@ impl Node {
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&data)
+            .args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -175,6 +177,7 @@ pub struct Mesh {
     binary: PathBuf,
     dir: PathBuf,
     env: Vec<(String, String)>,
+    args: Vec<String>,
     nodes: Vec<Node>,
     nats: Option<ToggleProxy>,
     postgres: Option<(String, String)>,
@@ -186,6 +189,18 @@ impl Mesh {
     /// needs `PLINTH_TEST_*` backends: without them this is `None` (and an
     /// error when `PLINTH_TEST_REQUIRE_BACKENDS` is set).
     pub async fn start(binary: &Path, shape: Shape, test: &str, toml: &str) -> anyhow::Result<Option<Mesh>> {
+        Self::start_with_args(binary, shape, test, toml, &[]).await
+    }
+
+    /// [`Mesh::start`], passing `args` to every process (e.g. fixed
+    /// `--grpc-listen`/`--http-listen` addresses for an embedded mesh).
+    pub async fn start_with_args(
+        binary: &Path,
+        shape: Shape,
+        test: &str,
+        toml: &str,
+        args: &[String],
+    ) -> anyhow::Result<Option<Mesh>> {
         let id = unique();
         let dir = std::env::temp_dir().join(format!("plinth-mesh-{id}"));
         std::fs::create_dir_all(&dir)?;
@@ -223,13 +238,14 @@ impl Mesh {
             binary: binary.to_owned(),
             dir,
             env,
+            args: args.to_vec(),
             nodes: Vec::new(),
             nats,
             postgres,
         };
         match shape {
             Shape::Embedded => {
-                let node = Node::start(&mesh.binary, "plinthd", None, &mesh.dir, &mesh.env).await?;
+                let node = Node::start(&mesh.binary, "plinthd", None, &mesh.dir, &mesh.env, &mesh.args).await?;
                 mesh.nodes.push(node);
             }
             Shape::Production => {
@@ -258,7 +274,7 @@ impl Mesh {
                 }
             }
         }
-        let node = Node::start(&self.binary, name, Some(only), &self.dir, &env).await?;
+        let node = Node::start(&self.binary, name, Some(only), &self.dir, &env, &self.args).await?;
         self.nodes.push(node);
         Ok(&self.nodes[self.nodes.len() - 1])
     }
@@ -290,6 +306,11 @@ impl Mesh {
     /// The gateway's base URL, e.g. `http://127.0.0.1:41234`.
     pub fn gateway(&self) -> anyhow::Result<String> {
         Ok(format!("http://{}", self.serving("gateway")?.http))
+    }
+
+    /// The directory holding the mesh's configuration and data.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// A gRPC channel to the process running `component`.
