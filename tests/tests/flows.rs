@@ -24,9 +24,15 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use plinth::ai::v1::ai_service_client::AiServiceClient;
+use plinth::ai::v1::{self as ai_pb};
 use plinth::audit::v1::audit_service_client::AuditServiceClient;
 use plinth::audit::v1::{self as audit_pb};
+use plinth::auth::v1::auth_service_client::AuthServiceClient;
+use plinth::auth::v1::{self as auth_pb};
 use plinth::config::ConfigClient;
+use plinth::config::v1::config_service_client::ConfigServiceClient;
+use plinth::config::v1::{self as config_pb};
 use plinth::queue::v1::queue_service_client::QueueServiceClient;
 use plinth::queue::v1::{self as queue_pb};
 use plinth_tests::audit::{prove, wait_for_entries};
@@ -611,6 +617,35 @@ async fn every_service_refuses_a_caller_without_permission_and_audits_it(mesh: &
         .await
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    let denied = ConfigServiceClient::new(mesh.channel("config").await.unwrap())
+        .create_namespace(with_bearer(
+            config_pb::CreateNamespaceRequest {
+                namespace: Some(config_pb::Namespace {
+                    name: "nope".into(),
+                    ..Default::default()
+                }),
+            },
+            &viewer,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    let denied = AiServiceClient::new(mesh.channel("ai").await.unwrap())
+        .generate(with_bearer(
+            ai_pb::GenerateRequest {
+                model: "chat".into(),
+                ..Default::default()
+            },
+            &viewer,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    let denied = AuthServiceClient::new(mesh.channel("auth").await.unwrap())
+        .list_users(with_bearer(auth_pb::ListUsersRequest::default(), &viewer))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
 
     let mut audit = AuditServiceClient::new(mesh.channel("audit").await.unwrap());
     let request = audit_pb::ListEventsRequest {
@@ -622,7 +657,7 @@ async fn every_service_refuses_a_caller_without_permission_and_audits_it(mesh: &
         oldest_first: true,
         ..Default::default()
     };
-    let entries = wait_for_entries(&mut audit, &w.admin, request, 7, Duration::from_secs(30))
+    let entries = wait_for_entries(&mut audit, &w.admin, request, 10, Duration::from_secs(30))
         .await
         .unwrap();
     let mut actions: Vec<String> = entries
@@ -634,13 +669,17 @@ async fn every_service_refuses_a_caller_without_permission_and_audits_it(mesh: &
         actions,
         [
             "ai.access.denied",
+            "ai.access.denied",
             "audit.access.denied",
             "audit.access.denied",
             "auth.access.denied",
+            "auth.access.denied",
+            "config.access.denied",
             "config.access.denied",
             "queue.access.denied",
             "queue.access.denied"
-        ]
+        ],
+        "each refusal once, over HTTP and over gRPC"
     );
     let purge = entries
         .iter()
