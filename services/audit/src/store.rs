@@ -123,7 +123,8 @@ fn i64_of(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Backend-specific bulk statements.
+/// The statements of an append on SQLite (PostgreSQL appends in one, see
+/// [`append_in_one_statement`]).
 trait LogWrites: Send {
     /// The indexes of those of `ids` already stored.
     fn existing<'a>(
@@ -186,64 +187,101 @@ impl LogWrites for sqlx::SqliteConnection {
     }
 }
 
-impl LogWrites for sqlx::PgConnection {
-    fn existing<'a>(
-        &'a mut self,
-        ids: &'a [String],
-    ) -> futures::future::BoxFuture<'a, Result<HashMap<String, i64>, sqlx::Error>> {
-        Box::pin(async move {
-            // A join on the unnested ids, not `= ANY($1)`: the generic plan
-            // of the latter scans the whole table.
-            let rows: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT e.event_id, e.idx FROM UNNEST($1::text[]) AS u(id) JOIN audit_entries e ON e.event_id = u.id",
-            )
-            .bind(ids)
-            .fetch_all(self)
-            .await?;
-            Ok(rows.into_iter().collect())
-        })
+/// [`Store::append`] on PostgreSQL as one autocommitted statement.
+///
+/// Appends serialise on the sequence row, which is held until commit, so
+/// every round trip inside the transaction is time no other append can use;
+/// one statement holds it for the insert and the commit only. Its snapshot
+/// is taken before the lock is granted, so an append racing another with
+/// the same event id fails on the unique index instead of finding it
+/// (see [`append_on_postgres`]).
+async fn append_in_one_statement<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    batch: &[Prepared],
+) -> Result<Vec<Appended>, sqlx::Error> {
+    let col = |f: fn(&Event) -> &str| batch.iter().map(|p| f(&p.event).to_owned()).collect::<Vec<String>>();
+    let time: Vec<i64> = batch.iter().map(|p| p.event.time_ms).collect();
+    let outcome: Vec<i16> = batch
+        .iter()
+        .map(|p| i16::try_from(p.event.outcome.number()).unwrap_or(0))
+        .collect();
+    let data: Vec<&[u8]> = batch.iter().map(|p| p.data.as_slice()).collect();
+    let hashes: Vec<&[u8]> = batch.iter().map(|p| p.leaf_hash.as_slice()).collect();
+    let rows: Vec<(String, i64, bool)> = sqlx::query_as(
+        "WITH input AS ( \
+           SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], \
+             $7::text[], $8::smallint[], $9::text[], $10::bytea[], $11::bytea[]) WITH ORDINALITY \
+             AS t(event_id, time_ms, tenant, actor_id, action, resource_type, resource_name, outcome, \
+                  correlation_id, data, leaf_hash, ord)), \
+         firsts AS (SELECT DISTINCT ON (event_id) * FROM input ORDER BY event_id, ord), \
+         old AS (SELECT e.event_id, e.idx FROM firsts f JOIN audit_entries e ON e.event_id = f.event_id), \
+         fresh AS (SELECT f.*, row_number() OVER (ORDER BY f.ord) - 1 AS rn FROM firsts f \
+                   WHERE NOT EXISTS (SELECT 1 FROM old o WHERE o.event_id = f.event_id)), \
+         n AS (SELECT count(*) AS n FROM fresh), \
+         seq AS (UPDATE audit_sequence SET next_idx = next_idx + (SELECT n FROM n) WHERE id = 1 \
+                 RETURNING next_idx), \
+         ins AS (INSERT INTO audit_entries (idx, event_id, time_ms, tenant, actor_id, action, resource_type, \
+                   resource_name, outcome, correlation_id, data, leaf_hash) \
+                 SELECT seq.next_idx - n.n + fresh.rn, fresh.event_id, fresh.time_ms, fresh.tenant, fresh.actor_id, \
+                   fresh.action, fresh.resource_type, fresh.resource_name, fresh.outcome, fresh.correlation_id, \
+                   fresh.data, fresh.leaf_hash FROM fresh, seq, n ORDER BY fresh.rn \
+                 RETURNING event_id, idx) \
+         SELECT event_id, idx, false FROM ins UNION ALL SELECT event_id, idx, true FROM old",
+    )
+    .bind(col(|e| &e.id))
+    .bind(time)
+    .bind(col(|e| &e.tenant))
+    .bind(col(|e| &e.actor_id))
+    .bind(col(|e| &e.action))
+    .bind(col(|e| &e.resource_type))
+    .bind(col(|e| &e.resource_name))
+    .bind(outcome)
+    .bind(col(|e| &e.correlation_id))
+    .bind(data)
+    .bind(hashes)
+    .fetch_all(db)
+    .await?;
+    let mut stored: HashMap<String, (i64, bool)> = rows.into_iter().map(|(id, idx, old)| (id, (idx, old))).collect();
+    let mut out = Vec::with_capacity(batch.len());
+    for p in batch {
+        let Some((index, duplicate)) = stored.get_mut(&p.event.id) else {
+            return Err(sqlx::Error::Protocol(format!(
+                "append returned no index for {}",
+                p.event.id
+            )));
+        };
+        out.push(Appended {
+            index: u64::try_from(*index).unwrap_or(0),
+            id: p.event.id.clone(),
+            duplicate: *duplicate,
+        });
+        // A repeat within the batch is a duplicate of its first occurrence.
+        *duplicate = true;
     }
+    Ok(out)
+}
 
-    /// Columns as arrays through `UNNEST`: one statement planned once,
-    /// whatever the batch size.
-    fn insert_entries<'a>(
-        &'a mut self,
-        first: i64,
-        rows: &'a [&'a Prepared],
-    ) -> futures::future::BoxFuture<'a, Result<(), sqlx::Error>> {
-        Box::pin(async move {
-            let col = |f: fn(&Event) -> &str| rows.iter().map(|p| f(&p.event).to_owned()).collect::<Vec<String>>();
-            let idx: Vec<i64> = (0..rows.len()).map(|i| first + i64::try_from(i).unwrap_or(0)).collect();
-            let time: Vec<i64> = rows.iter().map(|p| p.event.time_ms).collect();
-            let outcome: Vec<i16> = rows
-                .iter()
-                .map(|p| i16::try_from(p.event.outcome.number()).unwrap_or(0))
-                .collect();
-            let data: Vec<Vec<u8>> = rows.iter().map(|p| p.data.clone()).collect();
-            let hashes: Vec<Vec<u8>> = rows.iter().map(|p| p.leaf_hash.to_vec()).collect();
-            sqlx::query(
-                "INSERT INTO audit_entries (idx, event_id, time_ms, tenant, actor_id, action, resource_type, \
-                 resource_name, outcome, correlation_id, data, leaf_hash) \
-                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], \
-                 $7::text[], $8::text[], $9::smallint[], $10::text[], $11::bytea[], $12::bytea[])",
-            )
-            .bind(idx)
-            .bind(col(|e| &e.id))
-            .bind(time)
-            .bind(col(|e| &e.tenant))
-            .bind(col(|e| &e.actor_id))
-            .bind(col(|e| &e.action))
-            .bind(col(|e| &e.resource_type))
-            .bind(col(|e| &e.resource_name))
-            .bind(outcome)
-            .bind(col(|e| &e.correlation_id))
-            .bind(data)
-            .bind(hashes)
-            .execute(self)
-            .await?;
-            Ok(())
-        })
+/// [`Store::append`] on PostgreSQL: [`append_in_one_statement`], and when it
+/// lost a race for an event id, again in a transaction that locks the
+/// sequence row first, so that its statement sees the winner's entry.
+async fn append_on_postgres(pool: &sqlx::PgPool, batch: &[Prepared]) -> Result<Vec<Appended>, AuditError> {
+    match append_in_one_statement(pool, batch).await {
+        Err(e) if is_unique_violation(&e) => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT next_idx FROM audit_sequence WHERE id = 1 FOR UPDATE")
+                .execute(&mut *tx)
+                .await?;
+            let out = append_in_one_statement(&mut *tx, batch).await?;
+            tx.commit().await?;
+            Ok(out)
+        }
+        other => Ok(other?),
     }
+}
+
+/// Whether `e` is a unique-constraint violation (SQLSTATE 23505).
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).as_deref() == Some("23505")
 }
 
 /// Stored hashes as read: `(level, index, hash)`.
@@ -373,8 +411,12 @@ impl Store {
     /// Appends in one transaction; ids already stored (or repeated within
     /// the batch) are answered with their existing index.
     pub async fn append(&self, batch: &[Prepared]) -> Result<Vec<Appended>, AuditError> {
+        let pool = match &self.db {
+            Db::Postgres(pool) => return append_on_postgres(pool, batch).await,
+            Db::Sqlite(pool) => pool,
+        };
         let ids: Vec<String> = batch.iter().map(|p| p.event.id.clone()).collect();
-        on_db!(&self.db, |pool| {
+        {
             let mut tx = pool.begin_write().await?;
             let (next,): (i64,) =
                 sqlx::query_as("UPDATE audit_sequence SET next_idx = next_idx WHERE id = 1 RETURNING next_idx")
@@ -408,7 +450,7 @@ impl Store {
             }
             tx.commit().await?;
             Ok(out)
-        })
+        }
     }
 
     /// Entries appended so far (integrated or not).
