@@ -231,6 +231,10 @@ impl ServerStreamingService<DynamicMessage> for Streamer {
                 .get_field_by_name("interval_millis")
                 .and_then(|v| v.as_i32())
                 .unwrap_or(0);
+            let first_delay = message
+                .get_field_by_name("first_delay_millis")
+                .and_then(|v| v.as_i32())
+                .unwrap_or(0);
             if count < 0 {
                 return Err(Status::invalid_argument("count: must not be negative"));
             }
@@ -250,8 +254,9 @@ impl ServerStreamingService<DynamicMessage> for Streamer {
                             )
                         });
                     }
-                    if interval > 0 && i > 0 {
-                        tokio::time::sleep(Duration::from_millis(u64::try_from(interval).unwrap_or(0))).await;
+                    let pause = if i == 0 { first_delay } else { interval };
+                    if pause > 0 {
+                        tokio::time::sleep(Duration::from_millis(u64::try_from(pause).unwrap_or(0))).await;
                     }
                     let mut m = DynamicMessage::new(output);
                     m.set_field_by_name("id", Value::String(i.to_string()));

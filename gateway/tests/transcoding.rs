@@ -470,6 +470,34 @@ async fn server_streams_are_ndjson_or_sse_and_end_with_an_error_envelope() {
 }
 
 #[tokio::test]
+async fn a_quiet_stream_answers_its_status_line_without_waiting_for_a_message() {
+    for edge in Edge::both().await {
+        let started = Instant::now();
+        let resp = edge
+            .req("GET", "/v1/stream?count=1&firstDelayMillis=4000")
+            .send()
+            .await
+            .unwrap();
+        let headers_after = started.elapsed();
+        assert_eq!(resp.status(), 200);
+        assert!(
+            headers_after < Duration::from_millis(2500),
+            "the status line waited {headers_after:?} for the first message"
+        );
+        let body = resp.text().await.unwrap();
+        assert!(body.starts_with("{\"result\""), "the message follows: {body}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(3900),
+            "the message came after {:?}: {body}",
+            started.elapsed()
+        );
+        // An error before any message still gets its own status.
+        let (status, _) = edge.json("GET", "/v1/stream?count=-1", None).await;
+        assert_eq!(status, 400);
+    }
+}
+
+#[tokio::test]
 async fn a_client_that_goes_away_cancels_the_upstream_stream() {
     for edge in Edge::both().await {
         let resp = edge
