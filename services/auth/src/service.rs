@@ -617,11 +617,15 @@ impl Auth {
             Self::revoked_event("LOGOUT"),
         )
         .await?;
-        if let Some((session_id, _)) = ended {
-            self.committed();
+        if let Some(ended) = ended {
+            if ended.now {
+                self.committed();
+            }
+            // Also for a session that had ended: a logout retried after the
+            // marker could not be written still writes it.
             let lifetime = std::time::Duration::from_secs(self.settings.access_ttl_secs);
             self.revocations
-                .revoke_session(&session_id, lifetime)
+                .revoke_session(&ended.session_id, lifetime)
                 .await
                 .map_err(AuthError::Revocation)?;
         }

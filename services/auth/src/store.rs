@@ -240,19 +240,22 @@ pub async fn revoke_session_of(
     digest: &str,
     now: i64,
     revoked: impl Fn(&str, &str) -> OutboxEvent,
-) -> Result<Option<(String, String)>, AuthError> {
+) -> Result<Option<EndedSession>, AuthError> {
     on_db!(db, |pool| async {
         let mut tx = pool.begin_write().await?;
-        let row: Option<(String, String)> = sqlx::query_as(
-            "SELECT s.id, s.user_id FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id \
-             WHERE r.digest = $1 AND s.revoked_at IS NULL",
+        let row: Option<(String, String, Option<i64>)> = sqlx::query_as(
+            "SELECT s.id, s.user_id, s.revoked_at FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id \
+             WHERE r.digest = $1",
         )
         .bind(digest)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((session_id, user_id)) = row else {
+        let Some((session_id, user_id, revoked_at)) = row else {
             return Ok(None);
         };
+        if revoked_at.is_some() {
+            return Ok(Some(EndedSession { session_id, now: false }));
+        }
         sqlx::query(
             "UPDATE sessions SET revoked_at = $2, revoke_reason = 'LOGOUT' WHERE id = $1 AND revoked_at IS NULL",
         )
@@ -262,9 +265,17 @@ pub async fn revoke_session_of(
         .await?;
         revoked(&user_id, &session_id).write(&mut *tx).await?;
         tx.commit().await?;
-        Ok(Some((session_id, user_id)))
+        Ok(Some(EndedSession { session_id, now: true }))
     }
     .await)
+}
+
+/// The session a refresh token belongs to, as [`revoke_session_of`] left it.
+pub struct EndedSession {
+    /// The session.
+    pub session_id: String,
+    /// Whether this call ended it (false: it had ended before).
+    pub now: bool,
 }
 
 /// Ends every open session of `user_id`; returns how many were open.
