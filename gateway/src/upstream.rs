@@ -107,8 +107,4 @@ impl Upstreams {
     }
 }
 
-/// The component a service belongs to: the package segment after the first
-/// (`plinth.auth.v1.AuthService` → `auth`).
-pub fn component_of(service: &str) -> &str {
-    service.split('.').nth(1).unwrap_or(service)
-}
+pub use plinth_runtime::component::component_of;

@@ -33,6 +33,17 @@ from plinth.auth.v1 import auth_pb2, auth_pb2_grpc  # noqa: E402
 from plinth.config.v1 import config_pb2, config_pb2_grpc  # noqa: E402
 from plinth.queue.v1 import queue_pb2, queue_pb2_grpc  # noqa: E402
 
+
+def refused(code, call, what):
+    """Runs `call`, which must fail with `code`; returns the error."""
+    try:
+        call()
+    except grpc.RpcError as e:
+        assert e.code() == code, e
+        return e
+    raise AssertionError(f"{what} was answered")
+
+
 channel = grpc.insecure_channel(target)
 grpc.channel_ready_future(channel).result(timeout=10)
 
@@ -44,11 +55,7 @@ assert token and login.tokens.token_type.lower() == "bearer", login.tokens
 md = [("authorization", f"Bearer {token}")]
 me = auth.GetMe(auth_pb2.GetMeRequest(), metadata=md)
 assert me.user.email == email, me
-try:
-    auth.GetMe(auth_pb2.GetMeRequest())
-    raise AssertionError("GetMe without a token was answered")
-except grpc.RpcError as e:
-    assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+refused(grpc.StatusCode.UNAUTHENTICATED, lambda: auth.GetMe(auth_pb2.GetMeRequest()), "GetMe without a token")
 
 # config: a namespace, an environment, a value written and read back.
 config = config_pb2_grpc.ConfigServiceStub(channel)
@@ -65,11 +72,11 @@ config.SetValue(
 )
 got = config.GetValue(config_pb2.GetValueRequest(namespace=ns, environment="prod", key="db/pool"), metadata=md)
 assert got.value.value.number_value == 16, got
-try:
-    config.GetValue(config_pb2.GetValueRequest(namespace=ns, environment="prod", key="Not A Key!"), metadata=md)
-    raise AssertionError("an invalid key was accepted")
-except grpc.RpcError as e:
-    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+refused(
+    grpc.StatusCode.INVALID_ARGUMENT,
+    lambda: config.GetValue(config_pb2.GetValueRequest(namespace=ns, environment="prod", key="Not A Key!"), metadata=md),
+    "an invalid key",
+)
 
 # queue: a queue, a job enqueued, leased and acked.
 queue = queue_pb2_grpc.QueueServiceStub(channel)
@@ -113,10 +120,7 @@ request = ai_pb2.GenerateRequest(
     model="nope",
     messages=[ai_pb2.Message(role=ai_pb2.ROLE_USER, content=[ai_pb2.ContentPart(text="hi")])],
 )
-try:
-    ai.Generate(request, metadata=md)
-    raise AssertionError("an unknown model was answered")
-except grpc.RpcError as e:
-    assert e.code() == grpc.StatusCode.NOT_FOUND and "nope" in e.details(), e
+e = refused(grpc.StatusCode.NOT_FOUND, lambda: ai.Generate(request, metadata=md), "an unknown model")
+assert "nope" in e.details(), e
 
 print("python grpcio stubs: auth, config, queue, audit and ai answered as their contracts say")

@@ -134,7 +134,7 @@ impl Node {
     }
 
     /// Stops the process at once (SIGKILL: no goodbye, as a crash).
-    pub fn kill(&mut self) {
+    fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -283,14 +283,6 @@ impl Mesh {
     pub fn node(&self, name: &str) -> anyhow::Result<&Node> {
         self.nodes
             .iter()
-            .find(|n| n.name == name)
-            .ok_or_else(|| anyhow::anyhow!("no process {name} in the mesh"))
-    }
-
-    /// The process called `name`, to kill it.
-    pub fn node_mut(&mut self, name: &str) -> anyhow::Result<&mut Node> {
-        self.nodes
-            .iter_mut()
             .find(|n| n.name == name)
             .ok_or_else(|| anyhow::anyhow!("no process {name} in the mesh"))
     }

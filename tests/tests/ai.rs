@@ -707,29 +707,22 @@ async fn identical_deterministic_requests_are_answered_from_the_cache() {
     let http = reqwest::Client::new();
     let url = format!("http://{}/v1/chat/completions", s.app.http);
     let body = json!({"model": "chat", "temperature": 0.9, "messages": [{"role": "user", "content": "a haiku"}]});
-    let mut seen = Vec::new();
-    for _ in 0..2 {
-        let r = http
-            .post(&url)
+    let ask = |cache: &'static str| {
+        http.post(&url)
             .bearer_auth(&s.token)
-            .header("x-plinth-cache", "use")
+            .header("x-plinth-cache", cache)
             .json(&body)
             .send()
-            .await
-            .unwrap();
+    };
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let r = ask("use").await.unwrap();
         assert_eq!(r.status(), 200);
         seen.push(r.headers()["x-plinth-cache"].to_str().unwrap().to_owned());
     }
     assert_eq!(seen, ["miss", "hit"]);
     assert_eq!(primary.requests().len(), 6);
-    let bad = http
-        .post(&url)
-        .bearer_auth(&s.token)
-        .header("x-plinth-cache", "sometimes")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let bad = ask("sometimes").await.unwrap();
     assert_eq!(bad.status(), 400);
     let e: Value = bad.json().await.unwrap();
     assert_eq!(e["error"]["param"], "x-plinth-cache");

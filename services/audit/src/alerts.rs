@@ -237,14 +237,7 @@ impl Store {
 
     /// Removes a rule; whether it existed.
     pub async fn delete_alert_rule(&self, name: &str) -> Result<bool, AuditError> {
-        let n = on_db!(&self.db, |pool| {
-            sqlx::query("DELETE FROM audit_alert_rules WHERE name = $1")
-                .bind(name)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(n > 0)
+        self.delete_named("audit_alert_rules", name).await
     }
 
     /// Alerts, newest first.

@@ -199,7 +199,7 @@ async fn append_in_one_statement<'e>(
     db: impl sqlx::PgExecutor<'e>,
     batch: &[Prepared],
 ) -> Result<Vec<Appended>, sqlx::Error> {
-    let col = |f: fn(&Event) -> &str| batch.iter().map(|p| f(&p.event).to_owned()).collect::<Vec<String>>();
+    let col = |f: fn(&Event) -> &str| batch.iter().map(|p| f(&p.event)).collect::<Vec<&str>>();
     let time: Vec<i64> = batch.iter().map(|p| p.event.time_ms).collect();
     let outcome: Vec<i16> = batch
         .iter()
@@ -764,14 +764,21 @@ impl Store {
 
     /// Removes a policy; whether it existed.
     pub async fn delete_policy(&self, name: &str) -> Result<bool, AuditError> {
-        let done = on_db!(&self.db, |pool| {
-            sqlx::query("DELETE FROM audit_retention WHERE name = $1")
+        self.delete_named("audit_retention", name).await
+    }
+
+    /// Deletes the row named `name` from `table` (one of ours, keyed by
+    /// `name`); whether it existed.
+    pub(crate) async fn delete_named(&self, table: &'static str, name: &str) -> Result<bool, AuditError> {
+        let sql = format!("DELETE FROM {table} WHERE name = $1");
+        let n = on_db!(&self.db, |pool| {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(name)
                 .execute(pool)
                 .await?
                 .rows_affected()
         });
-        Ok(done > 0)
+        Ok(n > 0)
     }
 
     /// Erases up to `batch` entries `what` covers (payload and personal

@@ -6,6 +6,12 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The component a service belongs to: the package segment after the first
+/// (`plinth.auth.v1.AuthService` → `auth`).
+pub fn component_of(service: &str) -> &str {
+    service.split('.').nth(1).unwrap_or(service)
+}
+
 /// One deployable part of Plinth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Component {

@@ -52,7 +52,7 @@ impl Refusals {
             tenant: principal.tenant.clone(),
             api_key_id: principal.api_key.clone().unwrap_or_default(),
             roles: principal.roles.clone(),
-            time: Some(crate::wire::timestamp(now_ms())),
+            time: Some(crate::wire::timestamp(super::unix_now_ms())),
         };
         let mut headers = std::collections::BTreeMap::new();
         crate::telemetry::inject_current(&mut crate::telemetry::HeaderCarrier(&mut headers));
@@ -68,20 +68,14 @@ impl Refusals {
     }
 }
 
-/// The service owning `rpc`: `/plinth.config.v1.ConfigService/SetValue` → `config`.
+/// The component owning `rpc` (`/plinth.config.v1.ConfigService/SetValue` →
+/// `config`), or `unknown` where that would not make a subject token.
 fn service_of(rpc: &str) -> &str {
-    rpc.trim_start_matches('/')
-        .strip_prefix("plinth.")
-        .and_then(|rest| rest.split('.').next())
-        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+    let service = rpc.trim_start_matches('/').split('/').next().unwrap_or_default();
+    Some(crate::component::component_of(service))
+        .filter(|s| service.starts_with("plinth.") && !s.is_empty())
+        .filter(|s| s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
         .unwrap_or("unknown")
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// Publishes each queued refusal, retrying one that the bus refuses with a
