@@ -404,6 +404,17 @@ pub struct Swept {
 /// Rows touched per sweep statement, so one sweep never holds locks long.
 const SWEEP_BATCH: i64 = 2000;
 
+/// Plans for the hot path that do not depend on statistics (PostgreSQL, for
+/// one transaction). A claim has one good plan — walk the ready index in
+/// order and stop after `max` rows — and an ack one — look each id up by
+/// primary key; costs are only ever a reason to pick worse ones. Statistics
+/// lag a queue table that grows by thousands of rows a second or holds a
+/// backlog of another queue, and the planner then sorts a whole queue per
+/// claim and hash-joins it per ack: with 37,000 ready rows of another queue
+/// in the table, a steady 13,000 jobs/s went from p50 16 ms to 3 s.
+const BY_INDEX_ONLY: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+     SET LOCAL enable_sort = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+
 /// The queue service's tables.
 #[derive(Clone)]
 pub struct Store {
@@ -814,6 +825,9 @@ impl Store {
         let postgres = self.is_postgres();
         on_db!(&self.db, |pool| {
             let mut tx = pool.begin_write().await?;
+            if postgres {
+                sqlx::raw_sql(BY_INDEX_ONLY).execute(&mut *tx).await?;
+            }
             let q: Option<(bool, i32, i64, f64, i32)> = sqlx::query_as(
                 "SELECT paused, drain_state, lease_ms, rate_limit, max_concurrency FROM queues WHERE name = $1",
             )
@@ -911,8 +925,12 @@ impl Store {
     pub async fn ack(&self, queue: &str, acks: &[(i64, i64)]) -> Result<Vec<AckOutcome>, QueueError> {
         let mut done: HashSet<i64> = HashSet::with_capacity(acks.len());
         let mut present: HashSet<i64> = HashSet::new();
+        let postgres = self.is_postgres();
         on_db!(&self.db, |pool| {
             let mut tx = pool.begin_write().await?;
+            if postgres {
+                sqlx::raw_sql(BY_INDEX_ONLY).execute(&mut *tx).await?;
+            }
             for chunk in acks.chunks(500) {
                 let mut q = sqlx::QueryBuilder::new("DELETE FROM messages WHERE queue = ");
                 q.push_bind(queue.to_owned())
