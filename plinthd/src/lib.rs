@@ -191,6 +191,7 @@ impl Plinth {
                     );
                     health.register("plinth.queue.v1.QueueService", &required).await;
                     tasks.spawn("queue-sweeper", queues.clone().run_sweeper(tasks.token()));
+                    tasks.spawn("queue-announcer", queues.clone().announce(tasks.token()));
                     tasks.spawn("queue-listener", queues.listen(tasks.token()));
                 }
                 if component == Component::Audit {

@@ -2,7 +2,7 @@
 //! events it records, who is woken when work appears, and the background
 //! sweep. Time comes from a [`WallClock`] so tests move it by hand.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -46,6 +46,10 @@ struct Inner {
     inserted: AtomicU64,
     /// The row count the last `ANALYZE` found.
     analyzed_rows: AtomicU64,
+    /// Queues with new ready work that other replicas have not been told of.
+    unannounced: Mutex<HashSet<String>>,
+    /// Wakes [`Queues::announce`].
+    announce: Notify,
     /// Where releases of dropped streams run; without it they wait for
     /// their leases to expire.
     tasks: Option<Tasks>,
@@ -111,6 +115,8 @@ impl Queues {
                 churn: AtomicU64::new(0),
                 inserted: AtomicU64::new(0),
                 analyzed_rows: AtomicU64::new(0),
+                unannounced: Mutex::new(HashSet::new()),
+                announce: Notify::new(),
                 tasks: None,
             }),
         }
@@ -328,6 +334,14 @@ impl Queues {
         metrics::queue().enqueued.with_label_values(&[queue]).inc_by(added);
         if results.iter().any(|r| !r.duplicate && r.state == Some(State::Ready)) {
             self.wake(queue);
+            if matches!(self.inner.store.db(), Db::Postgres(_)) {
+                self.inner
+                    .unannounced
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(queue.to_owned());
+                self.inner.announce.notify_one();
+            }
         }
         Ok(results)
     }
@@ -634,6 +648,44 @@ impl Queues {
             }
         }
         Ok(())
+    }
+
+    /// On PostgreSQL, tells other replicas which queues received ready work
+    /// (`NOTIFY`), after the enqueues committed and coalesced: one
+    /// notification per queue for all enqueues since the last one. Inside
+    /// each enqueue's transaction, `NOTIFY` took a database-wide lock held
+    /// through the commit's WAL flush, so enqueues could not share commits:
+    /// `pg_stat_activity` showed most committing enqueues waiting on that
+    /// lock. Returns at once on SQLite.
+    pub async fn announce(self, token: CancellationToken) -> Result<(), QueueError> {
+        if !matches!(self.inner.store.db(), Db::Postgres(_)) {
+            return Ok(());
+        }
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                () = token.cancelled() => return Ok(()),
+                () = self.inner.announce.notified() => {}
+            }
+            let queues: Vec<String> =
+                std::mem::take(&mut *self.inner.unannounced.lock().unwrap_or_else(PoisonError::into_inner))
+                    .into_iter()
+                    .collect();
+            if queues.is_empty() {
+                continue;
+            }
+            // A lost announcement costs other replicas' idle workers one
+            // poll interval, not a message.
+            match self.inner.store.announce(&queues).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    if failures == 0 || failures.is_power_of_two() {
+                        tracing::warn!(error = %e, queues = queues.len(), "cannot announce ready work to other replicas; they will poll");
+                    }
+                    failures = failures.saturating_add(1);
+                }
+            }
+        }
     }
 
     /// On PostgreSQL, wakes this replica's waiting leases when another

@@ -94,6 +94,20 @@ where
     db.cleanup().await.unwrap();
 }
 
+/// Runs a PostgreSQL-only scenario, when PostgreSQL is configured.
+async fn on_postgres<F, Fut>(name: &str, scenario: F)
+where
+    F: FnOnce(Ctx, TestDatabase) -> Fut,
+    Fut: std::future::Future<Output = TestDatabase>,
+{
+    if let Some(url) = backend_url(Backend::Postgres, name).unwrap() {
+        let db = TestDatabase::postgres(&url, "queue", &plinth_queue::MIGRATIONS)
+            .await
+            .unwrap();
+        run(db, scenario).await;
+    }
+}
+
 fn job(payload: &str) -> NewMessage {
     NewMessage {
         payload: payload.as_bytes().to_vec(),
@@ -702,13 +716,7 @@ async fn schedules_tick_exactly_once_across_two_replicas(ctx: Ctx, db: TestDatab
 /// is followed, at the next sweep, by fresh statistics.
 #[tokio::test]
 async fn bulk_load_refreshes_the_planner_statistics_on_postgres() {
-    let Some(url) = backend_url(Backend::Postgres, "bulk_load_statistics").unwrap() else {
-        return;
-    };
-    let db = TestDatabase::postgres(&url, "queue", &plinth_queue::MIGRATIONS)
-        .await
-        .unwrap();
-    run(db, |ctx, db| async move {
+    on_postgres("bulk_load_statistics", |ctx, db| async move {
         let Db::Postgres(pool) = ctx.db.clone() else {
             return db;
         };
@@ -730,6 +738,51 @@ async fn bulk_load_refreshes_the_planner_statistics_on_postgres() {
         ctx.queues.enqueue("bulk", &batch).await.unwrap();
         ctx.queues.tick().await.unwrap();
         assert_eq!(planned_rows().await, 6000.0);
+        db
+    })
+    .await;
+}
+
+/// On PostgreSQL an enqueue on one replica wakes a lease waiting on another
+/// at once (`NOTIFY` after the commit), not at that replica's next poll.
+#[tokio::test]
+async fn enqueue_on_one_replica_wakes_a_lease_waiting_on_another_on_postgres() {
+    on_postgres("cross_replica_wake", |ctx, db| async move {
+        queue(&ctx, "jobs", Settings::default()).await;
+        let again = db.connect_again().await.unwrap();
+        // Polls once a minute: only the announcement can wake it in time.
+        let other = Queues::with_clock(
+            Store::new(again.clone()),
+            QueueSettings {
+                poll_ms: 60_000,
+                ..QueueSettings::default()
+            },
+            None,
+            Arc::new(ctx.clock.clone()),
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let waiter = async {
+            let started = Instant::now();
+            let got = other.lease("jobs", 1, None, Duration::from_secs(20)).await.unwrap();
+            stop.cancel();
+            (got.len(), started.elapsed())
+        };
+        let producer = async {
+            // Time for the listener to subscribe.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            ctx.queues.enqueue("jobs", &[job("elsewhere")]).await.unwrap();
+        };
+        let ((n, waited), (), listened, announced) = tokio::join!(
+            waiter,
+            producer,
+            other.clone().listen(stop.clone()),
+            ctx.queues.clone().announce(stop.clone())
+        );
+        listened.unwrap();
+        announced.unwrap();
+        assert_eq!(n, 1);
+        assert!(waited < Duration::from_secs(3), "woke only after {waited:?}");
+        again.close().await;
         db
     })
     .await;
