@@ -938,10 +938,13 @@ impl Store {
             if postgres {
                 sqlx::raw_sql(BY_INDEX_ONLY).execute(&mut *tx).await?;
             }
+            // The acked ids drive the join (SQLite's `CROSS JOIN` keeps them
+            // the outer loop), each looked up by primary key. Written as
+            // `queue = ? AND (id, lease_token) IN (VALUES …)`, SQLite walked
+            // every leased and ready row of the queue per ack: 51 ms for 100
+            // acks in a queue of 300,000, 0.6 ms this way.
             for chunk in acks.chunks(500) {
-                let mut q = sqlx::QueryBuilder::new("DELETE FROM messages WHERE queue = ");
-                q.push_bind(queue.to_owned())
-                    .push(" AND state IN (2, 3) AND (id, lease_token) IN (VALUES ");
+                let mut q = sqlx::QueryBuilder::new("DELETE FROM messages WHERE id IN (SELECT m.id FROM (VALUES ");
                 let mut list = q.separated(", ");
                 for (id, token) in chunk {
                     list.push("(")
@@ -950,19 +953,23 @@ impl Store {
                         .push_bind_unseparated(*token)
                         .push_unseparated(")");
                 }
-                q.push(") RETURNING id");
+                q.push(
+                    ") AS a CROSS JOIN messages m WHERE m.id = a.column1 AND m.lease_token = a.column2 AND m.queue = ",
+                )
+                .push_bind(queue.to_owned())
+                .push(" AND m.state IN (2, 3)) RETURNING id");
                 let ids: Vec<(i64,)> = q.build_query_as().fetch_all(&mut *tx).await?;
                 done.extend(ids.into_iter().map(|(id,)| id));
             }
             let missing: Vec<i64> = acks.iter().map(|(id, _)| *id).filter(|id| !done.contains(id)).collect();
             for chunk in missing.chunks(500) {
-                let mut q = sqlx::QueryBuilder::new("SELECT id FROM messages WHERE queue = ");
-                q.push_bind(queue.to_owned()).push(" AND id IN (");
+                let mut q = sqlx::QueryBuilder::new("SELECT m.id FROM (VALUES ");
                 let mut list = q.separated(", ");
                 for id in chunk {
-                    list.push_bind(*id);
+                    list.push("(").push_bind_unseparated(*id).push_unseparated(")");
                 }
-                q.push(")");
+                q.push(") AS a CROSS JOIN messages m WHERE m.id = a.column1 AND m.queue = ")
+                    .push_bind(queue.to_owned());
                 let ids: Vec<(i64,)> = q.build_query_as().fetch_all(&mut *tx).await?;
                 present.extend(ids.into_iter().map(|(id,)| id));
             }
