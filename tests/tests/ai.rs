@@ -197,6 +197,10 @@ impl Session {
     }
 
     async fn target_state(&mut self, provider: &str) -> pb::Target {
+        self.target_state_of("chat", provider).await
+    }
+
+    async fn target_state_of(&mut self, model: &str, provider: &str) -> pb::Target {
         let models = self
             .ai
             .list_models(with_bearer(pb::ListModelsRequest {}, &self.token))
@@ -204,8 +208,8 @@ impl Session {
             .unwrap()
             .into_inner()
             .models;
-        let chat = models.into_iter().find(|m| m.name == "chat").unwrap();
-        chat.targets.into_iter().find(|t| t.provider == provider).unwrap()
+        let found = models.into_iter().find(|m| m.name == model).unwrap();
+        found.targets.into_iter().find(|t| t.provider == provider).unwrap()
     }
 }
 
@@ -779,6 +783,42 @@ async fn concurrent_embeddings_are_sent_as_one_request_and_split_back() {
         }
         assert!(answer.usage.unwrap().input_tokens > 0);
     }
+    s.app.stop().await;
+}
+
+/// Three callers whose embeddings went out as one request that failed: one
+/// upstream failure, so one count against the target's breaker (it opens at
+/// two), not three.
+#[tokio::test]
+async fn a_failed_embedding_batch_counts_once_against_its_target() {
+    let (primary, backup) = fakes().await;
+    primary.push("/v1/embeddings", error(500, "server_error"));
+    let mut config = config(&primary, &backup);
+    config.ai.embed_batch_window_ms = 200;
+    let mut s = start(config).await;
+    let call = |text: &str| {
+        let mut ai = s.ai.clone();
+        let request = with_bearer(
+            pb::EmbedRequest {
+                model: "embed".into(),
+                inputs: vec![text.to_owned()],
+                ..Default::default()
+            },
+            &s.token,
+        );
+        async move { ai.embed(request).await }
+    };
+    let (one, two, three) = tokio::join!(call("alpha"), call("beta"), call("gamma"));
+    assert_eq!(primary.requests().len(), 1, "three calls, one upstream request");
+    for failed in [one, two, three] {
+        let status = failed.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    assert_eq!(
+        s.target_state_of("embed", "primary").await.breaker,
+        pb::BreakerState::Closed as i32,
+        "one failed request is one failure"
+    );
     s.app.stop().await;
 }
 

@@ -115,7 +115,7 @@ async fn send(target: &Target, template: EmbedRequest, batch: Batch) {
     };
     let result = target.adapter.embed(&request).await;
     let total_chars: usize = request.inputs.iter().map(String::len).sum::<usize>().max(1);
-    for (range, reply) in batch.waiters {
+    for (i, (range, reply)) in batch.waiters.into_iter().enumerate() {
         let part = match &result {
             Err(e) => Err(e.clone()),
             Ok(all) => match all.vectors.get(range.clone()) {
@@ -133,6 +133,12 @@ async fn send(target: &Target, template: EmbedRequest, batch: Batch) {
                     })
                 }
             },
+        };
+        // One upstream failure counts once against the target's breaker:
+        // the first caller reports it, the others only give their slot back.
+        let part = match part {
+            Err(e) if i > 0 => Err(ProviderError::Shared(Box::new(e))),
+            other => other,
         };
         let _ = reply.send(part);
     }

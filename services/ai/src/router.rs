@@ -107,6 +107,12 @@ impl Target {
         }
     }
 
+    /// Gives back an admitted call's slot without an outcome (see
+    /// [`ProviderError::already_reported`](crate::providers::ProviderError::already_reported)).
+    pub fn release(&self) {
+        self.health.breaker.forgo();
+    }
+
     /// How long the target is still left alone after a `Retry-After`.
     pub fn cooling_down(&self) -> Option<Duration> {
         let until = (*self.health.cool_until.lock().unwrap_or_else(PoisonError::into_inner))?;

@@ -735,7 +735,11 @@ where
                 return Ok((target, value, attempts));
             }
             Err(e) => {
-                target.report(!e.counts_against_target(), e.retry_after());
+                if e.already_reported() {
+                    target.release();
+                } else {
+                    target.report(!e.counts_against_target(), e.retry_after());
+                }
                 if let Some(d) = e.retry_after() {
                     soonest = Some(soonest.map_or(d, |s| s.min(d)));
                 }
@@ -746,7 +750,7 @@ where
                     retryable = e.retryable(),
                     "ai target failed"
                 );
-                if let ProviderError::Invalid { field, reason } = &e {
+                if let ProviderError::Invalid { field, reason } = e.origin() {
                     return Err((AiError::invalid(field.clone(), reason.clone()), attempts));
                 }
                 attempts.push(Attempt {
@@ -771,7 +775,7 @@ where
     // Rate limited: the last call was refused with 429, or no call was made
     // and some target is cooling down after a provider's Retry-After.
     let rate_limited = match &last {
-        Some(e) => matches!(e, ProviderError::Status { status: 429, .. }),
+        Some(e) => matches!(e.origin(), ProviderError::Status { status: 429, .. }),
         None => cooling,
     };
     Err((

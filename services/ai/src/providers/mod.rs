@@ -67,9 +67,28 @@ pub enum ProviderError {
         /// What is wrong.
         reason: String,
     },
+    /// The failure of one upstream request that several callers shared
+    /// (coalesced embeddings), as seen by all but the first of them: it
+    /// was reported to the target's circuit breaker once, for everyone.
+    #[error("{0}")]
+    Shared(Box<ProviderError>),
 }
 
 impl ProviderError {
+    /// The failure itself, unwrapped from [`ProviderError::Shared`].
+    pub fn origin(&self) -> &ProviderError {
+        match self {
+            ProviderError::Shared(e) => e.origin(),
+            e => e,
+        }
+    }
+
+    /// Whether this caller must not report the failure to the target's
+    /// breaker again (another caller of the same request did).
+    pub fn already_reported(&self) -> bool {
+        matches!(self, ProviderError::Shared(_))
+    }
+
     /// Whether another target may succeed where this one failed: rate
     /// limits, overload, server errors, timeouts and broken connections.
     pub fn retryable(&self) -> bool {
@@ -81,6 +100,7 @@ impl ProviderError {
             | ProviderError::Malformed(_)
             | ProviderError::Unsupported(_) => true,
             ProviderError::Invalid { .. } => false,
+            ProviderError::Shared(e) => e.retryable(),
         }
     }
 
@@ -94,6 +114,7 @@ impl ProviderError {
             | ProviderError::Timeout(_)
             | ProviderError::Malformed(_) => true,
             ProviderError::Unsupported(_) | ProviderError::Invalid { .. } => false,
+            ProviderError::Shared(e) => e.counts_against_target(),
         }
     }
 
@@ -101,6 +122,7 @@ impl ProviderError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             ProviderError::Status { retry_after, .. } => *retry_after,
+            ProviderError::Shared(e) => e.retry_after(),
             _ => None,
         }
     }

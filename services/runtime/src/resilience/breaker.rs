@@ -148,6 +148,17 @@ impl CircuitBreaker {
         Ok(())
     }
 
+    /// Gives back a call that [`CircuitBreaker::acquire`] allowed without
+    /// recording an outcome: the call said nothing new about the upstream
+    /// (its failure was already recorded once for everyone who shared it).
+    /// A half-open breaker lets another trial through in its place.
+    pub fn forgo(&self) {
+        let mut inner = self.lock();
+        if inner.state == BreakerState::HalfOpen {
+            inner.trials = inner.trials.saturating_sub(1);
+        }
+    }
+
     /// Records the outcome of a call that [`CircuitBreaker::acquire`] allowed.
     pub fn record(&self, success: bool) {
         let now = self.clock.now();
@@ -182,15 +193,21 @@ mod tests {
     use super::super::ManualClock;
     use super::*;
 
+    /// A breaker on `clock` that opens after `failures` for `open_secs`
+    /// and then lets one trial through at a time.
+    fn one_trial_at_a_time(name: &str, failures: u32, open_secs: u64, clock: &ManualClock) -> CircuitBreaker {
+        let cfg = BreakerConfig {
+            failure_threshold: failures,
+            open_for: Duration::from_secs(open_secs),
+            half_open_calls: 1,
+        };
+        CircuitBreaker::with_clock(name, cfg, Arc::new(clock.clone()))
+    }
+
     #[test]
     fn opens_after_threshold_then_half_opens_and_closes_on_success() {
         let clock = ManualClock::new();
-        let cfg = BreakerConfig {
-            failure_threshold: 3,
-            open_for: Duration::from_secs(10),
-            half_open_calls: 1,
-        };
-        let b = CircuitBreaker::with_clock("upstream-a", cfg, Arc::new(clock.clone()));
+        let b = one_trial_at_a_time("upstream-a", 3, 10, &clock);
         for _ in 0..3 {
             b.acquire().unwrap();
             b.record(false);
@@ -212,12 +229,7 @@ mod tests {
     #[test]
     fn a_failed_trial_reopens_and_successes_reset_the_count() {
         let clock = ManualClock::new();
-        let cfg = BreakerConfig {
-            failure_threshold: 2,
-            open_for: Duration::from_secs(5),
-            half_open_calls: 1,
-        };
-        let b = CircuitBreaker::with_clock("upstream-b", cfg, Arc::new(clock.clone()));
+        let b = one_trial_at_a_time("upstream-b", 2, 5, &clock);
         b.record(false);
         b.record(true);
         b.record(false);
@@ -233,5 +245,21 @@ mod tests {
         b.record(false);
         assert_eq!(b.state(), BreakerState::Open);
         assert!(b.acquire().is_err());
+    }
+
+    #[test]
+    fn a_forgone_trial_lets_the_next_one_through_without_an_outcome() {
+        let clock = ManualClock::new();
+        let b = one_trial_at_a_time("upstream-c", 1, 5, &clock);
+        b.acquire().unwrap();
+        b.record(false);
+        clock.advance(Duration::from_secs(5));
+        b.acquire().unwrap();
+        assert!(b.acquire().is_err(), "one trial at a time");
+        b.forgo();
+        assert_eq!(b.state(), BreakerState::HalfOpen, "no outcome recorded");
+        b.acquire().unwrap();
+        b.record(true);
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 }
