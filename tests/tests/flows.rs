@@ -601,51 +601,51 @@ async fn every_service_refuses_a_caller_without_permission_and_audits_it(mesh: &
         assert_eq!(status, StatusCode::FORBIDDEN, "{service}: {path} → {v}");
     }
     // The same over gRPC, straight to each service's own process.
-    let denied = QueueServiceClient::new(mesh.channel("queue").await.unwrap())
-        .purge_queue(with_bearer(
-            queue_pb::PurgeQueueRequest {
-                queue: "nope".into(),
-                ..Default::default()
-            },
-            &viewer,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
-    let denied = AuditServiceClient::new(mesh.channel("audit").await.unwrap())
-        .verify_log(with_bearer(audit_pb::VerifyLogRequest {}, &viewer))
-        .await
-        .unwrap_err();
-    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
-    let denied = ConfigServiceClient::new(mesh.channel("config").await.unwrap())
-        .create_namespace(with_bearer(
-            config_pb::CreateNamespaceRequest {
-                namespace: Some(config_pb::Namespace {
-                    name: "nope".into(),
+    refused(
+        QueueServiceClient::new(mesh.channel("queue").await.unwrap())
+            .purge_queue(with_bearer(
+                queue_pb::PurgeQueueRequest {
+                    queue: "nope".into(),
                     ..Default::default()
-                }),
-            },
-            &viewer,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
-    let denied = AiServiceClient::new(mesh.channel("ai").await.unwrap())
-        .generate(with_bearer(
-            ai_pb::GenerateRequest {
-                model: "chat".into(),
-                ..Default::default()
-            },
-            &viewer,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
-    let denied = AuthServiceClient::new(mesh.channel("auth").await.unwrap())
-        .list_users(with_bearer(auth_pb::ListUsersRequest::default(), &viewer))
-        .await
-        .unwrap_err();
-    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+                },
+                &viewer,
+            ))
+            .await,
+    );
+    refused(
+        AuditServiceClient::new(mesh.channel("audit").await.unwrap())
+            .verify_log(with_bearer(audit_pb::VerifyLogRequest {}, &viewer))
+            .await,
+    );
+    refused(
+        ConfigServiceClient::new(mesh.channel("config").await.unwrap())
+            .create_namespace(with_bearer(
+                config_pb::CreateNamespaceRequest {
+                    namespace: Some(config_pb::Namespace {
+                        name: "nope".into(),
+                        ..Default::default()
+                    }),
+                },
+                &viewer,
+            ))
+            .await,
+    );
+    refused(
+        AiServiceClient::new(mesh.channel("ai").await.unwrap())
+            .generate(with_bearer(
+                ai_pb::GenerateRequest {
+                    model: "chat".into(),
+                    ..Default::default()
+                },
+                &viewer,
+            ))
+            .await,
+    );
+    refused(
+        AuthServiceClient::new(mesh.channel("auth").await.unwrap())
+            .list_users(with_bearer(auth_pb::ListUsersRequest::default(), &viewer))
+            .await,
+    );
 
     let mut audit = AuditServiceClient::new(mesh.channel("audit").await.unwrap());
     let request = audit_pb::ListEventsRequest {
@@ -847,4 +847,10 @@ async fn a_nats_outage_loses_nothing_and_health_reports_it(mesh: &mut Mesh, w: &
     assert_eq!(revisions.len(), 6, "one entry per write, none twice: {revisions:?}");
     assert_eq!(entries.len(), 6, "no entry twice");
     tasks.shutdown(Duration::from_secs(2)).await;
+}
+
+/// The answer of a call the caller's role does not allow.
+fn refused<T: std::fmt::Debug>(answer: Result<T, tonic::Status>) {
+    let denied = answer.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
 }

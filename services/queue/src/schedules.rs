@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 
 use plinth_runtime::on_db;
-use plinth_runtime::storage::{BeginWrite, Db};
+use plinth_runtime::storage::BeginWrite;
 
 use crate::error::QueueError;
 use crate::model::{NewMessage, Schedule};
-use crate::store::{Store, notify};
+use crate::store::Store;
 
 #[derive(sqlx::FromRow)]
 struct ScheduleRow {
@@ -228,7 +228,6 @@ impl Store {
     /// message, in one transaction; false when another replica claimed it
     /// first (or the schedule changed), in which case nothing is written.
     pub async fn fire(&self, tick: &DueTick, next: i64, now: i64) -> Result<bool, QueueError> {
-        let notify = matches!(self.db(), Db::Postgres(_));
         on_db!(self.db(), |pool| {
             let mut tx = pool.begin_write().await?;
             let claimed = sqlx::query(
@@ -259,9 +258,6 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            if notify {
-                notify!(tx, &tick.queue);
-            }
             tx.commit().await?;
             Ok(true)
         })

@@ -152,8 +152,24 @@ impl Queues {
         w.entry(queue.to_owned()).or_default().clone()
     }
 
-    /// Wakes this replica's waiting leases on `queue`.
+    /// `queue` may have new ready work: wakes this replica's waiting leases
+    /// and, on PostgreSQL, has [`Queues::announce`] tell the other replicas
+    /// once the work is committed (it is, wherever this is called).
     pub fn wake(&self, queue: &str) {
+        self.wake_here(queue);
+        if matches!(self.inner.store.db(), Db::Postgres(_)) {
+            self.inner
+                .unannounced
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(queue.to_owned());
+            self.inner.announce.notify_one();
+        }
+    }
+
+    /// Wakes this replica's waiting leases on `queue` (another replica
+    /// announced work).
+    fn wake_here(&self, queue: &str) {
         let w = self.inner.wakers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(n) = w.get(queue) {
             n.notify_waiters();
@@ -334,14 +350,6 @@ impl Queues {
         metrics::queue().enqueued.with_label_values(&[queue]).inc_by(added);
         if results.iter().any(|r| !r.duplicate && r.state == Some(State::Ready)) {
             self.wake(queue);
-            if matches!(self.inner.store.db(), Db::Postgres(_)) {
-                self.inner
-                    .unannounced
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(queue.to_owned());
-                self.inner.announce.notify_one();
-            }
         }
         Ok(results)
     }
@@ -651,8 +659,8 @@ impl Queues {
     }
 
     /// On PostgreSQL, tells other replicas which queues received ready work
-    /// (`NOTIFY`), after the enqueues committed and coalesced: one
-    /// notification per queue for all enqueues since the last one. Inside
+    /// (`NOTIFY`, see [`Queues::wake`]), after it committed and coalesced:
+    /// one notification per queue for everything since the last one. Inside
     /// each enqueue's transaction, `NOTIFY` took a database-wide lock held
     /// through the commit's WAL flush, so enqueues could not share commits:
     /// `pg_stat_activity` showed most committing enqueues waiting on that
@@ -722,7 +730,7 @@ impl Queues {
                 tokio::select! {
                     () = token.cancelled() => return Ok(()),
                     n = listener.recv() => match n {
-                        Ok(n) => self.wake(n.payload()),
+                        Ok(n) => self.wake_here(n.payload()),
                         Err(e) => {
                             tracing::warn!(error = %e, "queue listener lost its connection, reconnecting");
                             break;

@@ -54,19 +54,6 @@ macro_rules! bind_settings {
     };
 }
 
-/// Announces, in the transaction `$tx` (PostgreSQL delivers it at commit),
-/// that `$queue` has ready work, waking other replicas' waiting leases.
-macro_rules! notify {
-    ($tx:expr, $queue:expr) => {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(crate::store::NOTIFY_CHANNEL)
-            .bind($queue)
-            .execute(&mut *$tx)
-            .await?
-    };
-}
-pub(crate) use notify;
-
 macro_rules! queue_columns {
     () => {
         "name, max_attempts, backoff_initial_ms, backoff_max_ms, backoff_multiplier, backoff_jitter, lease_ms, \
@@ -1205,7 +1192,6 @@ impl Store {
             " AND instr(last_error, "
         };
         let postgres = self.is_postgres();
-        let notify = postgres;
         on_db!(&self.db, |pool| {
             let mut tx = pool.begin_write().await?;
             let dlq: Option<(String,)> = sqlx::query_as("SELECT dead_letter_queue FROM queues WHERE name = $1")
@@ -1258,9 +1244,6 @@ impl Store {
             }
             if retried > 0 {
                 event(retried).write(&mut *tx).await?;
-                if notify {
-                    notify!(tx, queue);
-                }
             }
             tx.commit().await?;
             Ok(retried)
@@ -1357,11 +1340,6 @@ impl Store {
             }
             swept.events = !failures.is_empty();
             swept.woken.extend(dead_letter!(tx, failures, now));
-            if postgres {
-                for queue in &swept.woken {
-                    notify!(tx, queue);
-                }
-            }
             sqlx::query("DELETE FROM dedup WHERE expires_at <= $1")
                 .bind(now)
                 .execute(&mut *tx)

@@ -88,6 +88,9 @@ impl<DB: sqlx::Database> std::ops::DerefMut for WriteTx<DB> {
 fn write_turns(file: &std::path::Path) -> Arc<tokio::sync::Mutex<()>> {
     static TURNS: LazyLock<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>> = LazyLock::new(Default::default);
     let mut turns = TURNS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(turn) = turns.get(file) {
+        return turn.clone();
+    }
     turns.entry(file.to_path_buf()).or_default().clone()
 }
 
