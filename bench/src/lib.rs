@@ -74,6 +74,7 @@ pub async fn closed_loop<F, Fut, E>(name: &str, concurrency: usize, duration: Du
 where
     F: Fn(usize, usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
 {
     let started = Instant::now();
     let deadline = started + duration;
@@ -85,7 +86,12 @@ where
                 let t = Instant::now();
                 match call(w, i).await {
                     Ok(()) => lat.push(t.elapsed()),
-                    Err(_) => errors += 1,
+                    Err(e) => {
+                        if errors == 0 {
+                            eprintln!("  {name}: worker {w}'s first error: {e}");
+                        }
+                        errors += 1;
+                    }
                 }
                 i += 1;
             }

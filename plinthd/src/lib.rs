@@ -195,8 +195,12 @@ impl Plinth {
                     tasks.spawn("queue-listener", queues.listen(tasks.token()));
                 }
                 if component == Component::Audit {
-                    let audit =
-                        plinth_audit::Audit::open(plinth_audit::Store::new(db.clone()), cfg.audit.clone()).await?;
+                    let audit = plinth_audit::Audit::open_with_tasks(
+                        plinth_audit::Store::new(db.clone()),
+                        cfg.audit.clone(),
+                        tasks.clone(),
+                    )
+                    .await?;
                     builder = builder.add_service(
                         AuditServiceServer::new(plinth_audit::AuditGrpc::new(audit.clone())),
                         plinth::FILE_DESCRIPTOR_SET,

@@ -269,6 +269,41 @@ async fn appends_are_idempotent_on_event_id(db: &TestDatabase) {
     assert_eq!(indexes.len(), 1);
     audit.integrate_all().await.unwrap();
     assert_eq!(audit.checkpoint().await.unwrap().tree_size, 4);
+    // Appends arriving together share a commit; each caller still gets the
+    // indexes of its own events, in its own order.
+    let batches: Vec<Vec<u64>> = (0..24)
+        .map(|i| (0..1 + i % 3).map(|j| 100 + i * 10 + j).collect())
+        .collect();
+    let answers = futures::future::join_all(
+        batches
+            .iter()
+            .map(|ids| audit.append(ids.iter().map(|&n| event(n)).collect())),
+    )
+    .await;
+    let mut seen = std::collections::BTreeSet::new();
+    for (ids, answer) in batches.iter().zip(answers) {
+        let answer = answer.unwrap();
+        assert_eq!(answer.len(), ids.len(), "one answer per event sent");
+        for (&n, appended) in ids.iter().zip(&answer) {
+            assert_eq!(appended.id, format!("event-{n}"));
+            assert!(!appended.duplicate);
+            let (entry, _) = audit.entry(appended.index).await.unwrap();
+            assert_eq!(
+                entry.event.id, appended.id,
+                "index {} holds another event",
+                appended.index
+            );
+            assert!(seen.insert(appended.index), "index {} answered twice", appended.index);
+        }
+    }
+    assert_eq!(seen.len(), 48);
+    assert_eq!(
+        seen.iter().copied().collect::<Vec<_>>(),
+        (4..52).collect::<Vec<u64>>(),
+        "no gaps"
+    );
+    audit.integrate_all().await.unwrap();
+    assert_eq!(audit.checkpoint().await.unwrap().tree_size, 52);
     assert!(audit.verify().await.unwrap().problem.is_none());
 }
 

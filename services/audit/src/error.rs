@@ -1,8 +1,9 @@
 //! Everything that can go wrong in the audit service, and how each maps to
 //! the caller's error (one exhaustive table, no wildcard).
 
-use plinth_runtime::error::{ErrorCode, FieldViolation, InvalidRequest, ServiceError};
+use plinth_runtime::error::{ErrorCode, FieldViolation, InvalidRequest, ServiceError, SharedFailure};
 use plinth_runtime::storage::StorageError;
+use plinth_runtime::storage::group_commit::OutcomeUnknown;
 
 /// An audit operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -32,12 +33,31 @@ pub enum AuditError {
     /// The database failed.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    /// A failure of a group commit, shared by each append in the group.
+    #[error(transparent)]
+    Shared(#[from] SharedFailure),
+    /// The commit carrying the append ended without an answer (shutdown);
+    /// retrying with the same event ids is safe.
+    #[error(transparent)]
+    OutcomeUnknown(#[from] OutcomeUnknown),
 }
 
 impl AuditError {
     /// An invalid single field.
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
         Self::Invalid(vec![FieldViolation::new(field, description)])
+    }
+}
+
+impl AuditError {
+    /// The same failure again, for the other callers of a group commit:
+    /// the same kind where callers switch on it, else [`AuditError::Shared`]
+    /// with the same code, reason and message.
+    pub fn replicate(&self) -> Self {
+        match self {
+            Self::Invalid(v) => Self::Invalid(v.clone()),
+            other => Self::Shared(SharedFailure::of(other)),
+        }
     }
 }
 
@@ -62,6 +82,8 @@ impl ServiceError for AuditError {
             Self::Corrupt(_) | Self::Webhooks(_) => ErrorCode::Internal,
             Self::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
             Self::Storage(_) => ErrorCode::Internal,
+            Self::Shared(e) => e.code(),
+            Self::OutcomeUnknown(_) => ErrorCode::Unavailable,
         }
     }
 
@@ -76,6 +98,8 @@ impl ServiceError for AuditError {
             Self::Webhooks(_) => "WEBHOOKS_UNAVAILABLE",
             Self::Storage(e) if e.is_unavailable() => "STORAGE_UNAVAILABLE",
             Self::Storage(_) => "STORAGE_ERROR",
+            Self::Shared(e) => e.reason(),
+            Self::OutcomeUnknown(_) => "COMMIT_OUTCOME_UNKNOWN",
         }
     }
 

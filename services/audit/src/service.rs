@@ -3,11 +3,13 @@
 //! round, proofs from stored nodes, listing, and re-verifying the whole log.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use plinth_runtime::Tasks;
 use plinth_runtime::config::AuditSettings;
+use plinth_runtime::storage::group_commit::GroupCommit;
 use secrecy::ExposeSecret;
 use sha2::Digest;
 use tokio::sync::{Mutex, Notify};
@@ -78,7 +80,21 @@ struct Inner {
     wake: Notify,
     /// Bumped after each append that added entries, for live tails.
     appended: tokio::sync::watch::Sender<u64>,
+    /// Concurrent appends share one transaction: the log has one inserter
+    /// at a time, so each commit should carry as much as is waiting.
+    appends: GroupCommit<(), Vec<Prepared>, Vec<Appended>, AuditError>,
+    /// The latest tree size this replica knows of and when it learnt it:
+    /// a proof at a size no larger needs no checkpoint read.
+    known_size: std::sync::Mutex<(u64, Instant)>,
 }
+
+/// How long a known tree size answers for "the latest" before proofs read
+/// the checkpoint again (another replica may have integrated since).
+/// This replica's own integrations update it at once.
+const LATEST_SIZE_FOR: Duration = Duration::from_millis(500);
+
+/// Most entries appended in one transaction by a group of callers.
+const MAX_GROUP_ENTRIES: usize = 2000;
 
 /// The audit log.
 #[derive(Clone)]
@@ -100,6 +116,12 @@ pub enum OpenError {
 impl Audit {
     /// Opens the log in `store` with the configured (or stored) signing key.
     pub async fn open(store: Store, settings: AuditSettings) -> Result<Self, OpenError> {
+        Self::open_with_tasks(store, settings, Tasks::new()).await
+    }
+
+    /// [`Audit::open`], committing grouped appends on `tasks` so shutdown
+    /// waits for them.
+    pub async fn open_with_tasks(store: Store, settings: AuditSettings, tasks: Tasks) -> Result<Self, OpenError> {
         let seed: [u8; 32] = match &settings.signing_key {
             Some(key) => STANDARD
                 .decode(key.expose_secret().trim())
@@ -117,6 +139,8 @@ impl Audit {
                 frontier: Mutex::new(None),
                 wake: Notify::new(),
                 appended: tokio::sync::watch::Sender::new(0),
+                appends: GroupCommit::new("audit-group-append", MAX_GROUP_ENTRIES, tasks),
+                known_size: std::sync::Mutex::new((0, Instant::now())),
             }),
         })
     }
@@ -146,7 +170,14 @@ impl Audit {
                 Prepared { event, data, leaf_hash }
             })
             .collect();
-        let out = self.inner.store.append(&prepared).await?;
+        let store = self.inner.store.clone();
+        let out = self
+            .inner
+            .appends
+            .submit_items(&(), prepared, AuditError::replicate, move |all| async move {
+                store.append(&all).await
+            })
+            .await?;
         if out.iter().any(|a| !a.duplicate) {
             self.inner.wake.notify_one();
             self.inner.appended.send_modify(|n| *n += 1);
@@ -159,10 +190,44 @@ impl Audit {
         let mut frontier = self.inner.frontier.lock().await;
         let signer = &self.inner.signer;
         let sign = |size: u64, root: Hash| signer.sign(size, root, now_secs());
-        self.inner
+        let signed = self
+            .inner
             .store
             .integrate(&mut frontier, self.inner.settings.integrate_batch, &sign)
-            .await
+            .await?;
+        if let Some(c) = &signed {
+            self.learn_size(c.tree_size);
+        }
+        Ok(signed)
+    }
+
+    /// Remembers that the tree has (at least) `size` entries.
+    fn learn_size(&self, size: u64) {
+        let mut known = self
+            .inner
+            .known_size
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if size >= known.0 {
+            *known = (size, Instant::now());
+        }
+    }
+
+    /// The latest tree size if it is at least `need`: from memory when known
+    /// recently enough (`fresh`), else from the latest checkpoint. A smaller
+    /// size means the tree has not reached `need` yet.
+    async fn latest_size(&self, need: u64, fresh: bool) -> Result<u64, AuditError> {
+        let (size, at) = *self
+            .inner
+            .known_size
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if size >= need && (!fresh || at.elapsed() < LATEST_SIZE_FOR) {
+            return Ok(size);
+        }
+        let size = self.checkpoint().await?.tree_size;
+        self.learn_size(size);
+        Ok(size)
     }
 
     /// Integrates until nothing is left; the last checkpoint signed.
@@ -201,11 +266,13 @@ impl Audit {
         })
     }
 
-    async fn tree_size(&self, requested: u64) -> Result<u64, AuditError> {
-        let latest = self.checkpoint().await?.tree_size;
+    /// The tree size a proof is made in: `requested`, or the latest when 0
+    /// (`need` is the least size the proof can be made in).
+    async fn tree_size(&self, requested: u64, need: u64) -> Result<u64, AuditError> {
         if requested == 0 {
-            return Ok(latest);
+            return self.latest_size(need, true).await;
         }
+        let latest = self.latest_size(requested, false).await?;
         if requested > latest {
             return Err(AuditError::NotYetIntegrated(format!(
                 "tree size {requested} is beyond the latest checkpoint ({latest} entries)"
@@ -250,7 +317,7 @@ impl Audit {
             (Some(i), None) => i,
             (None, None) => return Err(AuditError::invalid("index", "give index or event_id")),
         };
-        let size = self.tree_size(tree_size).await?;
+        let size = self.tree_size(tree_size, index.saturating_add(1)).await?;
         if index >= size {
             return Err(if tree_size == 0 {
                 AuditError::NotYetIntegrated(format!(
@@ -277,7 +344,7 @@ impl Audit {
 
     /// The consistency proof from `first` to `second` entries (latest when 0).
     pub async fn consistency_proof(&self, first: u64, second: u64) -> Result<ConsistencyProof, AuditError> {
-        let second = self.tree_size(second).await?;
+        let second = self.tree_size(second, first.max(1)).await?;
         if first == 0 {
             return Err(AuditError::invalid("first_tree_size", "must be at least 1"));
         }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use plinth_runtime::error::{ErrorCode, FieldViolation, ServiceError};
+use plinth_runtime::error::{ErrorCode, FieldViolation, ServiceError, SharedFailure};
 use plinth_runtime::storage::StorageError;
 
 /// A config operation failed.
@@ -76,16 +76,17 @@ pub enum ConfigError {
     #[error("the write may or may not have committed; read the key before retrying")]
     OutcomeUnknown,
     /// A failure shared by every write of a group commit.
-    #[error("{reason}")]
-    Shared {
-        /// Whether retrying later may succeed.
-        unavailable: bool,
-        /// What failed.
-        reason: String,
-    },
+    #[error(transparent)]
+    Shared(#[from] SharedFailure),
     /// The database failed.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+}
+
+impl From<plinth_runtime::storage::group_commit::OutcomeUnknown> for ConfigError {
+    fn from(_: plinth_runtime::storage::group_commit::OutcomeUnknown) -> Self {
+        Self::OutcomeUnknown
+    }
 }
 
 impl ConfigError {
@@ -104,10 +105,7 @@ impl ConfigError {
             Self::EnvironmentNotFound(s) => Self::EnvironmentNotFound(s.clone()),
             Self::NamespaceNotFound(s) => Self::NamespaceNotFound(s.clone()),
             Self::OutcomeUnknown => Self::OutcomeUnknown,
-            other => Self::Shared {
-                unavailable: other.code() == ErrorCode::Unavailable,
-                reason: other.to_string(),
-            },
+            other => Self::Shared(SharedFailure::of(other)),
         }
     }
 }
@@ -141,8 +139,8 @@ impl ServiceError for ConfigError {
             Self::FutureRevision { .. } => ErrorCode::InvalidArgument,
             Self::RevealDenied => ErrorCode::PermissionDenied,
             Self::Decrypt { .. } => ErrorCode::Internal,
-            Self::OutcomeUnknown | Self::Shared { unavailable: true, .. } => ErrorCode::Unavailable,
-            Self::Shared { unavailable: false, .. } => ErrorCode::Internal,
+            Self::OutcomeUnknown => ErrorCode::Unavailable,
+            Self::Shared(e) => e.code(),
             Self::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
             Self::Storage(_) => ErrorCode::Internal,
         }
@@ -166,8 +164,7 @@ impl ServiceError for ConfigError {
             Self::Decrypt { .. } => "SECRET_UNREADABLE",
             Self::RolloutState(_) => "ROLLOUT_STATE",
             Self::OutcomeUnknown => "COMMIT_OUTCOME_UNKNOWN",
-            Self::Shared { unavailable: true, .. } => "STORAGE_UNAVAILABLE",
-            Self::Shared { unavailable: false, .. } => "STORAGE_ERROR",
+            Self::Shared(e) => e.reason(),
             Self::Storage(e) if e.is_unavailable() => "STORAGE_UNAVAILABLE",
             Self::Storage(_) => "STORAGE_ERROR",
         }

@@ -2,14 +2,13 @@
 //! secrets, commits through the store, keeps this replica's feeds current,
 //! and answers reads from the in-memory head when it can.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use plinth_runtime::storage::group_commit::GroupCommit;
 use prost::Message;
 use secrecy::ExposeSecret;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use plinth::config::v1 as pb;
@@ -57,74 +56,8 @@ pub struct Shown {
 /// Most writes committed together in one transaction.
 const MAX_GROUP_WRITES: usize = 2000;
 
-/// A write request waiting in its environment's lane.
-struct Pending {
-    request: WriteRequest,
-    reply: oneshot::Sender<Result<Committed, ConfigError>>,
-}
-
-/// One environment's queue of writes, and who commits them.
-#[derive(Default)]
-struct Lane {
-    queue: std::sync::Mutex<std::collections::VecDeque<Pending>>,
-    lead: Arc<tokio::sync::Mutex<()>>,
-}
-
-impl Lane {
-    fn push(&self, p: Pending) {
-        match self.queue.lock() {
-            Ok(mut q) => q.push_back(p),
-            Err(poisoned) => poisoned.into_inner().push_back(p),
-        }
-    }
-
-    /// The oldest requests, up to about `max_writes` writes (at least one request).
-    fn take(&self, max_writes: usize) -> Vec<Pending> {
-        let mut q = match self.queue.lock() {
-            Ok(q) => q,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        // A request whose caller went away while queued is dropped, never
-        // committed later behind its back.
-        q.retain(|p| !p.reply.is_closed());
-        let mut out = Vec::new();
-        let mut writes = 0;
-        while let Some(front) = q.front() {
-            if !out.is_empty() && writes + front.request.writes.len() > max_writes {
-                break;
-            }
-            writes += front.request.writes.len();
-            if let Some(p) = q.pop_front() {
-                out.push(p);
-            }
-        }
-        out
-    }
-}
-
-/// The lanes of every environment written through this replica.
-#[derive(Default)]
-struct Lanes(std::sync::Mutex<HashMap<EnvId, Arc<Lane>>>);
-
-impl Lanes {
-    fn lane(&self, env: &EnvId) -> Arc<Lane> {
-        let mut lanes = match self.0.lock() {
-            Ok(l) => l,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        lanes.entry(env.clone()).or_default().clone()
-    }
-}
-
-/// The answer, once a leader has sent it.
-fn answered(answer: &mut oneshot::Receiver<Result<Committed, ConfigError>>) -> Option<Result<Committed, ConfigError>> {
-    match answer.try_recv() {
-        Ok(done) => Some(done),
-        Err(oneshot::error::TryRecvError::Empty) => None,
-        // The leader went away mid-commit (its caller disconnected).
-        Err(oneshot::error::TryRecvError::Closed) => Some(Err(ConfigError::OutcomeUnknown)),
-    }
-}
+/// Writes of one environment, grouped into shared transactions.
+type Lanes = GroupCommit<EnvId, WriteRequest, Committed, ConfigError>;
 
 /// The precondition that a key is still as read: that version, or absent.
 fn as_read(entry: Option<&Entry>) -> crate::model::Precondition {
@@ -157,7 +90,6 @@ pub struct Configuration {
     settings: ConfigSettings,
     relay: Option<Relay>,
     lanes: Arc<Lanes>,
-    tasks: plinth_runtime::Tasks,
 }
 
 impl Configuration {
@@ -171,14 +103,17 @@ impl Configuration {
             schemas: Arc::new(Schemas::default()),
             settings,
             relay,
-            lanes: Arc::new(Lanes::default()),
-            tasks: plinth_runtime::Tasks::new(),
+            lanes: Arc::new(Lanes::new(
+                "config-group-commit",
+                MAX_GROUP_WRITES,
+                plinth_runtime::Tasks::new(),
+            )),
         }
     }
 
     /// Runs group commits on `tasks`, so shutdown waits for them.
     pub fn with_tasks(mut self, tasks: plinth_runtime::Tasks) -> Self {
-        self.tasks = tasks;
+        self.lanes = Arc::new(Lanes::new("config-group-commit", MAX_GROUP_WRITES, tasks));
         self
     }
 
@@ -593,37 +528,17 @@ impl Configuration {
         // Group commit: writers of one environment queue up; whoever holds
         // the lane's lead commits everything queued in one transaction. A
         // lone writer leads at once, so nobody waits for company.
-        let lane = self.lanes.lane(env);
-        let (reply, mut answer) = oneshot::channel();
-        lane.push(Pending { request, reply });
-        loop {
-            if let Some(done) = answered(&mut answer) {
-                return done;
-            }
-            let lead = lane.lead.clone().lock_owned().await;
-            if let Some(done) = answered(&mut answer) {
-                return done;
-            }
-            let group = lane.take(MAX_GROUP_WRITES);
-            if group.is_empty() {
-                continue;
-            }
-            // The group commits on its own task: if this caller goes away,
-            // the others in its group still get their answers.
-            let (this, env) = (self.clone(), env.clone());
-            let (finished, done) = oneshot::channel::<()>();
-            self.tasks.spawn("config-group-commit", async move {
-                this.commit_group(&env, group).await;
-                drop(lead);
-                let _ = finished.send(());
-                Ok::<(), std::convert::Infallible>(())
-            });
-            let _ = done.await;
-        }
+        let weight = request.writes.len();
+        let (this, lane) = (self.clone(), env.clone());
+        self.lanes
+            .submit(env, request, weight, move |group| async move {
+                this.commit_group(&lane, group).await
+            })
+            .await
     }
 
-    async fn commit_group(&self, env: &EnvId, group: Vec<Pending>) {
-        let (requests, replies): (Vec<WriteRequest>, Vec<_>) = group.into_iter().map(|p| (p.request, p.reply)).unzip();
+    /// Commits `requests` in one transaction; one answer each, in order.
+    async fn commit_group(&self, env: &EnvId, requests: Vec<WriteRequest>) -> Vec<Result<Committed, ConfigError>> {
         let result = self
             .store
             .commit_group(
@@ -659,18 +574,14 @@ impl Configuration {
                 if any {
                     self.wake();
                 }
-                for (outcome, reply) in outcomes.into_iter().zip(replies) {
-                    let _ = reply.send(outcome);
-                }
+                outcomes
             }
             Err(e) => {
                 use plinth_runtime::error::{ErrorCode, ServiceError};
                 if matches!(e.code(), ErrorCode::Internal | ErrorCode::Unavailable) {
                     tracing::error!(env = %env, writes = requests.len(), error = %plinth_runtime::error::chain(&e), "group commit failed");
                 }
-                for reply in replies {
-                    let _ = reply.send(Err(e.replicate()));
-                }
+                requests.iter().map(|_| Err(e.replicate())).collect()
             }
         }
     }

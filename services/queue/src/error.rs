@@ -1,8 +1,9 @@
 //! Everything that can go wrong in the queue service, and how each maps to
 //! the caller's error (one exhaustive table, no wildcard).
 
-use plinth_runtime::error::{ErrorCode, FieldViolation, InvalidRequest, ServiceError};
+use plinth_runtime::error::{ErrorCode, FieldViolation, InvalidRequest, ServiceError, SharedFailure};
 use plinth_runtime::storage::StorageError;
+use plinth_runtime::storage::group_commit::OutcomeUnknown;
 
 /// A queue operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,12 +37,32 @@ pub enum QueueError {
     /// The database failed.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    /// A failure of a group commit, shared by each enqueue in the group.
+    #[error(transparent)]
+    Shared(#[from] SharedFailure),
+    /// The commit carrying the enqueue ended without an answer (shutdown):
+    /// the messages may or may not be stored (a dedup key makes the retry safe).
+    #[error(transparent)]
+    OutcomeUnknown(#[from] OutcomeUnknown),
 }
 
 impl QueueError {
     /// An invalid single field.
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
         Self::Invalid(vec![FieldViolation::new(field, description)])
+    }
+}
+
+impl QueueError {
+    /// The same failure again, for the other callers of a group commit:
+    /// the same kind where callers switch on it, else [`QueueError::Shared`]
+    /// with the same code, reason and message.
+    pub fn replicate(&self) -> Self {
+        match self {
+            Self::QueueNotFound(q) => Self::QueueNotFound(q.clone()),
+            Self::Invalid(v) => Self::Invalid(v.clone()),
+            other => Self::Shared(SharedFailure::of(other)),
+        }
     }
 }
 
@@ -67,6 +88,8 @@ impl ServiceError for QueueError {
             Self::StaleLease(_) => ErrorCode::FailedPrecondition,
             Self::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
             Self::Storage(_) => ErrorCode::Internal,
+            Self::Shared(e) => e.code(),
+            Self::OutcomeUnknown(_) => ErrorCode::Unavailable,
         }
     }
 
@@ -81,6 +104,8 @@ impl ServiceError for QueueError {
             Self::StaleLease(_) => "LEASE_STALE",
             Self::Storage(e) if e.is_unavailable() => "STORAGE_UNAVAILABLE",
             Self::Storage(_) => "STORAGE_ERROR",
+            Self::Shared(e) => e.reason(),
+            Self::OutcomeUnknown(_) => "COMMIT_OUTCOME_UNKNOWN",
         }
     }
 

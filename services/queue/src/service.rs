@@ -13,6 +13,7 @@ use plinth_runtime::config::QueueSettings;
 use plinth_runtime::events::outbox::{OutboxEvent, Relay};
 use plinth_runtime::resilience::{SystemWallClock, WallClock};
 use plinth_runtime::storage::Db;
+use plinth_runtime::storage::group_commit::GroupCommit;
 use plinth_runtime::wire::timestamp;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -53,7 +54,43 @@ struct Inner {
     /// Where releases of dropped streams run; without it they wait for
     /// their leases to expire.
     tasks: Option<Tasks>,
+    /// Transactions shared by concurrent callers.
+    lanes: Lanes,
 }
+
+/// Concurrent callers' writes to one queue, grouped into shared transactions.
+struct Lanes {
+    /// Small enqueues (see [`GROUPED_BELOW`]).
+    enqueues: GroupCommit<String, Vec<NewMessage>, Vec<Enqueued>, QueueError>,
+    /// Claims on SQLite, by queue and lease duration: one transaction hands
+    /// out each waiting worker's share.
+    claims: GroupCommit<(String, Option<i64>), i64, Vec<Leased>, QueueError>,
+    /// Acks on SQLite.
+    acks: GroupCommit<String, Vec<(i64, i64)>, Vec<AckOutcome>, QueueError>,
+}
+
+impl Lanes {
+    fn new(tasks: &Tasks) -> Self {
+        Self {
+            enqueues: GroupCommit::new("queue-group-enqueue", MAX_GROUP_MESSAGES, tasks.clone())
+                .with_leads(ENQUEUE_LEADS),
+            claims: GroupCommit::new("queue-group-claim", MAX_GROUP_MESSAGES, tasks.clone()),
+            acks: GroupCommit::new("queue-group-ack", MAX_GROUP_MESSAGES, tasks.clone()),
+        }
+    }
+}
+
+/// Enqueues of fewer messages than this are grouped with concurrent ones
+/// into one transaction: alone, each pays a commit and a handful of round
+/// trips for one row. Bigger batches already amortise that and commit side
+/// by side.
+const GROUPED_BELOW: usize = 64;
+/// Most messages a group of enqueues, claims or acks commits at once.
+const MAX_GROUP_MESSAGES: usize = 1000;
+/// Groups of one queue in flight at once: PostgreSQL runs them side by side
+/// (SQLite takes them in turn), so a second keeps the server busy while the
+/// first commits.
+const ENQUEUE_LEADS: usize = 2;
 
 /// Churned rows after which the sweeper vacuums the messages table.
 const VACUUM_AFTER_ROWS: u64 = 5_000;
@@ -62,6 +99,16 @@ const VACUUM_EVERY: Duration = Duration::from_secs(1);
 /// Inserted rows after which the sweeper refreshes the table's statistics,
 /// unless they are fewer than a fifth of the rows it last counted.
 const ANALYZE_AFTER_ROWS: u64 = 5_000;
+
+/// Hands out one combined claim in order: each caller its `wants`, while
+/// there are messages left.
+fn share_out(claimed: Vec<Leased>, wants: &[i64]) -> Vec<Vec<Leased>> {
+    let mut claimed = claimed.into_iter();
+    wants
+        .iter()
+        .map(|&n| claimed.by_ref().take(usize::try_from(n).unwrap_or(0)).collect())
+        .collect()
+}
 
 /// A queue with its counts.
 #[derive(Debug, Clone)]
@@ -118,6 +165,7 @@ impl Queues {
                 unannounced: Mutex::new(HashSet::new()),
                 announce: Notify::new(),
                 tasks: None,
+                lanes: Lanes::new(&Tasks::new()),
             }),
         }
     }
@@ -126,6 +174,7 @@ impl Queues {
     /// Call before cloning.
     pub fn with_tasks(mut self, tasks: Tasks) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.lanes = Lanes::new(&tasks);
             inner.tasks = Some(tasks);
         }
         self
@@ -343,7 +392,22 @@ impl Queues {
 
     /// Adds messages (all or none); one result each, in order.
     pub async fn enqueue(&self, queue: &str, messages: &[NewMessage]) -> Result<Vec<Enqueued>, QueueError> {
-        let results = self.inner.store.enqueue(queue, messages, self.now()).await?;
+        let results = if messages.len() >= GROUPED_BELOW {
+            self.inner.store.enqueue(queue, messages, self.now()).await?
+        } else {
+            let this = self.clone();
+            let name = queue.to_owned();
+            self.inner
+                .lanes
+                .enqueues
+                .submit_items(
+                    &name.clone(),
+                    messages.to_vec(),
+                    QueueError::replicate,
+                    move |all| async move { this.inner.store.enqueue(&name, &all, this.now()).await },
+                )
+                .await?
+        };
         let added = results.iter().filter(|r| !r.duplicate).count() as u64;
         self.inner.inserted.fetch_add(added, Ordering::Relaxed);
         self.inner.rates.record(queue, added, 0, 0);
@@ -386,7 +450,27 @@ impl Queues {
     /// Leases up to `max` without waiting (for streams, which wait on
     /// [`Queues::waker`] themselves).
     pub async fn lease_now(&self, queue: &str, max: i64, lease_ms: Option<i64>) -> Result<Vec<Leased>, QueueError> {
-        let got = self.inner.store.claim(queue, max, lease_ms, self.now()).await?;
+        let got = if self.inner.store.is_sqlite() {
+            // SQLite commits one writer at a time: workers claiming together
+            // share one transaction instead of queueing for the file.
+            let this = self.clone();
+            let key = (queue.to_owned(), lease_ms);
+            let weight = usize::try_from(max).unwrap_or(0);
+            self.inner
+                .lanes
+                .claims
+                .submit(&key.clone(), max, weight, move |wants: Vec<i64>| async move {
+                    let (queue, lease_ms) = key;
+                    let total = wants.iter().sum();
+                    match this.inner.store.claim(&queue, total, lease_ms, this.now()).await {
+                        Ok(claimed) => share_out(claimed, &wants).into_iter().map(Ok).collect(),
+                        Err(e) => wants.iter().map(|_| Err(e.replicate())).collect(),
+                    }
+                })
+                .await?
+        } else {
+            self.inner.store.claim(queue, max, lease_ms, self.now()).await?
+        };
         self.inner.churn.fetch_add(got.len() as u64, Ordering::Relaxed);
         Ok(got)
     }
@@ -470,7 +554,21 @@ impl Queues {
 
     /// Completes deliveries.
     pub async fn ack(&self, queue: &str, acks: &[(i64, i64)]) -> Result<Vec<AckOutcome>, QueueError> {
-        let outcomes = self.inner.store.ack(queue, acks).await?;
+        let outcomes = if self.inner.store.is_sqlite() {
+            let (this, name) = (self.clone(), queue.to_owned());
+            self.inner
+                .lanes
+                .acks
+                .submit_items(
+                    &name.clone(),
+                    acks.to_vec(),
+                    QueueError::replicate,
+                    move |all| async move { this.inner.store.ack(&name, &all).await },
+                )
+                .await?
+        } else {
+            self.inner.store.ack(queue, acks).await?
+        };
         let acked = outcomes.iter().filter(|o| **o == AckOutcome::Acked).count() as u64;
         self.inner.rates.record(queue, 0, acked, 0);
         self.inner.churn.fetch_add(acked, Ordering::Relaxed);

@@ -419,6 +419,11 @@ impl Store {
         &self.db
     }
 
+    /// Whether this is the embedded SQLite store (one writer at a time).
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self.db, Db::Sqlite(_))
+    }
+
     fn is_postgres(&self) -> bool {
         matches!(self.db, Db::Postgres(_))
     }

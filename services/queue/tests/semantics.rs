@@ -46,6 +46,8 @@ on_both_backends!(
     delayed_messages_wait_for_their_time,
     expired_messages_become_dead_letters,
     dedup_holds_under_concurrent_enqueues,
+    concurrent_single_enqueues_each_get_their_own_message,
+    concurrent_workers_share_out_the_work_without_overlap,
     expired_lease_redelivers_and_the_old_token_is_refused,
     backoff_follows_the_queue_settings_then_dead_letters,
     dead_letters_are_redriven_by_retry_failed,
@@ -250,6 +252,84 @@ async fn dedup_holds_under_concurrent_enqueues(ctx: Ctx, db: TestDatabase) -> Te
         ..job("again")
     };
     assert!(!ctx.queues.enqueue("jobs", &[again]).await.unwrap()[0].duplicate);
+    db
+}
+
+/// Small enqueues arriving together share a transaction; each caller must
+/// still get the id of its own message, and a failure only its own queue's.
+async fn concurrent_single_enqueues_each_get_their_own_message(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    let sent: Vec<String> = (0..48).map(|i| format!("job {i}")).collect();
+    let stored = futures::future::join_all(sent.iter().map(|payload| {
+        let q = ctx.queues.clone();
+        async move { (payload, q.enqueue("jobs", &[job(payload)]).await) }
+    }));
+    let missing = futures::future::join_all((0..4).map(|i| {
+        let q = ctx.queues.clone();
+        async move { q.enqueue("nowhere", &[job(&format!("lost {i}"))]).await }
+    }));
+    let (stored, missing) = futures::join!(stored, missing);
+    let mut ids = std::collections::HashSet::new();
+    for (payload, result) in stored {
+        let result = result.unwrap();
+        assert_eq!(result.len(), 1, "one answer per message sent");
+        assert!(!result[0].duplicate);
+        let message = ctx.queues.message("jobs", result[0].id).await.unwrap();
+        assert_eq!(
+            String::from_utf8(message.payload).unwrap(),
+            *payload,
+            "the id answered is another caller's message"
+        );
+        assert!(ids.insert(result[0].id), "two callers got id {}", result[0].id);
+    }
+    for result in missing {
+        assert!(
+            matches!(result, Err(QueueError::QueueNotFound(ref q)) if q == "nowhere"),
+            "{result:?}"
+        );
+    }
+    assert_eq!(ctx.queues.queue("jobs").await.unwrap().counts.ready, 48);
+    db
+}
+
+/// Workers leasing and acking together (one shared transaction on SQLite)
+/// each get their own messages, never more than asked, never another's.
+async fn concurrent_workers_share_out_the_work_without_overlap(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    let jobs: Vec<NewMessage> = (0..30).map(|i| job(&format!("job {i}"))).collect();
+    ctx.queues.enqueue("jobs", &jobs).await.unwrap();
+    let leases = futures::future::join_all((0..8).map(|_| {
+        let q = ctx.queues.clone();
+        async move { q.lease("jobs", 5, None, Duration::ZERO).await.unwrap() }
+    }))
+    .await;
+    let mut ids = std::collections::HashSet::new();
+    for got in &leases {
+        assert!(got.len() <= 5, "a worker asking for 5 got {}", got.len());
+        for l in got {
+            assert!(ids.insert(l.message.id), "message {} leased twice", l.message.id);
+        }
+    }
+    assert_eq!(ids.len(), 30, "every ready message handed out once");
+    let acks = futures::future::join_all(leases.iter().map(|got| {
+        let q = ctx.queues.clone();
+        let mine: Vec<(i64, i64)> = got.iter().map(|l| (l.message.id, l.token)).collect();
+        async move { q.ack("jobs", &mine).await.unwrap() }
+    }))
+    .await;
+    for (got, outcomes) in leases.iter().zip(&acks) {
+        assert_eq!(outcomes.len(), got.len(), "one outcome per ack");
+        assert!(outcomes.iter().all(|o| *o == AckOutcome::Acked), "{outcomes:?}");
+    }
+    // A worker's token does not ack another worker's delivery.
+    let fresh = ctx.queues.enqueue("jobs", &[job("late")]).await.unwrap()[0].id;
+    let leased = payloads(&ctx, "jobs", 1).await;
+    assert_eq!(leased, ["late"]);
+    let foreign = leases.iter().flatten().next().unwrap().token;
+    let refused = ctx.queues.ack("jobs", &[(fresh, foreign)]).await.unwrap();
+    assert_eq!(refused, [AckOutcome::Stale]);
+    let counts = ctx.queues.queue("jobs").await.unwrap().counts;
+    assert_eq!((counts.ready, counts.leased), (0, 1));
     db
 }
 

@@ -126,6 +126,44 @@ pub fn to_status<E: ServiceError>(err: &E) -> Status {
     Status::with_error_details(code.grpc_code(), message, details)
 }
 
+/// One failure answered to several callers (the writers of a group
+/// commit): the original's code, reason, retry hint and whole cause chain
+/// as text, so each caller's error reads and maps exactly like the original.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct SharedFailure {
+    code: ErrorCode,
+    reason: &'static str,
+    retry_after: Option<std::time::Duration>,
+    message: String,
+}
+
+impl SharedFailure {
+    /// A copy of `err` that can be handed to every caller it concerns.
+    pub fn of<E: ServiceError>(err: &E) -> Self {
+        Self {
+            code: err.code(),
+            reason: err.reason(),
+            retry_after: err.retry_after(),
+            message: chain(err),
+        }
+    }
+}
+
+impl ServiceError for SharedFailure {
+    fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    fn reason(&self) -> &'static str {
+        self.reason
+    }
+
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
+    }
+}
+
 /// `error: cause: cause` on one line, for logs.
 pub fn chain(err: &(dyn std::error::Error + '_)) -> String {
     let mut out = err.to_string();

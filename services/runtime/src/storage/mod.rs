@@ -3,6 +3,7 @@
 //! migrations run at start-up. Queries belong to the services; this module
 //! only connects, migrates, probes and reports pool metrics.
 
+pub mod group_commit;
 mod migrate;
 
 use std::collections::HashMap;
