@@ -103,6 +103,7 @@ fn settings(field: &str, s: Option<&pb::QueueSettings>) -> Result<Settings, Stat
         max_concurrency: s.max_concurrency,
         depth_alert: s.depth_alert_threshold,
         dead_letter_queue: s.dead_letter_queue.clone(),
+        fifo_groups: s.fifo_groups,
     })
 }
 
@@ -123,6 +124,7 @@ fn given_fields(s: &pb::QueueSettings) -> Vec<String> {
     add(s.max_concurrency != 0, "max_concurrency");
     add(s.depth_alert_threshold != 0, "depth_alert_threshold");
     add(!s.dead_letter_queue.is_empty(), "dead_letter_queue");
+    add(s.fifo_groups, "fifo_groups");
     out
 }
 
@@ -142,6 +144,7 @@ fn wire_settings(s: &Settings) -> pb::QueueSettings {
         max_concurrency: s.max_concurrency,
         depth_alert_threshold: s.depth_alert,
         dead_letter_queue: s.dead_letter_queue.clone(),
+        fifo_groups: s.fifo_groups,
     }
 }
 

@@ -123,6 +123,8 @@ pub struct Settings {
     pub depth_alert: i64,
     /// Where dead letters go ("" keeps them here).
     pub dead_letter_queue: String,
+    /// One message of a group at a time, in enqueue order.
+    pub fifo_groups: bool,
 }
 
 impl Default for Settings {
@@ -137,6 +139,7 @@ impl Default for Settings {
             max_concurrency: 0,
             depth_alert: 0,
             dead_letter_queue: String::new(),
+            fifo_groups: false,
         }
     }
 }

@@ -859,6 +859,7 @@ fn merge(current: &Settings, update: &SettingsUpdate) -> Result<Settings, QueueE
             "max_concurrency" => out.max_concurrency = new.max_concurrency,
             "depth_alert_threshold" => out.depth_alert = new.depth_alert,
             "dead_letter_queue" => out.dead_letter_queue.clone_from(&new.dead_letter_queue),
+            "fifo_groups" => out.fifo_groups = new.fifo_groups,
             other => {
                 return Err(QueueError::invalid(
                     "update_mask",

@@ -36,7 +36,7 @@ use crate::model::{
 pub const NOTIFY_CHANNEL: &str = "plinth_queue";
 
 /// Binds a queue's settings, in column order from `max_attempts` to
-/// `dead_letter_queue`, to `$q`.
+/// `fifo_groups`, to `$q`.
 macro_rules! bind_settings {
     ($q:expr, $s:expr) => {
         $q.bind($s.max_attempts)
@@ -51,14 +51,15 @@ macro_rules! bind_settings {
             .bind($s.max_concurrency)
             .bind($s.depth_alert)
             .bind(&$s.dead_letter_queue)
+            .bind($s.fifo_groups)
     };
 }
 
 macro_rules! queue_columns {
     () => {
         "name, max_attempts, backoff_initial_ms, backoff_max_ms, backoff_multiplier, backoff_jitter, lease_ms, \
-         ttl_ms, dedup_window_ms, rate_limit, max_concurrency, depth_alert, dead_letter_queue, paused, drain_state, \
-         generation, created_at, updated_at"
+         ttl_ms, dedup_window_ms, rate_limit, max_concurrency, depth_alert, dead_letter_queue, fifo_groups, paused, \
+         drain_state, generation, created_at, updated_at"
     };
 }
 
@@ -66,6 +67,25 @@ macro_rules! message_columns {
     () => {
         "id, queue, state, priority, slot, group_key, ready_at, next_at, expires_at, attempts, lease_token, payload, \
          content_type, headers, dedup_key, last_error, origin_queue, enqueued_at"
+    };
+}
+
+/// `message_columns!` of the claim's `UPDATE messages m`.
+macro_rules! returned_message_columns {
+    () => {
+        "m.id, m.queue, m.state, m.priority, m.slot, m.group_key, m.ready_at, m.next_at, m.expires_at, \
+         m.attempts, m.lease_token, m.payload, m.content_type, m.headers, m.dedup_key, m.last_error, \
+         m.origin_queue, m.enqueued_at"
+    };
+}
+
+/// The claim condition of a FIFO-groups queue on candidate `c` (in queue
+/// `$3`): no group, or the oldest scheduled, ready or leased message of its
+/// group (`messages_group_head`).
+macro_rules! group_head {
+    () => {
+        "(c.group_key = '' OR c.id = (SELECT h.id FROM messages h WHERE h.queue = $3 AND h.group_key = c.group_key \
+         AND h.group_key <> '' AND h.state IN (1, 2, 3) ORDER BY h.id LIMIT 1))"
     };
 }
 
@@ -149,6 +169,7 @@ struct QueueRow {
     max_concurrency: i32,
     depth_alert: i64,
     dead_letter_queue: String,
+    fifo_groups: bool,
     paused: bool,
     drain_state: i32,
     generation: i64,
@@ -175,6 +196,7 @@ impl From<QueueRow> for Queue {
                 max_concurrency: r.max_concurrency,
                 depth_alert: r.depth_alert,
                 dead_letter_queue: r.dead_letter_queue,
+                fifo_groups: r.fifo_groups,
             },
             paused: r.paused,
             drain_state: r.drain_state,
@@ -441,8 +463,9 @@ impl Store {
             let insert = sqlx::query(
                 "INSERT INTO queues (name, max_attempts, backoff_initial_ms, backoff_max_ms, backoff_multiplier, \
                  backoff_jitter, lease_ms, ttl_ms, dedup_window_ms, rate_limit, max_concurrency, depth_alert, \
-                 dead_letter_queue, generation, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 1, $14, $14) ON CONFLICT (name) DO NOTHING",
+                 dead_letter_queue, fifo_groups, generation, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 1, $15, $15) \
+                 ON CONFLICT (name) DO NOTHING",
             )
             .bind(name);
             let inserted = bind_settings!(insert, s)
@@ -503,7 +526,7 @@ impl Store {
                 "UPDATE queues SET max_attempts = $3, backoff_initial_ms = $4, backoff_max_ms = $5, \
                  backoff_multiplier = $6, backoff_jitter = $7, lease_ms = $8, ttl_ms = $9, dedup_window_ms = $10, \
                  rate_limit = $11, max_concurrency = $12, depth_alert = $13, dead_letter_queue = $14, \
-                 generation = generation + 1, updated_at = $15 WHERE name = $1 AND generation = $2",
+                 fifo_groups = $15, generation = generation + 1, updated_at = $16 WHERE name = $1 AND generation = $2",
             )
             .bind(name)
             .bind(generation);
@@ -827,13 +850,13 @@ impl Store {
             if postgres {
                 sqlx::raw_sql(BY_INDEX_ONLY).execute(&mut *tx).await?;
             }
-            let q: Option<(bool, i32, i64, f64, i32)> = sqlx::query_as(
-                "SELECT paused, drain_state, lease_ms, rate_limit, max_concurrency FROM queues WHERE name = $1",
+            let q: Option<(bool, i32, i64, f64, i32, bool)> = sqlx::query_as(
+                "SELECT paused, drain_state, lease_ms, rate_limit, max_concurrency, fifo_groups FROM queues WHERE name = $1",
             )
             .bind(queue)
             .fetch_optional(&mut *tx)
             .await?;
-            let (paused, drain_state, default_lease, rate, concurrency) =
+            let (paused, drain_state, default_lease, rate, concurrency, fifo) =
                 q.ok_or_else(|| QueueError::QueueNotFound(queue.to_owned()))?;
             if paused || drain_state != 0 {
                 return Ok(Vec::new());
@@ -873,23 +896,40 @@ impl Store {
                 }
             }
             let expires = now.saturating_add(lease_ms.unwrap_or(default_lease));
-            let rows: Vec<MessageRow> = if postgres {
-                sqlx::query_as(concat!(
+            // With FIFO groups a grouped message is claimable only as its
+            // group's oldest live message. Under `SKIP LOCKED` a concurrent
+            // claim still sees the head it skipped as live, so it cannot
+            // take the one behind it.
+            let rows: Vec<MessageRow> = match (postgres, fifo) {
+                (true, false) => sqlx::query_as(concat!(
                     "UPDATE messages m SET state = 3, attempts = m.attempts + 1, lease_token = $1, next_at = $2 \
                      WHERE m.id = ANY(ARRAY(SELECT id FROM messages WHERE queue = $3 AND state = 2 \
                      AND (expires_at IS NULL OR expires_at > $4) ORDER BY priority DESC, slot, id LIMIT $5 \
                      FOR UPDATE SKIP LOCKED)) RETURNING ",
-                    "m.id, m.queue, m.state, m.priority, m.slot, m.group_key, m.ready_at, m.next_at, m.expires_at, \
-                     m.attempts, m.lease_token, m.payload, m.content_type, m.headers, m.dedup_key, m.last_error, \
-                     m.origin_queue, m.enqueued_at"
-                ))
-            } else {
-                sqlx::query_as(concat!(
+                    returned_message_columns!()
+                )),
+                (true, true) => sqlx::query_as(concat!(
+                    "UPDATE messages m SET state = 3, attempts = m.attempts + 1, lease_token = $1, next_at = $2 \
+                     WHERE m.id = ANY(ARRAY(SELECT c.id FROM messages c WHERE c.queue = $3 AND c.state = 2 \
+                     AND (c.expires_at IS NULL OR c.expires_at > $4) AND ",
+                    group_head!(),
+                    " ORDER BY c.priority DESC, c.slot, c.id LIMIT $5 FOR UPDATE SKIP LOCKED)) RETURNING ",
+                    returned_message_columns!()
+                )),
+                (false, false) => sqlx::query_as(concat!(
                     "UPDATE messages SET state = 3, attempts = attempts + 1, lease_token = $1, next_at = $2 \
                      WHERE id IN (SELECT id FROM messages WHERE queue = $3 AND state = 2 \
                      AND (expires_at IS NULL OR expires_at > $4) ORDER BY priority DESC, slot, id LIMIT $5) RETURNING ",
                     message_columns!()
-                ))
+                )),
+                (false, true) => sqlx::query_as(concat!(
+                    "UPDATE messages SET state = 3, attempts = attempts + 1, lease_token = $1, next_at = $2 \
+                     WHERE id IN (SELECT c.id FROM messages c WHERE c.queue = $3 AND c.state = 2 \
+                     AND (c.expires_at IS NULL OR c.expires_at > $4) AND ",
+                    group_head!(),
+                    " ORDER BY c.priority DESC, c.slot, c.id LIMIT $5) RETURNING ",
+                    message_columns!()
+                )),
             }
             .bind(token)
             .bind(expires)

@@ -56,6 +56,8 @@ on_both_backends!(
     rate_limit_caps_messages_per_second,
     concurrency_limit_caps_leases_in_flight,
     busy_group_does_not_starve_a_quiet_one,
+    fifo_groups_hand_out_one_message_per_group_in_order,
+    fifo_groups_hold_under_concurrent_workers,
     waiting_lease_wakes_when_work_arrives,
     extended_lease_outlives_its_first_expiry,
     restart_loses_nothing_in_any_state,
@@ -616,6 +618,144 @@ async fn busy_group_does_not_starve_a_quiet_one(ctx: Ctx, db: TestDatabase) -> T
     // Within a group, order is kept.
     let quiet_order: Vec<&String> = first.iter().filter(|p| p.starts_with("quiet")).collect();
     assert_eq!(quiet_order[0], "quiet 0");
+    db
+}
+
+fn grouped(group: &str, payload: &str) -> NewMessage {
+    NewMessage {
+        group_key: group.into(),
+        ..job(payload)
+    }
+}
+
+async fn fifo_groups_hand_out_one_message_per_group_in_order(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    let settings = Settings {
+        fifo_groups: true,
+        backoff: plain_backoff(1_000),
+        ..Settings::default()
+    };
+    queue(&ctx, "orders", settings).await;
+    let batch = [
+        grouped("cart-a", "a1"),
+        grouped("cart-b", "b1"),
+        grouped("cart-a", "a2"),
+        // Priority does not jump the group's order.
+        NewMessage {
+            priority: 9,
+            ..grouped("cart-a", "a3")
+        },
+        grouped("cart-b", "b2"),
+        job("loose 1"),
+        job("loose 2"),
+    ];
+    ctx.queues.enqueue("orders", &batch).await.unwrap();
+    let lease = |max| ctx.queues.lease("orders", max, None, Duration::ZERO);
+    let mut first: Vec<_> = lease(10).await.unwrap();
+    first.sort_by_key(|l| l.message.id);
+    let names = |ls: &[plinth_queue::model::Leased]| -> Vec<String> {
+        ls.iter()
+            .map(|l| String::from_utf8(l.message.payload.clone()).unwrap())
+            .collect()
+    };
+    assert_eq!(
+        names(&first),
+        ["a1", "b1", "loose 1", "loose 2"],
+        "one head per group, all of the ungrouped"
+    );
+    assert!(lease(10).await.unwrap().is_empty(), "a group's next waited for nothing");
+    // Acking a group's head releases the next one, of that group only.
+    ctx.queues
+        .ack("orders", &[(first[0].message.id, first[0].token)])
+        .await
+        .unwrap();
+    let next = lease(10).await.unwrap();
+    assert_eq!(names(&next), ["a2"]);
+    // A head waiting for its retry holds its group back.
+    let outcome = ctx
+        .queues
+        .nack("orders", first[1].message.id, first[1].token, &Nack::default())
+        .await
+        .unwrap();
+    assert!(matches!(outcome, NackOutcome::Retry(_)), "{outcome:?}");
+    assert!(
+        lease(10).await.unwrap().is_empty(),
+        "b2 overtook b1 while b1 waited to be retried"
+    );
+    advance(&ctx, Duration::from_secs(2)).await;
+    let retried = lease(10).await.unwrap();
+    assert_eq!(names(&retried), ["b1"], "the retry comes first");
+    // A dead-lettered head lets the group go on.
+    let dead = Nack {
+        dead_letter: true,
+        ..Nack::default()
+    };
+    ctx.queues
+        .nack("orders", retried[0].message.id, retried[0].token, &dead)
+        .await
+        .unwrap();
+    ctx.queues
+        .ack("orders", &[(next[0].message.id, next[0].token)])
+        .await
+        .unwrap();
+    let mut rest = lease(10).await.unwrap();
+    rest.sort_by_key(|l| l.message.id);
+    assert_eq!(names(&rest), ["a3", "b2"]);
+    // Turned off, a group's messages flow side by side again.
+    assert!(ctx.queues.queue("orders").await.unwrap().queue.settings.fifo_groups);
+    let more = [grouped("cart-c", "c1"), grouped("cart-c", "c2")];
+    ctx.queues.enqueue("orders", &more).await.unwrap();
+    let off = plinth_queue::SettingsUpdate {
+        settings: Settings::default(),
+        fields: vec!["fifo_groups".into()],
+        generation: 0,
+    };
+    let view = ctx.queues.update_queue("orders", off, "tester").await.unwrap();
+    assert!(!view.queue.settings.fifo_groups);
+    assert_eq!(payloads(&ctx, "orders", 10).await, ["c1", "c2"]);
+    db
+}
+
+/// Workers claiming at the same moment (`SKIP LOCKED` on PostgreSQL) never
+/// hold two messages of one group, and each group is worked in order.
+async fn fifo_groups_hold_under_concurrent_workers(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    let settings = Settings {
+        fifo_groups: true,
+        ..Settings::default()
+    };
+    queue(&ctx, "orders", settings).await;
+    let batch: Vec<NewMessage> = (0..60)
+        .map(|i| grouped(&format!("cart-{}", i % 6), &format!("{}:{}", i % 6, i / 6)))
+        .collect();
+    ctx.queues.enqueue("orders", &batch).await.unwrap();
+    let mut done: std::collections::HashMap<String, Vec<u32>> = std::collections::HashMap::new();
+    for _round in 0..30 {
+        let claims = futures::future::join_all((0..8).map(|_| {
+            let q = ctx.queues.clone();
+            async move { q.lease("orders", 3, None, Duration::ZERO).await.unwrap() }
+        }))
+        .await;
+        let held: Vec<_> = claims.into_iter().flatten().collect();
+        let mut groups = std::collections::HashSet::new();
+        for l in &held {
+            assert!(
+                groups.insert(l.message.group_key.clone()),
+                "two of {} in flight at once",
+                l.message.group_key
+            );
+            let text = String::from_utf8(l.message.payload.clone()).unwrap();
+            let (group, n) = text.split_once(':').unwrap();
+            done.entry(group.to_owned()).or_default().push(n.parse().unwrap());
+        }
+        let acks: Vec<(i64, i64)> = held.iter().map(|l| (l.message.id, l.token)).collect();
+        if acks.is_empty() {
+            break;
+        }
+        ctx.queues.ack("orders", &acks).await.unwrap();
+    }
+    assert_eq!(done.len(), 6);
+    for (group, order) in &done {
+        assert_eq!(*order, (0..10).collect::<Vec<u32>>(), "group {group} out of order");
+    }
     db
 }
 
