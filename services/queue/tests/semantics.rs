@@ -323,15 +323,17 @@ async fn concurrent_workers_share_out_the_work_without_overlap(ctx: Ctx, db: Tes
         assert_eq!(outcomes.len(), got.len(), "one outcome per ack");
         assert!(outcomes.iter().all(|o| *o == AckOutcome::Acked), "{outcomes:?}");
     }
-    // A worker's token does not ack another worker's delivery.
-    let fresh = ctx.queues.enqueue("jobs", &[job("late")]).await.unwrap()[0].id;
-    let leased = payloads(&ctx, "jobs", 1).await;
-    assert_eq!(leased, ["late"]);
+    // A worker's token does not ack another worker's delivery, and in a
+    // mixed batch only the current deliveries are acked.
+    ctx.queues.enqueue("jobs", &[job("late 1"), job("late 2")]).await.unwrap();
+    let late = ctx.queues.lease("jobs", 2, None, Duration::ZERO).await.unwrap();
+    assert_eq!(late.len(), 2);
     let foreign = leases.iter().flatten().next().unwrap().token;
-    let refused = ctx.queues.ack("jobs", &[(fresh, foreign)]).await.unwrap();
-    assert_eq!(refused, [AckOutcome::Stale]);
+    let mixed = [(late[0].message.id, foreign), (late[1].message.id, late[1].token), (999_999, 1)];
+    let outcomes = ctx.queues.ack("jobs", &mixed).await.unwrap();
+    assert_eq!(outcomes, [AckOutcome::Stale, AckOutcome::Acked, AckOutcome::NotFound]);
     let counts = ctx.queues.queue("jobs").await.unwrap().counts;
-    assert_eq!((counts.ready, counts.leased), (0, 1));
+    assert_eq!((counts.ready, counts.leased), (0, 1), "the stale ack left its message leased");
     db
 }
 
