@@ -325,15 +325,26 @@ async fn concurrent_workers_share_out_the_work_without_overlap(ctx: Ctx, db: Tes
     }
     // A worker's token does not ack another worker's delivery, and in a
     // mixed batch only the current deliveries are acked.
-    ctx.queues.enqueue("jobs", &[job("late 1"), job("late 2")]).await.unwrap();
+    ctx.queues
+        .enqueue("jobs", &[job("late 1"), job("late 2")])
+        .await
+        .unwrap();
     let late = ctx.queues.lease("jobs", 2, None, Duration::ZERO).await.unwrap();
     assert_eq!(late.len(), 2);
     let foreign = leases.iter().flatten().next().unwrap().token;
-    let mixed = [(late[0].message.id, foreign), (late[1].message.id, late[1].token), (999_999, 1)];
+    let mixed = [
+        (late[0].message.id, foreign),
+        (late[1].message.id, late[1].token),
+        (999_999, 1),
+    ];
     let outcomes = ctx.queues.ack("jobs", &mixed).await.unwrap();
     assert_eq!(outcomes, [AckOutcome::Stale, AckOutcome::Acked, AckOutcome::NotFound]);
     let counts = ctx.queues.queue("jobs").await.unwrap().counts;
-    assert_eq!((counts.ready, counts.leased), (0, 1), "the stale ack left its message leased");
+    assert_eq!(
+        (counts.ready, counts.leased),
+        (0, 1),
+        "the stale ack left its message leased"
+    );
     db
 }
 
