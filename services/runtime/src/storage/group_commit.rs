@@ -146,19 +146,22 @@ where
             }
             let group = lane.take(self.max_weight);
             if group.is_empty() {
-                continue;
+                // Another lead took this write and will answer it.
+                drop(lead);
+                return answer.await.unwrap_or_else(|_| Err(OutcomeUnknown.into()));
             }
             let (requests, replies): (Vec<R>, Vec<_>) = group.into_iter().map(|p| (p.request, p.reply)).unzip();
             let work = (commit.clone())(requests);
             let (finished, done) = oneshot::channel::<()>();
             self.tasks.spawn(self.task, async move {
-                let answers = work.await;
-                drop(lead);
-                let mut answers = answers.into_iter();
+                let mut answers = work.await.into_iter();
                 for reply in replies {
                     let answer = answers.next().unwrap_or_else(|| Err(OutcomeUnknown.into()));
                     let _ = reply.send(answer);
                 }
+                // Answered first: whoever takes the lead next finds its
+                // answer waiting instead of leading an empty group.
+                drop(lead);
                 let _ = finished.send(());
                 Ok::<(), std::convert::Infallible>(())
             });
