@@ -237,6 +237,26 @@ async fn checkpoints_are_signed_notes_any_verifier_accepts(db: &TestDatabase) {
     let signed = format!("cosignature/v1\ntime {time}\n{text}");
     verifier.verify(signed.as_bytes(), &s1[12..]).expect("cosignature");
 
+    // Every signed checkpoint is published for witnesses, the latest as
+    // `GetCheckpoint` answers it.
+    let published: Vec<Vec<u8>> = on_db!(&db.db, |pool| {
+        sqlx::query_scalar(
+            "SELECT payload FROM plinth_outbox WHERE subject = 'plinth.audit.checkpoint_signed' ORDER BY seq",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    });
+    assert!(!published.is_empty(), "no checkpoint was published");
+    let last =
+        <plinth::audit::v1::CheckpointSignedEvent as prost::Message>::decode(published[published.len() - 1].as_slice())
+            .unwrap()
+            .checkpoint
+            .unwrap();
+    assert_eq!((last.tree_size, last.note.as_str()), (5, c.note.as_str()));
+    assert_eq!(last.origin, "test.plinth/audit");
+    assert_eq!(last.root_hash.as_ref(), c.root.as_slice());
+
     // A restart keeps the generated key (the same public key signs on).
     let again = open(db, 10_000).await;
     assert_eq!(again.signer().public_key(), audit.signer().public_key());

@@ -18,7 +18,6 @@ use crate::error::AuditError;
 use crate::model::{
     ActorKind, Appended, Entry, Event, Filter, MAX_BATCH, MIN_RETAIN_MS, Outcome, RetentionPolicy, valid_policy_name,
 };
-use crate::note::SignedCheckpoint;
 use crate::service::Audit;
 
 fn status(e: AuditError) -> Status {
@@ -251,16 +250,6 @@ fn filter(f: Option<&pb::EventFilter>) -> Result<Filter, Status> {
     })
 }
 
-fn wire_checkpoint(c: SignedCheckpoint, signer: &crate::note::NoteSigner) -> pb::Checkpoint {
-    pb::Checkpoint {
-        note: c.note,
-        origin: signer.origin().to_owned(),
-        tree_size: i64::try_from(c.tree_size).unwrap_or(i64::MAX),
-        root_hash: Bytes::copy_from_slice(&c.root),
-        time: Some(timestamp(i64::try_from(c.time_secs).unwrap_or(0).saturating_mul(1000))),
-    }
-}
-
 /// The longest retention a policy may set: 100 years.
 const MAX_RETAIN_MS: i64 = 100 * 366 * 24 * 3_600_000;
 
@@ -389,7 +378,7 @@ impl AuditService for AuditGrpc {
         let filter = filter(r.filter.as_ref())?;
         let checkpoint = self.audit.checkpoint().await.map_err(status)?;
         let first = pb::ExportEventsResponse {
-            checkpoint: Some(wire_checkpoint(checkpoint.clone(), self.audit.signer())),
+            checkpoint: Some(checkpoint.wire(self.audit.signer().origin())),
             entry: None,
             inclusion_proof: Vec::new(),
         };
@@ -626,7 +615,7 @@ impl AuditService for AuditGrpc {
         let c = self.audit.checkpoint().await.map_err(status)?;
         let signer = self.audit.signer();
         Ok(Response::new(pb::GetCheckpointResponse {
-            checkpoint: Some(wire_checkpoint(c, signer)),
+            checkpoint: Some(c.wire(signer.origin())),
             verifier_key: signer.verifier_key(),
             public_key: Bytes::copy_from_slice(&signer.public_key()),
         }))

@@ -52,6 +52,21 @@ pub struct SignedCheckpoint {
     pub note: String,
 }
 
+impl SignedCheckpoint {
+    /// The checkpoint as the API and its event carry it, for a log named `origin`.
+    pub fn wire(&self, origin: &str) -> plinth::audit::v1::Checkpoint {
+        plinth::audit::v1::Checkpoint {
+            note: self.note.clone(),
+            origin: origin.to_owned(),
+            tree_size: i64::try_from(self.tree_size).unwrap_or(i64::MAX),
+            root_hash: bytes::Bytes::copy_from_slice(&self.root),
+            time: Some(plinth_runtime::wire::timestamp(
+                i64::try_from(self.time_secs).unwrap_or(0).saturating_mul(1000),
+            )),
+        }
+    }
+}
+
 impl NoteSigner {
     /// A signer named `origin` holding the Ed25519 key of `seed`.
     pub fn new(origin: &str, seed: &[u8; 32]) -> Result<Self, BadOrigin> {

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use plinth::audit::v1 as pb;
 use plinth_runtime::Tasks;
 use plinth_runtime::config::AuditSettings;
+use plinth_runtime::events::outbox::OutboxEvent;
 use plinth_runtime::storage::group_commit::GroupCommit;
 use secrecy::ExposeSecret;
 use sha2::Digest;
@@ -193,7 +195,15 @@ impl Audit {
         let signed = self
             .inner
             .store
-            .integrate(&mut frontier, self.inner.settings.integrate_batch, &sign)
+            .integrate(&mut frontier, self.inner.settings.integrate_batch, &sign, &|c| {
+                OutboxEvent::new(
+                    "plinth.audit.checkpoint_signed",
+                    signer.origin(),
+                    &pb::CheckpointSignedEvent {
+                        checkpoint: Some(c.wire(signer.origin())),
+                    },
+                )
+            })
             .await?;
         if let Some(c) = &signed {
             self.learn_size(c.tree_size);

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 
 use plinth_runtime::auth::unix_now_ms;
+use plinth_runtime::events::outbox::OutboxEvent;
 use plinth_runtime::on_db;
 use plinth_runtime::storage::{BeginWrite, Db};
 
@@ -482,6 +483,7 @@ impl Store {
         cache: &mut Option<Frontier>,
         batch: usize,
         sign: &(dyn Fn(u64, Hash) -> SignedCheckpoint + Send + Sync),
+        announce: &(dyn Fn(&SignedCheckpoint) -> OutboxEvent + Send + Sync),
     ) -> Result<Option<SignedCheckpoint>, AuditError> {
         let limit = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
         let cached = cache.take();
@@ -549,6 +551,7 @@ impl Store {
             .bind(&signed.note)
             .execute(&mut *tx)
             .await?;
+            announce(&signed).write(&mut *tx).await?;
             tx.commit().await?;
             Ok((frontier, Some(signed)))
         }
