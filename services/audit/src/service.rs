@@ -176,7 +176,7 @@ impl Audit {
         let out = self
             .inner
             .appends
-            .submit_items(&(), prepared, AuditError::replicate, move |all| async move {
+            .submit_items(&(), prepared, AuditError::replicate, move |(), all| async move {
                 store.append(&all).await
             })
             .await?;

@@ -529,10 +529,10 @@ impl Configuration {
         // the lane's lead commits everything queued in one transaction. A
         // lone writer leads at once, so nobody waits for company.
         let weight = request.writes.len();
-        let (this, lane) = (self.clone(), env.clone());
+        let this = self.clone();
         self.lanes
-            .submit(env, request, weight, move |group| async move {
-                this.commit_group(&lane, group).await
+            .submit(env, request, weight, move |env, group| async move {
+                this.commit_group(&env, group).await
             })
             .await
     }

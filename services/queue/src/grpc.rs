@@ -738,7 +738,7 @@ impl QueueService for QueueGrpc {
             .ok_or_else(|| status(QueueError::invalid("message", "is required")))?;
         let max = self.queues.settings().max_payload_bytes;
         let m = new_message("message", m, max, plinth_runtime::auth::unix_now_ms())?;
-        let mut results = self.queues.enqueue(name, &[m]).await.map_err(status)?;
+        let mut results = self.queues.enqueue(name, vec![m]).await.map_err(status)?;
         Ok(Response::new(pb::EnqueueResponse {
             result: results.pop().map(wire_enqueued),
         }))
@@ -764,7 +764,7 @@ impl QueueService for QueueGrpc {
             .enumerate()
             .map(|(i, m)| new_message(&format!("messages[{i}]"), m, max, now))
             .collect::<Result<Vec<_>, _>>()?;
-        let results = self.queues.enqueue(name, &messages).await.map_err(status)?;
+        let results = self.queues.enqueue(name, messages).await.map_err(status)?;
         Ok(Response::new(pb::EnqueueBatchResponse {
             results: results.into_iter().map(wire_enqueued).collect(),
         }))

@@ -390,21 +390,26 @@ impl Queues {
         })
     }
 
-    /// Adds messages (all or none); one result each, in order.
-    pub async fn enqueue(&self, queue: &str, messages: &[NewMessage]) -> Result<Vec<Enqueued>, QueueError> {
+    /// Adds messages (all or none); one result each, in order. Owned, so a
+    /// small enqueue joins a group commit without copying its payloads.
+    pub async fn enqueue(
+        &self,
+        queue: &str,
+        messages: impl Into<Vec<NewMessage>>,
+    ) -> Result<Vec<Enqueued>, QueueError> {
+        let messages = messages.into();
         let results = if messages.len() >= GROUPED_BELOW {
-            self.inner.store.enqueue(queue, messages, self.now()).await?
+            self.inner.store.enqueue(queue, &messages, self.now()).await?
         } else {
             let this = self.clone();
-            let name = queue.to_owned();
             self.inner
                 .lanes
                 .enqueues
                 .submit_items(
-                    &name.clone(),
-                    messages.to_vec(),
+                    &queue.to_owned(),
+                    messages,
                     QueueError::replicate,
-                    move |all| async move { this.inner.store.enqueue(&name, &all, this.now()).await },
+                    move |name, all| async move { this.inner.store.enqueue(&name, &all, this.now()).await },
                 )
                 .await?
         };
@@ -454,19 +459,22 @@ impl Queues {
             // SQLite commits one writer at a time: workers claiming together
             // share one transaction instead of queueing for the file.
             let this = self.clone();
-            let key = (queue.to_owned(), lease_ms);
             let weight = usize::try_from(max).unwrap_or(0);
             self.inner
                 .lanes
                 .claims
-                .submit(&key.clone(), max, weight, move |wants: Vec<i64>| async move {
-                    let (queue, lease_ms) = key;
-                    let total = wants.iter().sum();
-                    match this.inner.store.claim(&queue, total, lease_ms, this.now()).await {
-                        Ok(claimed) => share_out(claimed, &wants).into_iter().map(Ok).collect(),
-                        Err(e) => wants.iter().map(|_| Err(e.replicate())).collect(),
-                    }
-                })
+                .submit(
+                    &(queue.to_owned(), lease_ms),
+                    max,
+                    weight,
+                    move |(queue, lease_ms), wants: Vec<i64>| async move {
+                        let total = wants.iter().sum();
+                        match this.inner.store.claim(&queue, total, lease_ms, this.now()).await {
+                            Ok(claimed) => share_out(claimed, &wants).into_iter().map(Ok).collect(),
+                            Err(e) => wants.iter().map(|_| Err(e.replicate())).collect(),
+                        }
+                    },
+                )
                 .await?
         } else {
             self.inner.store.claim(queue, max, lease_ms, self.now()).await?
@@ -555,15 +563,15 @@ impl Queues {
     /// Completes deliveries.
     pub async fn ack(&self, queue: &str, acks: &[(i64, i64)]) -> Result<Vec<AckOutcome>, QueueError> {
         let outcomes = if self.inner.store.is_sqlite() {
-            let (this, name) = (self.clone(), queue.to_owned());
+            let this = self.clone();
             self.inner
                 .lanes
                 .acks
                 .submit_items(
-                    &name.clone(),
+                    &queue.to_owned(),
                     acks.to_vec(),
                     QueueError::replicate,
-                    move |all| async move { this.inner.store.ack(&name, &all).await },
+                    move |name, all| async move { this.inner.store.ack(&name, &all).await },
                 )
                 .await?
         } else {

@@ -243,7 +243,7 @@ async fn dedup_holds_under_concurrent_enqueues(ctx: Ctx, db: TestDatabase) -> Te
             ..job("2")
         },
     ];
-    let r = ctx.queues.enqueue("jobs", &batch).await.unwrap();
+    let r = ctx.queues.enqueue("jobs", &batch[..]).await.unwrap();
     assert_eq!(
         (r[0].duplicate, r[1].duplicate, r[0].id == r[1].id),
         (false, true, true)
@@ -299,7 +299,7 @@ async fn concurrent_single_enqueues_each_get_their_own_message(ctx: Ctx, db: Tes
 async fn concurrent_workers_share_out_the_work_without_overlap(ctx: Ctx, db: TestDatabase) -> TestDatabase {
     queue(&ctx, "jobs", Settings::default()).await;
     let jobs: Vec<NewMessage> = (0..30).map(|i| job(&format!("job {i}"))).collect();
-    ctx.queues.enqueue("jobs", &jobs).await.unwrap();
+    ctx.queues.enqueue("jobs", &jobs[..]).await.unwrap();
     let leases = futures::future::join_all((0..8).map(|_| {
         let q = ctx.queues.clone();
         async move { q.lease("jobs", 5, None, Duration::ZERO).await.unwrap() }
@@ -570,7 +570,7 @@ async fn rate_limit_caps_messages_per_second(ctx: Ctx, db: TestDatabase) -> Test
     };
     queue(&ctx, "jobs", settings).await;
     let batch: Vec<NewMessage> = (0..20).map(|i| job(&i.to_string())).collect();
-    ctx.queues.enqueue("jobs", &batch).await.unwrap();
+    ctx.queues.enqueue("jobs", &batch[..]).await.unwrap();
     assert_eq!(payloads(&ctx, "jobs", 100).await.len(), 5);
     assert!(payloads(&ctx, "jobs", 100).await.is_empty());
     ctx.clock.advance(Duration::from_millis(400));
@@ -591,7 +591,7 @@ async fn concurrency_limit_caps_leases_in_flight(ctx: Ctx, db: TestDatabase) -> 
     };
     queue(&ctx, "jobs", settings).await;
     let batch: Vec<NewMessage> = (0..10).map(|i| job(&i.to_string())).collect();
-    ctx.queues.enqueue("jobs", &batch).await.unwrap();
+    ctx.queues.enqueue("jobs", &batch[..]).await.unwrap();
     let held = ctx.queues.lease("jobs", 10, None, Duration::ZERO).await.unwrap();
     assert_eq!(held.len(), 2);
     assert!(payloads(&ctx, "jobs", 10).await.is_empty());
@@ -614,14 +614,14 @@ async fn busy_group_does_not_starve_a_quiet_one(ctx: Ctx, db: TestDatabase) -> T
             ..job(&format!("busy {i}"))
         })
         .collect();
-    ctx.queues.enqueue("jobs", &busy).await.unwrap();
+    ctx.queues.enqueue("jobs", &busy[..]).await.unwrap();
     let quiet: Vec<NewMessage> = (0..10)
         .map(|i| NewMessage {
             group_key: "tenant-quiet".into(),
             ..job(&format!("quiet {i}"))
         })
         .collect();
-    ctx.queues.enqueue("jobs", &quiet).await.unwrap();
+    ctx.queues.enqueue("jobs", &quiet[..]).await.unwrap();
     let first: Vec<String> = payloads(&ctx, "jobs", 20).await;
     let quiet_served = first.iter().filter(|p| p.starts_with("quiet")).count();
     assert!(
@@ -661,7 +661,7 @@ async fn fifo_groups_hand_out_one_message_per_group_in_order(ctx: Ctx, db: TestD
         job("loose 1"),
         job("loose 2"),
     ];
-    ctx.queues.enqueue("orders", &batch).await.unwrap();
+    ctx.queues.enqueue("orders", &batch[..]).await.unwrap();
     let lease = |max| ctx.queues.lease("orders", max, None, Duration::ZERO);
     let mut first: Vec<_> = lease(10).await.unwrap();
     first.sort_by_key(|l| l.message.id);
@@ -716,7 +716,7 @@ async fn fifo_groups_hand_out_one_message_per_group_in_order(ctx: Ctx, db: TestD
     // Turned off, a group's messages flow side by side again.
     assert!(ctx.queues.queue("orders").await.unwrap().queue.settings.fifo_groups);
     let more = [grouped("cart-c", "c1"), grouped("cart-c", "c2")];
-    ctx.queues.enqueue("orders", &more).await.unwrap();
+    ctx.queues.enqueue("orders", &more[..]).await.unwrap();
     let off = plinth_queue::SettingsUpdate {
         settings: Settings::default(),
         fields: vec!["fifo_groups".into()],
@@ -739,7 +739,7 @@ async fn fifo_groups_hold_under_concurrent_workers(ctx: Ctx, db: TestDatabase) -
     let batch: Vec<NewMessage> = (0..60)
         .map(|i| grouped(&format!("cart-{}", i % 6), &format!("{}:{}", i % 6, i / 6)))
         .collect();
-    ctx.queues.enqueue("orders", &batch).await.unwrap();
+    ctx.queues.enqueue("orders", &batch[..]).await.unwrap();
     let mut done: std::collections::HashMap<String, Vec<u32>> = std::collections::HashMap::new();
     for _round in 0..30 {
         let claims = futures::future::join_all((0..8).map(|_| {
@@ -870,7 +870,7 @@ async fn restart_loses_nothing_in_any_state(ctx: Ctx, db: TestDatabase) -> TestD
 async fn batch_enqueue_is_ordered_and_purge_counts(ctx: Ctx, db: TestDatabase) -> TestDatabase {
     queue(&ctx, "jobs", Settings::default()).await;
     let batch: Vec<NewMessage> = (0..750).map(|i| job(&format!("{i:04}"))).collect();
-    let results = ctx.queues.enqueue("jobs", &batch).await.unwrap();
+    let results = ctx.queues.enqueue("jobs", &batch[..]).await.unwrap();
     assert!(
         results.windows(2).all(|w| w[0].id < w[1].id),
         "ids follow request order"
@@ -962,13 +962,13 @@ async fn bulk_load_refreshes_the_planner_statistics_on_postgres() {
         queue(&ctx, "bulk", Settings::default()).await;
         let batch: Vec<NewMessage> = (0..1000).map(|i| job(&format!("{i}"))).collect();
         for _ in 0..6 {
-            ctx.queues.enqueue("bulk", &batch).await.unwrap();
+            ctx.queues.enqueue("bulk", &batch[..]).await.unwrap();
         }
         assert!(planned_rows().await < 6000.0, "no statistics before the sweep");
         ctx.queues.tick().await.unwrap();
         assert_eq!(planned_rows().await, 6000.0, "the sweep analyzed the grown table");
         // Below the threshold nothing is re-analyzed: the count stays.
-        ctx.queues.enqueue("bulk", &batch).await.unwrap();
+        ctx.queues.enqueue("bulk", &batch[..]).await.unwrap();
         ctx.queues.tick().await.unwrap();
         assert_eq!(planned_rows().await, 6000.0);
         db

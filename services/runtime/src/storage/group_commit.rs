@@ -122,12 +122,12 @@ where
     /// `key` and waits for its answer. Each time this writer takes a lead (a
     /// group may fill up before reaching its write, or another lead may have
     /// taken it; then it leads again or is answered), a copy of `commit` runs
-    /// on its own task with the group, oldest first, and must answer each in
-    /// order; so a caller that goes away mid-commit never leaves the rest of
+    /// on its own task with the lane's key and the group, oldest first, and
+    /// must answer each in order; so a caller that goes away mid-commit never leaves the rest of
     /// its group unanswered.
     pub async fn submit<F, Fut>(&self, key: &K, request: R, weight: usize, commit: F) -> Result<T, E>
     where
-        F: FnOnce(Vec<R>) -> Fut + Clone,
+        F: FnOnce(K, Vec<R>) -> Fut + Clone,
         Fut: Future<Output = Vec<Result<T, E>>> + Send + 'static,
     {
         let lane = self.lane(key);
@@ -151,7 +151,7 @@ where
                 return answer.await.unwrap_or_else(|_| Err(OutcomeUnknown.into()));
             }
             let (requests, replies): (Vec<R>, Vec<_>) = group.into_iter().map(|p| (p.request, p.reply)).unzip();
-            let work = (commit.clone())(requests);
+            let work = (commit.clone())(key.clone(), requests);
             let (finished, done) = oneshot::channel::<()>();
             self.tasks.spawn(self.task, async move {
                 let mut answers = work.await.into_iter();
@@ -189,13 +189,13 @@ where
         commit: F,
     ) -> Result<Vec<O>, E>
     where
-        F: FnOnce(Vec<I>) -> Fut + Clone,
+        F: FnOnce(K, Vec<I>) -> Fut + Clone,
         Fut: Future<Output = Result<Vec<O>, E>> + Send + 'static,
     {
         let weight = items.len();
-        self.submit(key, items, weight, move |group| {
+        self.submit(key, items, weight, move |key, group| {
             let sizes: Vec<usize> = group.iter().map(Vec::len).collect();
-            let all = commit(group.into_iter().flatten().collect());
+            let all = commit(key, group.into_iter().flatten().collect());
             async move { split_answers(all.await, &sizes, replicate) }
         })
         .await
@@ -256,7 +256,7 @@ mod tests {
         n: u32,
     ) -> Result<u32, Failure> {
         let (commits, sizes) = (commits.clone(), sizes.clone());
-        gc.submit(&(), n, 1, move |group| async move {
+        gc.submit(&(), n, 1, move |(), group| async move {
             commits.fetch_add(1, Ordering::SeqCst);
             sizes
                 .lock()
@@ -354,7 +354,7 @@ mod tests {
         let leader = {
             let (gc, release) = (gc.clone(), release.clone());
             leaders.spawn(async move {
-                gc.submit(&(), 1, 1, move |group| async move {
+                gc.submit(&(), 1, 1, move |(), group| async move {
                     let _ = entered.send(()).await;
                     release.notified().await;
                     group.into_iter().map(|n| Ok(n * 2)).collect::<Vec<_>>()
@@ -368,7 +368,7 @@ mod tests {
         {
             let gc = gc.clone();
             followers.spawn(async move {
-                gc.submit(&(), 5, 1, |group| async move {
+                gc.submit(&(), 5, 1, |(), group| async move {
                     group.into_iter().map(|n| Ok(n * 2)).collect::<Vec<_>>()
                 })
                 .await
