@@ -27,6 +27,7 @@ use plinth_runtime::events::outbox::Relay;
 use plinth_runtime::events::{InProcessBus, NatsBus, SharedBus};
 use plinth_runtime::health::Probe;
 use plinth_runtime::resilience::RateLimiter;
+use plinth_runtime::secrets::{SecretRef, SecretSource};
 use plinth_runtime::server::{BoundServer, ServerBuilder};
 use plinth_runtime::state::{InProcessState, RedisState, SharedStateRef};
 use plinth_runtime::storage::{Db, DbTarget, Migrations};
@@ -89,6 +90,18 @@ impl Plinth {
         let mut running = Vec::new();
         let mut jwks: Option<Arc<dyn JwksSource>> = None;
         let mut api_keys: Option<Arc<dyn ApiKeySource>> = None;
+        // Provider keys the ai component reads from config secrets; the
+        // config component (started before ai) serves them.
+        let mut secrets: Option<Arc<dyn SecretSource>> = None;
+        let wanted_secrets = cfg
+            .ai
+            .providers
+            .iter()
+            .filter_map(|(name, p)| p.api_key_secret.as_ref().map(|a| (name, a)))
+            .map(|(name, address)| {
+                SecretRef::parse(address).map_err(|e| anyhow::anyhow!("ai.providers.{name}.api_key_secret: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut required = vec!["database"];
         if cfg.redis_url.is_some() {
             required.push("redis");
@@ -176,6 +189,15 @@ impl Plinth {
                             .follow(Duration::from_millis(cfg.config.poll_ms), tasks.token()),
                     );
                     tasks.spawn("config-hints", config.clone().follow_events(bus.clone(), tasks.token()));
+                    if cfg.only.contains(Component::Ai) && !wanted_secrets.is_empty() {
+                        let live = Arc::new(plinth_config::LiveSecrets::new(
+                            config.clone(),
+                            Component::Ai.name(),
+                            wanted_secrets.clone(),
+                        ));
+                        tasks.spawn("ai-provider-keys", live.clone().follow(tasks.token()));
+                        secrets = Some(live);
+                    }
                     tasks.spawn("config-compaction", config.compact(COMPACTION_INTERVAL, tasks.token()));
                 }
                 if component == Component::Queue {
@@ -225,8 +247,14 @@ impl Plinth {
                     }
                 }
                 if component == Component::Ai {
-                    let ai =
-                        plinth_ai::Ai::new(&cfg.ai, db.clone(), Some(relay.clone()), state.clone(), tasks.clone())?;
+                    let ai = plinth_ai::Ai::new(
+                        &cfg.ai,
+                        db.clone(),
+                        Some(relay.clone()),
+                        state.clone(),
+                        tasks.clone(),
+                        secrets.clone(),
+                    )?;
                     if cfg.ai.models.is_empty() {
                         tracing::warn!(
                             "no ai models configured: Generate and Embed answer NOT_FOUND until [[ai.models]] (or PLINTH_AI__MODELS) names some"

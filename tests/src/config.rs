@@ -101,7 +101,12 @@ impl ConfigSession {
 
     /// Creates a fresh namespace with environment `prod` and works in it.
     pub async fn fresh_env(&mut self) -> anyhow::Result<()> {
-        let namespace = fresh_name("app");
+        self.create_env(&fresh_name("app")).await
+    }
+
+    /// Creates namespace `namespace` with environment `prod` and works in it.
+    pub async fn create_env(&mut self, namespace: &str) -> anyhow::Result<()> {
+        let namespace = namespace.to_owned();
         self.client
             .create_namespace(self.req(pb::CreateNamespaceRequest {
                 namespace: Some(pb::Namespace {

@@ -19,6 +19,7 @@ use plinth::ai::v1::ai_service_client::AiServiceClient;
 use plinth::ai::v1::{self as pb};
 use plinth_runtime::config::{AiModel, AiPrice, AiProvider, AiSettings, AiTarget, Config};
 use plinth_runtime::testing::{Backend, backend_url};
+use plinth_tests::config::{ConfigSession, fresh_name, secret, text};
 use plinth_tests::fake_upstream::{FakeUpstream, Reply, sse_frames};
 use plinth_tests::{ADMIN_EMAIL, ADMIN_PASSWORD, TestApp, access_token, violated_field, with_admin, with_bearer};
 use serde_json::{Value, json};
@@ -34,6 +35,7 @@ fn provider(fake: &FakeUpstream, kind: &str) -> AiProvider {
         base_url: Some(format!("{}/v1", fake.url())),
         api_key: Some(secrecy::SecretString::from("sk-test")),
         api_key_file: None,
+        api_key_secret: None,
         api_version: None,
     }
 }
@@ -902,5 +904,58 @@ async fn thinking_blocks_survive_a_tool_turn_through_the_openai_surface() {
     );
     assert_eq!(sent["messages"][1]["content"][1]["type"], "tool_use");
     assert_eq!(sent["messages"][2]["content"][0]["type"], "tool_result");
+    s.app.stop().await;
+}
+
+/// A provider key kept as a config secret (`api_key_secret`): while it is
+/// not set, or set as a plain value, that provider is skipped without a
+/// request and the attempt names the secret; once set, the next call
+/// carries it, and after a rotation the next call carries the new key, with
+/// no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_keys_follow_config_secrets_without_a_restart() {
+    let (primary, backup) = fakes().await;
+    primary.always(CHAT, Reply::ok(answer("from primary", 3, 2)));
+    backup.always(CHAT, Reply::ok(answer("from backup", 3, 2)));
+    let namespace = fresh_name("ai-keys");
+    let address = format!("{namespace}/prod/providers/openai");
+    let mut config = config(&primary, &backup);
+    let p = config.ai.providers.get_mut("primary").unwrap();
+    p.api_key = None;
+    p.api_key_secret = Some(address.clone());
+    let mut s = start(config).await;
+    let mut keys = ConfigSession::with_token(&s.app, &s.token).await.unwrap();
+    keys.create_env(&namespace).await.unwrap();
+
+    // Each call asks something new: equal requests would be answered from the response cache.
+    let mut asked = 0;
+    let mut ask = async |s: &mut Session| {
+        asked += 1;
+        s.generate(request(&format!("question {asked}"))).await.unwrap()
+    };
+    let r = ask(&mut s).await;
+    assert_eq!(r.provider, "backup");
+    assert!(r.attempts[0].error.contains(&address), "{:?}", r.attempts);
+    keys.set("providers/openai", text("sk-plain")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = ask(&mut s).await;
+    assert_eq!(r.provider, "backup", "a plain value is never sent as a key");
+    assert!(
+        primary.requests().is_empty(),
+        "nothing reaches a provider without its key"
+    );
+
+    for key in ["sk-first", "sk-rotated"] {
+        keys.set("providers/openai", secret(key)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = ask(&mut s).await;
+            if r.provider == "primary" && primary.last().unwrap().header("authorization") == format!("Bearer {key}") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{key} was never used: {r:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     s.app.stop().await;
 }

@@ -14,7 +14,7 @@ use plinth_ai::model::{
     ReasoningEffort, Role, StreamEvent, Tool, ToolCall, ToolChoice, Usage,
 };
 use plinth_ai::providers::anthropic::{Anthropic, DEFAULT_MAX_TOKENS};
-use plinth_ai::providers::{Endpoint, Provider, ProviderError};
+use plinth_ai::providers::{ApiKey, Endpoint, Provider, ProviderError};
 use plinth_tests::fake_upstream::{FakeUpstream, Reply, sse_frames};
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -86,7 +86,7 @@ data: {"type":"message_stop"}
 fn adapter(fake: &FakeUpstream) -> Anthropic {
     Anthropic::new(Endpoint {
         base_url: fake.url(),
-        api_key: Some(SecretString::from("sk-ant-test")),
+        api_key: ApiKey::Fixed(SecretString::from("sk-ant-test")),
         api_version: None,
         timeout: Duration::from_secs(5),
         client: reqwest::Client::new(),

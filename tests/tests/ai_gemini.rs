@@ -18,7 +18,7 @@ use plinth_ai::model::{
     ToolCall, ToolChoice, Usage,
 };
 use plinth_ai::providers::gemini::{Gemini, SYNTHETIC_ID_PREFIX};
-use plinth_ai::providers::{Endpoint, Provider, ProviderError};
+use plinth_ai::providers::{ApiKey, Endpoint, Provider, ProviderError};
 use plinth_tests::fake_upstream::{FakeUpstream, Reply, sse_frames};
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -31,7 +31,7 @@ const EMBED: &str = "/v1beta/models/gemini-embedding-001:batchEmbedContents";
 fn gemini(fake: &FakeUpstream) -> Gemini {
     Gemini::new(Endpoint {
         base_url: fake.url(),
-        api_key: Some(SecretString::from("g-test")),
+        api_key: ApiKey::Fixed(SecretString::from("g-test")),
         api_version: None,
         timeout: Duration::from_secs(5),
         client: reqwest::Client::new(),

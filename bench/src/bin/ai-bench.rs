@@ -145,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
                     base_url: Some(format!("http://{upstream}/v1")),
                     api_key: Some(secrecy::SecretString::from("sk-bench")),
                     api_key_file: None,
+                    api_key_secret: None,
                     api_version: None,
                 },
             )]

@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use plinth_runtime::config::AiSettings;
 use plinth_runtime::resilience::{BreakerConfig, BreakerState, CircuitBreaker};
+use plinth_runtime::secrets::{SecretRef, SecretSource};
 use rand::Rng;
 use secrecy::SecretString;
 
 use crate::error::AiError;
 use crate::limits::Limit;
-use crate::providers::{self, Endpoint, Provider, ProviderKind};
+use crate::providers::{self, ApiKey, Endpoint, Provider, ProviderKind};
 
 /// One provider model of a route.
 #[derive(Debug)]
@@ -164,7 +165,12 @@ impl Router {
     /// Builds adapters, breakers and routes from the settings, refusing
     /// unknown provider kinds, targets naming unknown providers, and
     /// models without targets.
-    pub fn from_settings(settings: &AiSettings, client: reqwest::Client) -> Result<Self, AiError> {
+    /// Keys given as `api_key_secret` are read from `secrets`.
+    pub fn from_settings(
+        settings: &AiSettings,
+        client: reqwest::Client,
+        secrets: Option<&Arc<dyn SecretSource>>,
+    ) -> Result<Self, AiError> {
         let timeout = Duration::from_millis(settings.timeout_ms.max(1));
         let mut adapters: HashMap<&str, (ProviderKind, Arc<dyn Provider>)> = HashMap::new();
         for (name, p) in &settings.providers {
@@ -184,15 +190,30 @@ impl Router {
                     "provider {name:?}: base_url is required for custom"
                 )));
             }
-            let api_key = match (&p.api_key, &p.api_key_file) {
-                (Some(k), _) => Some(k.clone()),
-                (None, Some(path)) => {
+            let api_key = match (&p.api_key, &p.api_key_file, &p.api_key_secret) {
+                (Some(k), None, None) => ApiKey::Fixed(k.clone()),
+                (None, Some(path), None) => {
                     let text = std::fs::read_to_string(path).map_err(|e| {
                         AiError::Config(format!("provider {name:?}: cannot read {}: {e}", path.display()))
                     })?;
-                    Some(SecretString::from(text.trim().to_owned()))
+                    ApiKey::Fixed(SecretString::from(text.trim().to_owned()))
                 }
-                (None, None) => None,
+                (None, None, Some(address)) => {
+                    let at = SecretRef::parse(address)
+                        .map_err(|e| AiError::Config(format!("provider {name:?}: api_key_secret: {e}")))?;
+                    let source = secrets.cloned().ok_or_else(|| {
+                        AiError::Config(format!(
+                            "provider {name:?}: api_key_secret needs the config component in this process"
+                        ))
+                    })?;
+                    ApiKey::Secret { at, source }
+                }
+                (None, None, None) => ApiKey::None,
+                _ => {
+                    return Err(AiError::Config(format!(
+                        "provider {name:?}: give at most one of api_key, api_key_file and api_key_secret"
+                    )));
+                }
             };
             let endpoint = Endpoint {
                 base_url,
@@ -273,5 +294,58 @@ impl Router {
     /// Every route, by name.
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
         self.names.iter().filter_map(|n| self.routes.get(n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use plinth_runtime::config::{AiProvider, AiSettings};
+    use plinth_runtime::secrets::{SecretRef, SecretSource};
+    use secrecy::SecretString;
+
+    use super::Router;
+
+    struct NoSecrets;
+
+    impl SecretSource for NoSecrets {
+        fn secret(&self, _: &SecretRef) -> Option<SecretString> {
+            None
+        }
+    }
+
+    fn refusal(p: AiProvider, secrets: Option<&Arc<dyn SecretSource>>) -> Option<String> {
+        let settings = AiSettings {
+            providers: BTreeMap::from([("main".to_owned(), p)]),
+            ..AiSettings::default()
+        };
+        Router::from_settings(&settings, reqwest::Client::new(), secrets)
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_key_secret_needs_a_secret_source_a_full_address_and_no_second_key() {
+        let provider = |key: Option<&str>, secret: Option<&str>| AiProvider {
+            kind: "openai".into(),
+            base_url: None,
+            api_key: key.map(SecretString::from),
+            api_key_file: None,
+            api_key_secret: secret.map(str::to_owned),
+            api_version: None,
+        };
+        let source: Arc<dyn SecretSource> = Arc::new(NoSecrets);
+        assert_eq!(refusal(provider(None, Some("ai/prod/openai")), Some(&source)), None);
+        let alone = refusal(provider(None, Some("ai/prod/openai")), None).unwrap_or_default();
+        assert!(alone.contains("needs the config component"), "{alone}");
+        let partial = refusal(provider(None, Some("ai/openai")), Some(&source)).unwrap_or_default();
+        assert!(
+            partial.contains("api_key_secret") && partial.contains("namespace/environment/key"),
+            "{partial}"
+        );
+        let both = refusal(provider(Some("sk"), Some("ai/prod/openai")), Some(&source)).unwrap_or_default();
+        assert!(both.contains("at most one of"), "{both}");
     }
 }

@@ -12,6 +12,7 @@ use plinth_runtime::auth::unix_now_ms;
 use plinth_runtime::config::{AiBudget, AiSettings};
 use plinth_runtime::events::outbox::Relay;
 use plinth_runtime::resilience::BreakerState;
+use plinth_runtime::secrets::SecretSource;
 use plinth_runtime::state::SharedStateRef;
 use plinth_runtime::storage::Db;
 use tokio::sync::mpsc;
@@ -181,13 +182,15 @@ type Opened = (EventStream, StreamEvent);
 
 impl Ai {
     /// The service over `db`, with targets from `settings`; starts the
-    /// usage writer on `tasks`.
+    /// usage writer on `tasks`. Provider keys given as `api_key_secret`
+    /// are read from `secrets`.
     pub fn new(
         settings: &AiSettings,
         db: Db,
         relay: Option<Relay>,
         state: SharedStateRef,
         tasks: Tasks,
+        secrets: Option<Arc<dyn SecretSource>>,
     ) -> Result<Self, AiError> {
         for (i, b) in settings.budgets.iter().enumerate() {
             if b.tenant.is_some() == b.api_key.is_some() {
@@ -207,7 +210,7 @@ impl Ai {
             .connect_timeout(Duration::from_millis(settings.timeout_ms.clamp(1, 10_000)))
             .build()
             .map_err(|e| AiError::Config(format!("HTTP client: {e}")))?;
-        let router = Router::from_settings(settings, client)?;
+        let router = Router::from_settings(settings, client, secrets.as_ref())?;
         let log = UsageLog::new(db);
         let (recorder, writer) = usage::recorder(log.clone(), relay);
         tasks.spawn("ai-usage-writer", writer.run(tasks.token()));

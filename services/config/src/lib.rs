@@ -1,6 +1,7 @@
 //! The config service: namespaces and environments of typed values with a
 //! revision per write, history, diff and rollback, releases, JSON Schema
-//! validation, envelope-encrypted secrets, and a watch that is gap-free
+//! validation, envelope-encrypted secrets (also read live by other components of the
+//! process: `live_secrets`), and a watch that is gap-free
 //! across replicas. `feed` keeps each replica's in-memory head in step with
 //! the database; `watch` streams from it.
 
@@ -10,6 +11,7 @@ mod error;
 mod feed;
 pub mod formats;
 mod grpc;
+mod live_secrets;
 pub mod model;
 mod schema;
 mod service;
@@ -22,6 +24,7 @@ use sqlx::migrate::Migrator;
 pub use crypto::Keyring;
 pub use error::ConfigError;
 pub use grpc::{ConfigGrpc, REVEAL_PERMISSION};
+pub use live_secrets::LiveSecrets;
 pub use service::{Caller, Configuration};
 pub use store::Store;
 

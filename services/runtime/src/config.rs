@@ -395,6 +395,11 @@ pub struct AiProvider {
     /// A file holding the API key (a mounted Kubernetes Secret); read at start.
     #[serde(default)]
     pub api_key_file: Option<PathBuf>,
+    /// A secret in the config service holding the API key, as
+    /// `namespace/environment/key`; followed live, so `SetValue` rotates
+    /// it without a restart. Needs the config component in this process.
+    #[serde(default)]
+    pub api_key_secret: Option<String>,
     /// Azure's `api-version`.
     #[serde(default)]
     pub api_version: Option<String>,
@@ -772,6 +777,7 @@ impl Config {
                 base_url: None,
                 api_key: None,
                 api_key_file: None,
+                api_key_secret: None,
                 api_version: None,
             },
         );

@@ -14,6 +14,7 @@ pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod resilience;
+pub mod secrets;
 pub mod server;
 pub mod shutdown;
 pub mod state;

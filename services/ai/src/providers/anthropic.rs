@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
 use super::{Endpoint, EventStream, Provider, ProviderError, ProviderKind, Translator, sse::SseEvent};
@@ -35,18 +36,17 @@ impl Anthropic {
         Self { endpoint }
     }
 
-    fn post(&self, body: &Value) -> reqwest::RequestBuilder {
+    fn post(&self, body: &Value) -> Result<reqwest::RequestBuilder, ProviderError> {
         let e = &self.endpoint;
         let builder = e
             .client
             .post(e.url("/v1/messages"))
             .header("anthropic-version", API_VERSION);
-        let builder = if e.api_key.is_some() {
-            builder.header("x-api-key", e.key())
-        } else {
-            builder
+        let builder = match e.key()? {
+            Some(k) => builder.header("x-api-key", k.expose_secret()),
+            None => builder,
         };
-        builder.json(body)
+        Ok(builder.json(body))
     }
 }
 
@@ -58,13 +58,13 @@ impl Provider for Anthropic {
 
     async fn chat(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
         let body = chat_body(request, false)?;
-        let answer: Value = self.endpoint.send_json(self.post(&body), parse_error).await?;
+        let answer: Value = self.endpoint.send_json(self.post(&body)?, parse_error).await?;
         parse_chat(&answer)
     }
 
     async fn chat_stream(&self, request: &ChatRequest) -> Result<EventStream, ProviderError> {
         let body = chat_body(request, true)?;
-        let response = self.endpoint.send(self.post(&body), parse_error).await?;
+        let response = self.endpoint.send(self.post(&body)?, parse_error).await?;
         Ok(super::sse_stream(
             response,
             EventTranslator::default(),

@@ -43,6 +43,7 @@
 
 use std::collections::HashMap;
 
+use secrecy::ExposeSecret;
 use serde_json::{Map, Value, json};
 
 use super::{Endpoint, EventStream, Provider, ProviderError, ProviderKind, Translator, sse::SseEvent};
@@ -80,7 +81,13 @@ impl Gemini {
         Self { endpoint }
     }
 
-    fn post(&self, model: &str, method: &str, stream: bool, body: &Value) -> reqwest::RequestBuilder {
+    fn post(
+        &self,
+        model: &str,
+        method: &str,
+        stream: bool,
+        body: &Value,
+    ) -> Result<reqwest::RequestBuilder, ProviderError> {
         let e = &self.endpoint;
         let mut builder = e
             .client
@@ -88,10 +95,10 @@ impl Gemini {
         if stream {
             builder = builder.query(&[("alt", "sse")]);
         }
-        if e.api_key.is_some() {
-            builder = builder.header("x-goog-api-key", e.key());
+        if let Some(k) = e.key()? {
+            builder = builder.header("x-goog-api-key", k.expose_secret());
         }
-        builder.json(body)
+        Ok(builder.json(body))
     }
 }
 
@@ -105,7 +112,7 @@ impl Provider for Gemini {
         let body = chat_body(request)?;
         let answer: Value = self
             .endpoint
-            .send_json(self.post(&request.model, "generateContent", false, &body), parse_error)
+            .send_json(self.post(&request.model, "generateContent", false, &body)?, parse_error)
             .await?;
         let mut response = parse_chat(&answer)?;
         if response.model.is_empty() {
@@ -119,7 +126,7 @@ impl Provider for Gemini {
         let response = self
             .endpoint
             .send(
-                self.post(&request.model, "streamGenerateContent", true, &body),
+                self.post(&request.model, "streamGenerateContent", true, &body)?,
                 parse_error,
             )
             .await?;
@@ -150,7 +157,7 @@ impl Provider for Gemini {
             let answer: Value = self
                 .endpoint
                 .send_json(
-                    self.post(&request.model, "batchEmbedContents", false, &body),
+                    self.post(&request.model, "batchEmbedContents", false, &body)?,
                     parse_error,
                 )
                 .await?;

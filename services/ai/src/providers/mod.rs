@@ -11,11 +11,13 @@ pub mod sse;
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::{Stream, StreamExt};
 use plinth_runtime::error::chain;
-use secrecy::{ExposeSecret, SecretString};
+use plinth_runtime::secrets::{SecretRef, SecretSource};
+use secrecy::SecretString;
 
 use crate::model::{ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, StreamEvent};
 use sse::{SseDecoder, SseEvent};
@@ -58,6 +60,10 @@ pub enum ProviderError {
     /// This provider cannot do what was asked (embeddings on Anthropic).
     #[error("{0}")]
     Unsupported(String),
+    /// The provider's API key is a config secret that is not available
+    /// (not set, not a secret value, or not loaded yet); nothing was sent.
+    #[error("the API key secret {0} is not available from the config service")]
+    MissingKey(String),
     /// The request cannot be expressed in this provider's format; the
     /// caller's mistake, named by field.
     #[error("{field}: {reason}")]
@@ -98,7 +104,8 @@ impl ProviderError {
             | ProviderError::Connect(_)
             | ProviderError::Timeout(_)
             | ProviderError::Malformed(_)
-            | ProviderError::Unsupported(_) => true,
+            | ProviderError::Unsupported(_)
+            | ProviderError::MissingKey(_) => true,
             ProviderError::Invalid { .. } => false,
             ProviderError::Shared(e) => e.retryable(),
         }
@@ -113,7 +120,7 @@ impl ProviderError {
             | ProviderError::Connect(_)
             | ProviderError::Timeout(_)
             | ProviderError::Malformed(_) => true,
-            ProviderError::Unsupported(_) | ProviderError::Invalid { .. } => false,
+            ProviderError::Unsupported(_) | ProviderError::MissingKey(_) | ProviderError::Invalid { .. } => false,
             ProviderError::Shared(e) => e.counts_against_target(),
         }
     }
@@ -192,14 +199,42 @@ impl ProviderKind {
     }
 }
 
+/// Where a provider account's API key comes from.
+#[derive(Clone, Default)]
+pub enum ApiKey {
+    /// None: local endpoints that need no key.
+    #[default]
+    None,
+    /// Given in the settings (or read from a file at start).
+    Fixed(SecretString),
+    /// A config service secret, read from its live copy on every request,
+    /// so a rotation applies to the next call.
+    Secret {
+        /// The secret's address.
+        at: SecretRef,
+        /// The live copy.
+        source: Arc<dyn SecretSource>,
+    },
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiKey::None => f.write_str("none"),
+            ApiKey::Fixed(_) => f.write_str("[redacted]"),
+            ApiKey::Secret { at, .. } => write!(f, "config secret {at}"),
+        }
+    }
+}
+
 /// Where and how to reach one provider account.
 #[derive(Clone)]
 pub struct Endpoint {
     /// Base URL without a trailing slash (`https://api.openai.com/v1`,
     /// `https://api.anthropic.com`, `https://{resource}.openai.azure.com`).
     pub base_url: String,
-    /// The API key; absent for local endpoints that need none.
-    pub api_key: Option<SecretString>,
+    /// The API key.
+    pub api_key: ApiKey,
     /// Azure's `api-version`.
     pub api_version: Option<String>,
     /// How long to wait for the response headers, and then for each chunk.
@@ -212,7 +247,7 @@ impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Endpoint")
             .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .field("api_key", &self.api_key)
             .field("api_version", &self.api_version)
             .field("timeout", &self.timeout)
             .finish()
@@ -225,9 +260,16 @@ impl Endpoint {
         format!("{}{}", self.base_url.trim_end_matches('/'), path)
     }
 
-    /// The key's text, or empty.
-    pub fn key(&self) -> &str {
-        self.api_key.as_ref().map_or("", |k| k.expose_secret())
+    /// The key to send now; `None` for endpoints that need none.
+    pub fn key(&self) -> Result<Option<SecretString>, ProviderError> {
+        match &self.api_key {
+            ApiKey::None => Ok(None),
+            ApiKey::Fixed(k) => Ok(Some(k.clone())),
+            ApiKey::Secret { at, source } => source
+                .secret(at)
+                .map(Some)
+                .ok_or_else(|| ProviderError::MissingKey(at.to_string())),
+        }
     }
 
     /// Sends `request` and waits for the response headers; an HTTP error

@@ -4,6 +4,7 @@
 //! Streams always ask for usage (`stream_options.include_usage`) so that
 //! every streamed call can be billed, whatever the caller asked.
 
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
 use super::{Endpoint, EventStream, Provider, ProviderError, ProviderKind, Translator, sse::SseEvent};
@@ -25,19 +26,23 @@ impl OpenAi {
         Self { endpoint, azure }
     }
 
-    fn post(&self, model: &str, operation: &str, body: &Value) -> reqwest::RequestBuilder {
+    fn post(&self, model: &str, operation: &str, body: &Value) -> Result<reqwest::RequestBuilder, ProviderError> {
         let e = &self.endpoint;
+        let key = e.key()?;
         let builder = if self.azure {
             let version = e.api_version.as_deref().unwrap_or("2024-10-21");
             e.client
                 .post(e.url(&format!("/openai/deployments/{model}/{operation}")))
                 .query(&[("api-version", version)])
-                .header("api-key", e.key())
+                .header("api-key", key.as_ref().map_or("", |k| k.expose_secret()))
         } else {
             let b = e.client.post(e.url(&format!("/{operation}")));
-            if e.api_key.is_some() { b.bearer_auth(e.key()) } else { b }
+            match &key {
+                Some(k) => b.bearer_auth(k.expose_secret()),
+                None => b,
+            }
         };
-        builder.json(body)
+        Ok(builder.json(body))
     }
 }
 
@@ -55,7 +60,7 @@ impl Provider for OpenAi {
         let body = chat_body(request, false, self.azure);
         let answer: Value = self
             .endpoint
-            .send_json(self.post(&request.model, "chat/completions", &body), parse_error)
+            .send_json(self.post(&request.model, "chat/completions", &body)?, parse_error)
             .await?;
         parse_chat(&answer)
     }
@@ -64,7 +69,7 @@ impl Provider for OpenAi {
         let body = chat_body(request, true, self.azure);
         let response = self
             .endpoint
-            .send(self.post(&request.model, "chat/completions", &body), parse_error)
+            .send(self.post(&request.model, "chat/completions", &body)?, parse_error)
             .await?;
         Ok(super::sse_stream(
             response,
@@ -86,7 +91,7 @@ impl Provider for OpenAi {
         }
         let answer: Value = self
             .endpoint
-            .send_json(self.post(&request.model, "embeddings", &body), parse_error)
+            .send_json(self.post(&request.model, "embeddings", &body)?, parse_error)
             .await?;
         parse_embeddings(&answer, request.inputs.len())
     }
