@@ -23,6 +23,7 @@ use plinth_runtime::auth::{
 };
 use plinth_runtime::client_address::TrustedProxies;
 use plinth_runtime::config::Config;
+use plinth_runtime::crypto::{KeySources, Keyring};
 use plinth_runtime::events::outbox::Relay;
 use plinth_runtime::events::{InProcessBus, NatsBus, SharedBus};
 use plinth_runtime::health::Probe;
@@ -135,6 +136,7 @@ impl Plinth {
                         plinth_auth::LoginThrottle::new(state.clone(), plinth_auth::Limits::default()),
                         Revocations::new(state.clone()),
                         Some(relay.clone()),
+                        Some(auth_keyring(&cfg)?),
                     )
                     .await?;
                     builder = builder.add_service(
@@ -160,10 +162,14 @@ impl Plinth {
                     api_keys = Some(auth);
                 }
                 if component == Component::Config {
-                    let keyring = plinth_config::Keyring::load(
-                        &cfg.config,
-                        cfg.database_url.is_none().then_some(cfg.data_dir.as_path()),
-                    )?;
+                    let generated = cfg.data_dir.join("config-keys");
+                    let keyring = plinth_config::Keyring::load(KeySources {
+                        setting: "PLINTH_CONFIG__KEYS",
+                        keys: cfg.config.keys.as_ref(),
+                        keys_file: cfg.config.keys_file.as_deref(),
+                        generate_at: cfg.database_url.is_none().then_some(generated.as_path()),
+                        protects: "config secrets",
+                    })?;
                     if keyring.is_empty() {
                         tracing::warn!(
                             "no key encryption key configured: secret values are refused until PLINTH_CONFIG__KEYS or PLINTH_CONFIG__KEYS_FILE is set"
@@ -435,6 +441,20 @@ fn gateway(cfg: &Config, server: &BoundServer, state: SharedStateRef) -> anyhow:
 }
 
 /// Each component's own tables (beside the runtime's outbox).
+/// The keyring that seals token signing keys: `PLINTH_AUTH__KEYS`/`_FILE`,
+/// or on an embedded deployment a key file generated under the data
+/// directory. Empty (keys in clear) with PostgreSQL and no keys given.
+fn auth_keyring(cfg: &Config) -> anyhow::Result<Keyring> {
+    let generated = cfg.data_dir.join("auth-keys");
+    Ok(Keyring::load(KeySources {
+        setting: "PLINTH_AUTH__KEYS",
+        keys: cfg.auth.keys.as_ref(),
+        keys_file: cfg.auth.keys_file.as_deref(),
+        generate_at: cfg.database_url.is_none().then_some(generated.as_path()),
+        protects: "token signing keys",
+    })?)
+}
+
 fn migrations(component: Component) -> Migrations {
     match component {
         Component::Auth => plinth_auth::MIGRATIONS,

@@ -81,3 +81,116 @@ async fn a_rotation_on_one_replica_is_followed_by_the_other() {
     b.stop().await;
     a.stop().await;
 }
+
+/// A `signing_keys` row: kid, seed (clear), sealed seed, kek id.
+type StoredKeyRow = (String, Vec<u8>, Option<Vec<u8>>, Option<String>);
+
+/// `(kid, bytes in the clear seed column, kek_id)` of every stored signing key.
+async fn stored_keys(config: &Config) -> Vec<(String, usize, Option<String>)> {
+    let target = plinth_runtime::storage::DbTarget::for_component(
+        config.database_url.as_ref(),
+        &config.data_dir,
+        &config.storage.schema_prefix,
+        "auth",
+    );
+    let db = plinth_runtime::storage::Db::connect(&target, &config.storage)
+        .await
+        .unwrap();
+    let rows: Vec<StoredKeyRow> = plinth_runtime::on_db!(&db, |pool| sqlx::query_as(
+        "SELECT kid, seed, sealed_seed, kek_id FROM signing_keys ORDER BY created_at"
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap());
+    db.close().await;
+    for (kid, _, sealed, kek) in &rows {
+        if kek.is_some() {
+            // Nonce, 32-byte seed, tag.
+            assert_eq!(sealed.as_ref().map(Vec::len), Some(12 + 32 + 16), "{kid}");
+        }
+    }
+    rows.into_iter()
+        .map(|(kid, seed, _, kek)| (kid, seed.len(), kek))
+        .collect()
+}
+
+/// A key encryption key for `PLINTH_AUTH__KEYS`.
+fn kek(id: &str) -> secrecy::SecretString {
+    use base64::Engine;
+    format!("{id}={}", base64::engine::general_purpose::STANDARD.encode([7u8; 32])).into()
+}
+
+/// Signing keys at rest: an embedded deployment seals them under a key it
+/// generates; one that stored them in clear (PostgreSQL without
+/// `PLINTH_AUTH__KEYS`) seals them when it next starts with keys and keeps
+/// honouring the tokens they signed; a later rotation is sealed too; and a
+/// replica without the keys refuses to start rather than run without a
+/// usable signing key.
+#[tokio::test]
+async fn signing_keys_are_sealed_at_rest() {
+    let embedded = with_admin(TestApp::config());
+    let app = TestApp::spawn(embedded.clone()).await.unwrap();
+    let rows = stored_keys(&embedded).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, 0, "no seed in clear");
+    assert!(
+        rows[0].2.as_deref().unwrap_or_default().starts_with("local-"),
+        "{rows:?}"
+    );
+    assert!(embedded.data_dir.join("auth-keys").exists());
+    app.stop().await;
+
+    let Some(config) = postgres_config("signing_keys_are_sealed_at_rest").unwrap() else {
+        return;
+    };
+    let clear = TestApp::spawn(replica(&config)).await.unwrap();
+    let mut on_clear = clear.auth().await.unwrap();
+    let admin = access_token(&mut on_clear, ADMIN_EMAIL, ADMIN_PASSWORD).await.unwrap();
+    let rows = stored_keys(&config).await;
+    assert!(rows.iter().all(|r| r.1 == 32 && r.2.is_none()), "{rows:?}");
+    clear.stop_keeping_data().await;
+
+    let mut keyed = replica(&config);
+    keyed.auth.keys = Some(kek("k1"));
+    let sealed = TestApp::spawn(keyed).await.unwrap();
+    let rows = stored_keys(&config).await;
+    assert!(
+        rows.iter().all(|r| r.1 == 0 && r.2.as_deref() == Some("k1")),
+        "{rows:?}"
+    );
+    let mut on_sealed = sealed.auth().await.unwrap();
+    let me = on_sealed
+        .get_me(with_bearer(GetMeRequest {}, &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        me.user.unwrap().email,
+        ADMIN_EMAIL,
+        "a token signed before sealing still verifies"
+    );
+    on_sealed
+        .rotate_signing_key(with_bearer(RotateSigningKeyRequest {}, &admin))
+        .await
+        .unwrap();
+    let rows = stored_keys(&config).await;
+    assert_eq!(rows.len(), 2);
+    assert!(
+        rows.iter().all(|r| r.1 == 0 && r.2.as_deref() == Some("k1")),
+        "{rows:?}"
+    );
+    sealed.stop_keeping_data().await;
+
+    let refused = TestApp::spawn(replica(&config)).await.err().map(|e| format!("{e:#}"));
+    assert!(
+        refused.as_deref().unwrap_or_default().contains("PLINTH_AUTH__KEYS"),
+        "{refused:?}"
+    );
+    let mut wrong = replica(&config);
+    wrong.auth.keys = Some(kek("k2"));
+    let refused = TestApp::spawn(wrong).await.err().map(|e| format!("{e:#}"));
+    assert!(refused.as_deref().unwrap_or_default().contains("\"k1\""), "{refused:?}");
+    let mut keyed = replica(&config);
+    keyed.auth.keys = Some(kek("k1"));
+    TestApp::spawn(keyed).await.unwrap().stop().await;
+}

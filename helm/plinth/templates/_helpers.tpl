@@ -143,6 +143,13 @@ point at a component deployed elsewhere.
       name: {{ $v.auditSigningKey.existingSecret }}
       key: {{ $v.auditSigningKey.secretKey }}
 {{- end }}
+{{- if and (eq .name "auth") $v.authKeys.existingSecret }}
+- name: PLINTH_AUTH__KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.authKeys.existingSecret }}
+      key: {{ $v.authKeys.secretKey }}
+{{- end }}
 {{- if and (eq .name "config") $v.configKeys.existingSecret }}
 - name: PLINTH_CONFIG__KEYS
   valueFrom:

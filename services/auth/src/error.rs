@@ -88,6 +88,10 @@ pub enum AuthError {
     /// Password hashing failed (a bug or exhausted resources).
     #[error("password hashing failed: {0}")]
     Hashing(String),
+    /// A token signing key cannot be sealed or opened (wrong or missing
+    /// `PLINTH_AUTH__KEYS`, tampered row).
+    #[error("token signing key: {0}")]
+    SigningKey(String),
 }
 
 impl From<sqlx::Error> for AuthError {
@@ -132,7 +136,7 @@ impl ServiceError for AuthError {
             AuthError::LoginThrottled { .. } => ErrorCode::ResourceExhausted,
             AuthError::StateUnavailable(_) | AuthError::Busy | AuthError::Revocation(_) => ErrorCode::Unavailable,
             AuthError::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
-            AuthError::Storage(_) | AuthError::Hashing(_) => ErrorCode::Internal,
+            AuthError::Storage(_) | AuthError::Hashing(_) | AuthError::SigningKey(_) => ErrorCode::Internal,
         }
     }
 
@@ -164,6 +168,7 @@ impl ServiceError for AuthError {
             AuthError::Revocation(_) => "REVOCATION_FAILED",
             AuthError::Storage(_) => "STORAGE_FAILED",
             AuthError::Hashing(_) => "HASHING_FAILED",
+            AuthError::SigningKey(_) => "SIGNING_KEY_UNREADABLE",
         }
     }
 

@@ -2,16 +2,19 @@
 //! signs anything, so verifiers that refetch on an unknown `kid` already know
 //! it; a retired key stays published until every token it signed has expired.
 //! Every replica reloads the ring from the database periodically, so a
-//! rotation made anywhere is followed everywhere.
+//! rotation made anywhere is followed everywhere. With a key encryption key
+//! (`PLINTH_AUTH__KEYS`, generated for embedded deployments) the seeds are
+//! sealed at rest, so a copy of the database alone cannot mint tokens.
 
 use std::sync::{Arc, PoisonError, RwLock};
 
 use plinth::auth::v1::Jwk;
 use plinth_runtime::auth::jwt::{KeySet, TokenSigner};
+use plinth_runtime::crypto::{Keyring, Sealed};
 use plinth_runtime::storage::Db;
 
 use crate::AuthError;
-use crate::store::{self, SigningKeyRow};
+use crate::store::{self, SigningKeyRow, StoredSeed};
 
 /// Tolerated clock skew between replicas and verifiers.
 const SKEW_SECS: i64 = 60;
@@ -91,27 +94,96 @@ impl KeyRing {
 pub struct SigningKeys {
     ring: RwLock<Arc<KeyRing>>,
     token_lifetime: i64,
+    sealing: Option<Keyring>,
+}
+
+/// What a sealed seed is bound to: a sealed seed copied to another key id
+/// does not open.
+fn seal_context(kid: &str) -> String {
+    format!("auth/signing_keys/{kid}")
 }
 
 impl SigningKeys {
-    /// Loads the ring, creating the first key on a new deployment.
-    pub async fn load(db: &Db, token_lifetime: i64, now: i64) -> Result<Self, AuthError> {
-        if store::signing_key_rows(db).await?.is_empty() {
-            let signer = TokenSigner::generate();
-            store::insert_key(db, signer.kid(), &signer.seed(), now).await?;
-            tracing::info!(kid = signer.kid(), "created the first token signing key");
-        }
+    /// Loads the ring, creating the first key on a new deployment. With
+    /// `sealing` (a keyring that holds a key), seeds are written sealed and
+    /// seeds stored in clear before are sealed now.
+    pub async fn load(db: &Db, token_lifetime: i64, now: i64, sealing: Option<Keyring>) -> Result<Self, AuthError> {
         let keys = Self {
             ring: RwLock::new(Arc::default()),
             token_lifetime,
+            sealing: sealing.filter(|k| !k.is_empty()),
         };
+        let rows = store::signing_key_rows(db).await?;
+        if rows.is_empty() {
+            let signer = TokenSigner::generate();
+            store::insert_key(db, signer.kid(), &keys.stored(signer.kid(), &signer.seed())?, now).await?;
+            tracing::info!(kid = signer.kid(), "created the first token signing key");
+        }
+        let mut sealed = 0;
+        for row in rows.iter().filter(|r| r.kek_id.is_none()) {
+            if let StoredSeed::Sealed(s) = keys.stored(&row.kid, &row.seed)?
+                && store::seal_key(db, &row.kid, &s).await?
+            {
+                sealed += 1;
+            }
+        }
+        if sealed > 0 {
+            tracing::info!(keys = sealed, "sealed token signing keys stored in clear");
+        }
+        if keys.sealing.is_none() {
+            tracing::warn!(
+                "token signing keys are stored in clear: set PLINTH_AUTH__KEYS (or PLINTH_AUTH__KEYS_FILE) to seal them"
+            );
+        }
         keys.reload(db, now).await?;
         Ok(keys)
     }
 
+    /// `seed` as it is to be written: sealed when there is a keyring.
+    pub fn stored(&self, kid: &str, seed: &[u8]) -> Result<StoredSeed, AuthError> {
+        let Some(ring) = &self.sealing else {
+            return Ok(StoredSeed::Clear(seed.to_vec()));
+        };
+        let kek = ring
+            .default_id()
+            .ok_or_else(|| AuthError::SigningKey("the keyring is empty".into()))?;
+        ring.seal(kek, seed, &seal_context(kid))
+            .map(StoredSeed::Sealed)
+            .map_err(|reason| AuthError::SigningKey(format!("cannot seal key {kid}: {reason}")))
+    }
+
+    /// The row with its seed in clear.
+    fn open(&self, mut row: SigningKeyRow) -> Result<SigningKeyRow, AuthError> {
+        let (Some(ciphertext), Some(wrapped_key), Some(kek_id)) =
+            (row.sealed_seed.take(), row.wrapped_key.take(), row.kek_id.take())
+        else {
+            return Ok(row);
+        };
+        let ring = self.sealing.as_ref().ok_or_else(|| {
+            AuthError::SigningKey(format!(
+                "key {} is sealed under key encryption key {kek_id:?}, but PLINTH_AUTH__KEYS is not set",
+                row.kid
+            ))
+        })?;
+        let sealed = Sealed {
+            ciphertext,
+            wrapped_key,
+            kek_id,
+        };
+        row.seed = ring
+            .open(&sealed, &seal_context(&row.kid))
+            .map_err(|reason| AuthError::SigningKey(format!("key {} does not open: {reason}", row.kid)))?;
+        Ok(row)
+    }
+
     /// Rereads the ring from the database.
     pub async fn reload(&self, db: &Db, now: i64) -> Result<(), AuthError> {
-        let ring = KeyRing::from_rows(store::signing_key_rows(db).await?, now, self.token_lifetime);
+        let rows = store::signing_key_rows(db)
+            .await?
+            .into_iter()
+            .map(|r| self.open(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ring = KeyRing::from_rows(rows, now, self.token_lifetime);
         if ring.keys.is_empty() {
             return Err(AuthError::Hashing("no usable signing key".into()));
         }
@@ -133,6 +205,9 @@ mod tests {
         SigningKeyRow {
             kid: kid.into(),
             seed: TokenSigner::generate().seed().to_vec(),
+            sealed_seed: None,
+            wrapped_key: None,
+            kek_id: None,
             created_at,
             activates_at,
             retired_at,

@@ -16,6 +16,7 @@ use plinth_runtime::auth::{
     API_KEY_PREFIX, ApiKeyGrant, PermissionMap, Principal, Revocations, pattern_matches, unix_now,
 };
 use plinth_runtime::config::AuthSettings;
+use plinth_runtime::crypto::Keyring;
 use plinth_runtime::events::outbox::{OutboxEvent, Relay};
 use plinth_runtime::storage::Db;
 use secrecy::{ExposeSecret, SecretString};
@@ -174,16 +175,18 @@ fn secs(v: u64) -> i64 {
 }
 
 impl Auth {
-    /// Loads (or creates, on first start) the signing key and returns the service.
+    /// Loads (or creates, on first start) the signing key and returns the
+    /// service. With `sealing`, signing keys are sealed at rest.
     pub async fn new(
         db: Db,
         settings: AuthSettings,
         throttle: LoginThrottle,
         revocations: Revocations,
         relay: Option<Relay>,
+        sealing: Option<Keyring>,
     ) -> Result<Arc<Self>, AuthError> {
         let hasher = PasswordHasher::new(settings.hash_concurrency as usize)?;
-        let keys = SigningKeys::load(&db, secs(settings.access_ttl_secs), unix_now()).await?;
+        let keys = SigningKeys::load(&db, secs(settings.access_ttl_secs), unix_now(), sealing).await?;
         let bootstrap = (
             settings.bootstrap_admin_email.clone(),
             settings.bootstrap_admin_password.clone(),
@@ -304,7 +307,7 @@ impl Auth {
         if !store::rotate_key(
             &self.db,
             signer.kid(),
-            &signer.seed(),
+            &self.keys.stored(signer.kid(), &signer.seed())?,
             now,
             activates_at,
             unless_newer_than,

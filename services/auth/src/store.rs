@@ -2,6 +2,7 @@
 //! (`$n` placeholders work on SQLite and PostgreSQL). Each function is one
 //! transaction that writes what it is given, including its outbox event.
 
+use plinth_runtime::crypto::Sealed;
 use plinth_runtime::events::outbox::OutboxEvent;
 use plinth_runtime::on_db;
 use plinth_runtime::storage::{BeginWrite, Db};
@@ -356,15 +357,41 @@ pub async fn revoke_session(
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct SigningKeyRow {
     pub kid: String,
+    /// The seed in clear; empty when it is sealed.
     pub seed: Vec<u8>,
+    /// The seed sealed under `kek_id` (`PLINTH_AUTH__KEYS`).
+    pub sealed_seed: Option<Vec<u8>>,
+    pub wrapped_key: Option<Vec<u8>>,
+    pub kek_id: Option<String>,
     pub created_at: i64,
     pub activates_at: i64,
     pub retired_at: Option<i64>,
 }
 
+/// The insert of signing key `$kid` with its `StoredSeed`, created at
+/// `$now`, signing from `$activates_at`; a macro so that one text serves
+/// both backends inside [`on_db!`] and a transaction.
+macro_rules! insert_key_query {
+    ($kid:expr, $seed:expr, $now:expr, $activates_at:expr) => {{
+        let seed: &StoredSeed = $seed;
+        sqlx::query(
+            "INSERT INTO signing_keys (kid, seed, sealed_seed, wrapped_key, kek_id, created_at, activates_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind($kid)
+        .bind(seed.clear())
+        .bind(seed.sealed().map(|s| &s.ciphertext))
+        .bind(seed.sealed().map(|s| &s.wrapped_key))
+        .bind(seed.sealed().map(|s| &s.kek_id))
+        .bind($now)
+        .bind($activates_at)
+    }};
+}
+
 /// Every signing key (a handful; the ring filters what is published).
 pub async fn signing_key_rows(db: &Db) -> Result<Vec<SigningKeyRow>, AuthError> {
-    let sql = "SELECT kid, seed, created_at, activates_at, retired_at FROM signing_keys";
+    let sql =
+        "SELECT kid, seed, sealed_seed, wrapped_key, kek_id, created_at, activates_at, retired_at FROM signing_keys";
     Ok(on_db!(db, |pool| sqlx::query_as(sql).fetch_all(pool).await)?)
 }
 
@@ -374,7 +401,7 @@ pub async fn signing_key_rows(db: &Db) -> Result<Vec<SigningKeyRow>, AuthError> 
 pub async fn rotate_key(
     db: &Db,
     kid: &str,
-    seed: &[u8],
+    seed: &StoredSeed,
     now: i64,
     activates_at: i64,
     unless_newer_than: Option<i64>,
@@ -395,11 +422,7 @@ pub async fn rotate_key(
             .bind(activates_at)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO signing_keys (kid, seed, created_at, activates_at) VALUES ($1, $2, $3, $4)")
-            .bind(kid)
-            .bind(seed)
-            .bind(now)
-            .bind(activates_at)
+        insert_key_query!(kid, seed, now, activates_at)
             .execute(&mut *tx)
             .await?;
         event.write(&mut *tx).await?;
@@ -409,16 +432,57 @@ pub async fn rotate_key(
     .await)
 }
 
-pub async fn insert_key(db: &Db, kid: &str, seed: &[u8], now: i64) -> Result<(), AuthError> {
-    let sql = "INSERT INTO signing_keys (kid, seed, created_at) VALUES ($1, $2, $3)";
-    on_db!(db, |pool| sqlx::query(sql)
-        .bind(kid)
-        .bind(seed)
-        .bind(now)
+/// Adds the first key of a deployment, signing at once.
+pub async fn insert_key(db: &Db, kid: &str, seed: &StoredSeed, now: i64) -> Result<(), AuthError> {
+    on_db!(db, |pool| insert_key_query!(kid, seed, now, now)
         .execute(pool)
         .await
         .map(drop))?;
     Ok(())
+}
+
+/// A signing key's seed as it is written: sealed when the deployment has a
+/// key encryption key, else in clear.
+pub enum StoredSeed {
+    /// In clear (no `PLINTH_AUTH__KEYS`).
+    Clear(Vec<u8>),
+    /// Sealed.
+    Sealed(Sealed),
+}
+
+impl StoredSeed {
+    /// The `seed` column: empty when sealed.
+    fn clear(&self) -> &[u8] {
+        match self {
+            StoredSeed::Clear(seed) => seed,
+            StoredSeed::Sealed(_) => &[],
+        }
+    }
+
+    fn sealed(&self) -> Option<&Sealed> {
+        match self {
+            StoredSeed::Clear(_) => None,
+            StoredSeed::Sealed(s) => Some(s),
+        }
+    }
+}
+
+/// Replaces key `kid`'s seed in clear with `sealed`; false when it was
+/// sealed already (another replica got there first).
+pub async fn seal_key(db: &Db, kid: &str, sealed: &Sealed) -> Result<bool, AuthError> {
+    let sql = "UPDATE signing_keys SET seed = $2, sealed_seed = $3, wrapped_key = $4, kek_id = $5 \
+               WHERE kid = $1 AND kek_id IS NULL";
+    let empty: &[u8] = &[];
+    let n = on_db!(db, |pool| sqlx::query(sql)
+        .bind(kid)
+        .bind(empty)
+        .bind(&sealed.ciphertext)
+        .bind(&sealed.wrapped_key)
+        .bind(&sealed.kek_id)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
+    Ok(n > 0)
 }
 
 /// A stored API key (never its secret).

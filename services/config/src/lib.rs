@@ -6,7 +6,6 @@
 //! the database; `watch` streams from it.
 
 mod convert;
-pub mod crypto;
 mod error;
 mod feed;
 pub mod formats;
@@ -21,10 +20,10 @@ mod watch;
 use plinth_runtime::storage::Migrations;
 use sqlx::migrate::Migrator;
 
-pub use crypto::Keyring;
 pub use error::ConfigError;
 pub use grpc::{ConfigGrpc, REVEAL_PERMISSION};
 pub use live_secrets::LiveSecrets;
+pub use plinth_runtime::crypto::Keyring;
 pub use service::{Caller, Configuration};
 pub use store::Store;
 

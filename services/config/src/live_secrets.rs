@@ -102,7 +102,8 @@ impl LiveSecrets {
                         environment = %env,
                         error = %chain(&e),
                         retry_in_ms = wait.as_millis() as u64,
-                        "cannot read secrets for {}; retrying", self.reader.subject
+                        reader = %self.reader.subject,
+                        "cannot read the secrets another component needs; retrying"
                     );
                     tokio::select! {
                         () = token.cancelled() => return,

@@ -203,17 +203,7 @@ pub struct Mutation {
     pub precondition: Precondition,
 }
 
-/// An encrypted value: the value under a data key, the data key under a key
-/// encryption key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sealed {
-    /// Nonce and ciphertext of the value.
-    pub ciphertext: Vec<u8>,
-    /// Nonce and ciphertext of the data key.
-    pub wrapped_key: Vec<u8>,
-    /// Which key encryption key wraps it.
-    pub kek_id: String,
-}
+pub use plinth_runtime::crypto::Sealed;
 
 /// A value as stored.
 #[derive(Debug, Clone, PartialEq)]

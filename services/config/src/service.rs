@@ -17,7 +17,6 @@ use plinth_runtime::events::SharedBus;
 use plinth_runtime::events::outbox::{OutboxEvent, Relay};
 
 use crate::convert::timestamp;
-use crate::crypto::Keyring;
 use crate::error::ConfigError;
 use crate::feed::Hub;
 use crate::formats::{self, Format};
@@ -27,6 +26,7 @@ use crate::model::{
 };
 use crate::schema::Schemas;
 use crate::store::{Committed, SealedTable, Store, Write, WriteRequest};
+use plinth_runtime::crypto::Keyring;
 
 /// Updates a feed buffers for a slow watcher before it must re-read history.
 const FEED_CAPACITY: usize = 1024;

@@ -1681,7 +1681,7 @@ mod tests {
     use plinth_runtime::testing::{Backend, TestDatabase, backend_url};
 
     use super::*;
-    use crate::crypto::Keyring;
+    use plinth_runtime::crypto::Keyring;
 
     fn event() -> OutboxEvent {
         OutboxEvent::new("plinth.config.test", "t", &prost_types::Timestamp::default())

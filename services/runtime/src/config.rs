@@ -228,6 +228,16 @@ pub struct AuthSettings {
     /// most `key_publish_lead_secs`, so every replica publishes a new key
     /// before any replica signs with it.
     pub key_reload_secs: u64,
+    /// Key encryption keys that seal the token signing keys at rest,
+    /// `id=<base64 of 32 bytes>` separated by commas (`PLINTH_AUTH__KEYS`);
+    /// the first seals new keys. Every auth replica needs the same keys.
+    #[serde(serialize_with = "redact_opt")]
+    pub keys: Option<SecretString>,
+    /// A file with more such keys, one per line (`PLINTH_AUTH__KEYS_FILE`).
+    /// With neither set and no database URL, a key is generated under the
+    /// data directory; with PostgreSQL, signing keys stay in clear (a warning
+    /// at start) until one is set.
+    pub keys_file: Option<PathBuf>,
 }
 
 /// The config service.
@@ -531,6 +541,8 @@ impl Default for AuthSettings {
             key_publish_lead_secs: 60,
             jwks_refresh_secs: 30,
             key_reload_secs: 30,
+            keys: None,
+            keys_file: None,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client_address;
 pub mod component;
 pub mod config;
+pub mod crypto;
 pub mod error;
 pub mod events;
 pub mod health;

@@ -1,9 +1,10 @@
-//! Envelope encryption of secret values: each value gets its own random
-//! AES-256-GCM data key; the data key is wrapped (AES-256-GCM) by a key
-//! encryption key (KEK) from the configured keyring, whose id is stored
-//! with the value. Rotating the KEK re-wraps data keys only; values are
-//! never re-encrypted. This module holds key material and does the
-//! cryptography; which KEK is active is the store's business.
+//! Envelope encryption of secrets at rest (config secret values, auth
+//! token-signing keys): each value gets its own random AES-256-GCM data key;
+//! the data key is wrapped (AES-256-GCM) by a key encryption key (KEK) from
+//! a configured keyring, whose id is stored with the value. Rotating the KEK
+//! re-wraps data keys only; values are never re-encrypted. This module holds
+//! key material and does the cryptography; which KEK is active, and what is
+//! sealed, is each service's business.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -15,12 +16,37 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use secrecy::ExposeSecret;
 
-use plinth_runtime::config::ConfigSettings;
-
-use crate::model::Sealed;
+use secrecy::SecretString;
 
 /// Bytes of an AES-256 key.
 const KEY_LEN: usize = 32;
+
+/// A value encrypted under its own data key, and that key wrapped by a KEK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    /// Nonce and ciphertext of the value.
+    pub ciphertext: Vec<u8>,
+    /// Nonce and ciphertext of the data key.
+    pub wrapped_key: Vec<u8>,
+    /// Which key encryption key wraps it.
+    pub kek_id: String,
+}
+
+/// Where a keyring's keys come from.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySources<'a> {
+    /// The setting that gives keys inline, for messages (`PLINTH_CONFIG__KEYS`).
+    pub setting: &'a str,
+    /// Inline keys, `id=<base64 of 32 bytes>` separated by commas.
+    pub keys: Option<&'a SecretString>,
+    /// A file of such keys, one per line.
+    pub keys_file: Option<&'a Path>,
+    /// With neither set: a key file to use, generated at first start
+    /// (embedded deployments, so secrets work with no set-up).
+    pub generate_at: Option<&'a Path>,
+    /// What the keys protect, for the generated file and the log.
+    pub protects: &'a str,
+}
 
 /// The keyring could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -59,34 +85,27 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
-/// Where the generated key of an embedded deployment lives.
-pub fn generated_key_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("config-keys")
-}
-
 impl Keyring {
-    /// Loads `PLINTH_CONFIG__KEYS` and `PLINTH_CONFIG__KEYS_FILE`. With
-    /// neither set and `generate_in` given (embedded SQLite), uses or creates
-    /// a key file there, so secrets work with no set-up.
-    pub fn load(settings: &ConfigSettings, generate_in: Option<&Path>) -> Result<Self, KeyringError> {
+    /// Loads the inline keys and the key file; with neither set and
+    /// `generate_at` given, uses or creates that file.
+    pub fn load(from: KeySources<'_>) -> Result<Self, KeyringError> {
         let mut ring = Self {
             keys: BTreeMap::new(),
             order: Vec::new(),
             rng: SystemRandom::new(),
             source: String::new(),
         };
-        if let Some(keys) = &settings.keys {
-            ring.add_lines("PLINTH_CONFIG__KEYS", keys.expose_secret().split(','))?;
-            ring.source = "PLINTH_CONFIG__KEYS".into();
+        if let Some(keys) = from.keys {
+            ring.add_lines(from.setting, keys.expose_secret().split(','))?;
+            ring.source = from.setting.into();
         }
-        let file = match (&settings.keys_file, generate_in) {
-            (Some(path), _) => Some(path.clone()),
-            (None, Some(dir)) if settings.keys.is_none() => {
-                let path = generated_key_path(dir);
+        let file = match (from.keys_file, from.generate_at) {
+            (Some(path), _) => Some(path.to_path_buf()),
+            (None, Some(path)) if from.keys.is_none() => {
                 if !path.exists() {
-                    ring.generate_file(&path)?;
+                    ring.generate_file(path, from.protects, from.setting)?;
                 }
-                Some(path)
+                Some(path.to_path_buf())
             }
             (None, _) => None,
         };
@@ -115,15 +134,15 @@ impl Keyring {
         Ok(ring)
     }
 
-    fn generate_file(&self, path: &Path) -> Result<(), KeyringError> {
+    fn generate_file(&self, path: &Path, protects: &str, setting: &str) -> Result<(), KeyringError> {
         let mut key = [0u8; KEY_LEN];
         self.rng.fill(&mut key).map_err(|_| KeyringError::Malformed {
             source_name: path.display().to_string(),
             reason: "the system random source failed".into(),
         })?;
-        let id = format!("local-{}", crate::model::now_ms() / 1000);
+        let id = format!("local-{}", crate::auth::unix_now_ms() / 1000);
         let line = format!(
-            "# Key encryption key for config secrets, generated at first start. Keep it with the data:\n# values encrypted under it are unreadable without it.\n{id}={}\n",
+            "# Key encryption key for {protects}, generated at first start. Keep it with the data:\n# values encrypted under it are unreadable without it.\n{id}={}\n",
             STANDARD.encode(key)
         );
         let err = |source| KeyringError::File {
@@ -142,7 +161,13 @@ impl Keyring {
         }
         let mut file = options.open(path).map_err(err)?;
         file.write_all(line.as_bytes()).map_err(err)?;
-        tracing::warn!(path = %path.display(), key_id = %id, "generated a key encryption key for config secrets; set PLINTH_CONFIG__KEYS in production");
+        tracing::warn!(
+            path = %path.display(),
+            key_id = %id,
+            protects,
+            setting,
+            "generated a key encryption key at first start; give one in the setting in production"
+        );
         Ok(())
     }
 
@@ -328,28 +353,37 @@ mod tests {
         assert!(r.open(&wrong, "app/prod/db").is_err());
     }
 
+    fn sources<'a>(keys: Option<&'a SecretString>, generate_at: Option<&'a Path>) -> KeySources<'a> {
+        KeySources {
+            setting: "PLINTH_TEST__KEYS",
+            keys,
+            keys_file: None,
+            generate_at,
+            protects: "tests",
+        }
+    }
+
     #[test]
     fn keys_parse_from_configuration_and_reject_bad_entries() {
-        let settings = |keys: &str| ConfigSettings {
-            keys: Some(keys.to_owned().into()),
-            ..ConfigSettings::default()
-        };
+        let load = |keys: &str| Keyring::load(sources(Some(&SecretString::from(keys.to_owned())), None));
         let k = STANDARD.encode([7u8; 32]);
-        let r = Keyring::load(&settings(&format!("k1={k}, k2={k}")), None).unwrap();
+        let r = load(&format!("k1={k}, k2={k}")).unwrap();
         assert_eq!(r.default_id(), Some("k1"));
         assert!(r.contains("k2"));
-        assert!(Keyring::load(&settings("k1=short"), None).is_err());
-        assert!(Keyring::load(&settings(&format!("k1={k},k1={k}")), None).is_err());
-        assert!(Keyring::load(&settings(&format!("bad id={k}")), None).is_err());
+        assert!(load("k1=short").is_err());
+        assert!(load(&format!("k1={k},k1={k}")).is_err());
+        let bad = load(&format!("bad id={k}")).unwrap_err().to_string();
+        assert!(bad.starts_with("PLINTH_TEST__KEYS:"), "{bad}");
     }
 
     #[test]
     fn an_embedded_deployment_generates_and_then_reuses_its_key() {
         let dir = std::env::temp_dir().join(format!("plinth-kek-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let first = Keyring::load(&ConfigSettings::default(), Some(&dir)).unwrap();
+        let file = dir.join("keys");
+        let first = Keyring::load(sources(None, Some(&file))).unwrap();
         let sealed = first.seal(first.default_id().unwrap(), b"v", "c").unwrap();
-        let second = Keyring::load(&ConfigSettings::default(), Some(&dir)).unwrap();
+        let second = Keyring::load(sources(None, Some(&file))).unwrap();
         assert_eq!(second.open(&sealed, "c").unwrap(), b"v");
         let _ = std::fs::remove_dir_all(&dir);
     }
