@@ -17,8 +17,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use plinth::ai::v1::ai_service_client::AiServiceClient;
 use plinth::ai::v1::{self as pb};
+use plinth::audit::v1::audit_service_client::AuditServiceClient;
+use plinth::audit::v1::{self as apb};
 use plinth_runtime::config::{AiModel, AiPrice, AiProvider, AiSettings, AiTarget, Config};
 use plinth_runtime::testing::{Backend, backend_url};
+use plinth_tests::audit::wait_for_entries;
 use plinth_tests::config::{ConfigSession, fresh_name, secret, text};
 use plinth_tests::fake_upstream::{FakeUpstream, Reply, sse_frames};
 use plinth_tests::{ADMIN_EMAIL, ADMIN_PASSWORD, TestApp, access_token, violated_field, with_admin, with_bearer};
@@ -956,6 +959,25 @@ async fn provider_keys_follow_config_secrets_without_a_restart() {
             assert!(Instant::now() < deadline, "{key} was never used: {r:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    // Each value the ai component opened is in the audit log as a reveal by it.
+    let mut audit = AuditServiceClient::new(s.app.channel().await.unwrap());
+    let reveals = apb::ListEventsRequest {
+        filter: Some(apb::EventFilter {
+            action_prefix: "config.secrets.revealed".into(),
+            resource_name: format!("{namespace}/prod"),
+            ..Default::default()
+        }),
+        oldest_first: true,
+        ..Default::default()
+    };
+    let entries = wait_for_entries(&mut audit, &s.token, reveals, 2, Duration::from_secs(15))
+        .await
+        .unwrap();
+    for entry in &entries {
+        let event = entry.event.as_ref().unwrap();
+        assert_eq!(event.actor.as_ref().unwrap().id, "component:ai");
     }
     s.app.stop().await;
 }
