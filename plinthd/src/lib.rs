@@ -28,7 +28,7 @@ use plinth_runtime::events::outbox::Relay;
 use plinth_runtime::events::{InProcessBus, NatsBus, SharedBus};
 use plinth_runtime::health::Probe;
 use plinth_runtime::resilience::RateLimiter;
-use plinth_runtime::secrets::{SecretRef, SecretSource};
+use plinth_runtime::secrets::{self, RemoteSecrets, SecretRef, SecretSource};
 use plinth_runtime::server::{BoundServer, ServerBuilder};
 use plinth_runtime::state::{InProcessState, RedisState, SharedStateRef};
 use plinth_runtime::storage::{Db, DbTarget, Migrations};
@@ -253,6 +253,22 @@ impl Plinth {
                     }
                 }
                 if component == Component::Ai {
+                    if secrets.is_none()
+                        && !wanted_secrets.is_empty()
+                        && let Some(url) = &cfg.ai.secrets_url
+                    {
+                        let channel = RemoteSecrets::dial(url).context("PLINTH_AI__SECRETS_URL")?;
+                        let credential =
+                            secrets::credential(cfg.ai.secrets_api_key.clone(), cfg.ai.secrets_api_key_file.clone());
+                        let remote = Arc::new(RemoteSecrets::default());
+                        tasks.spawn(
+                            "ai-provider-keys",
+                            remote
+                                .clone()
+                                .follow(channel, credential, wanted_secrets.clone(), tasks.token()),
+                        );
+                        secrets = Some(remote);
+                    }
                     let ai = plinth_ai::Ai::new(
                         &cfg.ai,
                         db.clone(),

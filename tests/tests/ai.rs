@@ -981,3 +981,73 @@ async fn provider_keys_follow_config_secrets_without_a_restart() {
     }
     s.app.stop().await;
 }
+
+/// An ai process without the config component (`--only ai`, as the Helm
+/// chart deploys it) reads `api_key_secret` from the config service of
+/// another process (`PLINTH_AI__SECRETS_URL`) with an API key scoped to
+/// `config.secrets.read`, read from a file, and follows its rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_ai_process_reads_provider_keys_from_the_config_service() {
+    let (primary, backup) = fakes().await;
+    primary.always(CHAT, Reply::ok(answer("from primary", 3, 2)));
+    backup.always(CHAT, Reply::ok(answer("from backup", 3, 2)));
+    let mut keeper = with_admin(TestApp::config());
+    keeper.only = "auth,config".parse().unwrap();
+    let keeper = TestApp::spawn(keeper).await.unwrap();
+    let mut auth = keeper.auth().await.unwrap();
+    let admin = access_token(&mut auth, ADMIN_EMAIL, ADMIN_PASSWORD).await.unwrap();
+    let namespace = fresh_name("ai-remote");
+    let mut keys = ConfigSession::with_token(&keeper, &admin).await.unwrap();
+    keys.create_env(&namespace).await.unwrap();
+    keys.set("openai", secret("sk-remote-1")).await.unwrap();
+    let api_key = auth
+        .create_api_key(with_bearer(
+            plinth::auth::v1::CreateApiKeyRequest {
+                display_name: "ai reads provider keys".into(),
+                scopes: vec!["config.secrets.read".into(), "config.values.read".into()],
+                expire_time: None,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+
+    let mut config = config(&primary, &backup);
+    config.only = "ai".parse().unwrap();
+    config.auth.url = Some(format!("http://{}", keeper.grpc));
+    let p = config.ai.providers.get_mut("primary").unwrap();
+    p.api_key = None;
+    p.api_key_secret = Some(format!("{namespace}/prod/openai"));
+    config.ai.secrets_url = Some(format!("http://{}", keeper.grpc));
+    let key_file = config.data_dir.join("secrets-api-key");
+    std::fs::create_dir_all(key_file.parent().unwrap()).unwrap();
+    std::fs::write(&key_file, format!("{api_key}\n")).unwrap();
+    config.ai.secrets_api_key_file = Some(key_file);
+    let app = TestApp::spawn(config).await.unwrap();
+    let mut ai = AiServiceClient::new(app.channel().await.unwrap());
+
+    let mut asked = 0;
+    for key in ["sk-remote-1", "sk-remote-2"] {
+        if key == "sk-remote-2" {
+            keys.set("openai", secret(key)).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            asked += 1;
+            let r = ai
+                .generate(with_bearer(request(&format!("remote {asked}")), &admin))
+                .await
+                .unwrap()
+                .into_inner();
+            if r.provider == "primary" && primary.last().unwrap().header("authorization") == format!("Bearer {key}") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{key} was never used: {r:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    app.stop().await;
+    keeper.stop().await;
+}

@@ -150,6 +150,17 @@ point at a component deployed elsewhere.
       name: {{ $v.authKeys.existingSecret }}
       key: {{ $v.authKeys.secretKey }}
 {{- end }}
+{{- if and (eq .name "ai") $v.aiSecretsApiKey.existingSecret }}
+- name: PLINTH_AI__SECRETS_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.aiSecretsApiKey.existingSecret }}
+      key: {{ $v.aiSecretsApiKey.secretKey }}
+{{- end }}
+{{- if and (eq .name "ai") $v.components.config.enabled (not (hasKey $env "PLINTH_AI__SECRETS_URL")) }}
+- name: PLINTH_AI__SECRETS_URL
+  value: {{ include "plinth.grpcUrl" (dict "root" $root "name" "config") | quote }}
+{{- end }}
 {{- if and (eq .name "config") $v.configKeys.existingSecret }}
 - name: PLINTH_CONFIG__KEYS
   valueFrom:

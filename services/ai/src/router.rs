@@ -203,7 +203,7 @@ impl Router {
                         .map_err(|e| AiError::Config(format!("provider {name:?}: api_key_secret: {e}")))?;
                     let source = secrets.cloned().ok_or_else(|| {
                         AiError::Config(format!(
-                            "provider {name:?}: api_key_secret needs the config component in this process"
+                            "provider {name:?}: api_key_secret needs the config component in this process or PLINTH_AI__SECRETS_URL"
                         ))
                     })?;
                     ApiKey::Secret { at, source }

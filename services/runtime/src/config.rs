@@ -345,6 +345,17 @@ pub struct AiSettings {
     /// gathered into one upstream request; 0 sends each alone
     /// (`PLINTH_AI__EMBED_BATCH_WINDOW_MS`).
     pub embed_batch_window_ms: u64,
+    /// gRPC URL of the config service that holds the providers'
+    /// `api_key_secret`s, for an ai process without the config component
+    /// (`PLINTH_AI__SECRETS_URL`, e.g. `http://config:50051`).
+    pub secrets_url: Option<String>,
+    /// The API key the ai process reads those secrets with; it needs
+    /// `config.secrets.read` (`PLINTH_AI__SECRETS_API_KEY`).
+    #[serde(serialize_with = "redact_opt")]
+    pub secrets_api_key: Option<SecretString>,
+    /// A file holding that API key, reread before every call, so a rotated
+    /// mounted Secret is picked up (`PLINTH_AI__SECRETS_API_KEY_FILE`).
+    pub secrets_api_key_file: Option<PathBuf>,
 }
 
 /// A spending limit in US dollars per UTC day or calendar month, for one
@@ -384,6 +395,9 @@ impl Default for AiSettings {
             budgets: Vec::new(),
             cache_ttl_secs: 3600,
             embed_batch_window_ms: 2,
+            secrets_url: None,
+            secrets_api_key: None,
+            secrets_api_key_file: None,
         }
     }
 }

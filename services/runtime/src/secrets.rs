@@ -4,9 +4,15 @@
 //! Components ask a [`SecretSource`], which answers from a live local copy
 //! and never waits on the network in a request's path.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
-use secrecy::SecretString;
+use plinth::config::ConfigClient;
+use plinth::config::v1::value::Kind;
+use secrecy::{ExposeSecret, SecretString};
+use tokio_util::sync::CancellationToken;
 
 /// Where a secret lives: `namespace/environment/key` (the key may itself
 /// contain `/`).
@@ -48,6 +54,115 @@ pub trait SecretSource: Send + Sync {
     /// The secret's current text; `None` while it is not known (not loaded
     /// yet, not set, or stored as a plain value rather than a secret).
     fn secret(&self, at: &SecretRef) -> Option<SecretString>;
+}
+
+/// Where a component in another process than the config service gets the
+/// credential it reads secrets with (an API key holding
+/// `config.secrets.read`): asked again before every call, so a rotated key
+/// file is picked up.
+pub type Credential = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// First and longest wait between attempts to open an environment.
+const RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
+
+/// Secrets read from a config service in another process: one live copy
+/// (`Watch` with `reveal_secrets`) per environment, kept current by
+/// [`plinth::config::ConfigClient`] across disconnects.
+#[derive(Default)]
+pub struct RemoteSecrets {
+    copies: RwLock<HashMap<(String, String), ConfigClient>>,
+}
+
+impl fmt::Debug for RemoteSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteSecrets").finish_non_exhaustive()
+    }
+}
+
+/// The credential from an inline API key, or from a file reread before
+/// every call.
+pub fn credential(key: Option<SecretString>, file: Option<std::path::PathBuf>) -> Credential {
+    Arc::new(move || match (&key, &file) {
+        (Some(key), _) => Some(key.expose_secret().to_owned()),
+        (None, Some(path)) => std::fs::read_to_string(path).ok().map(|k| k.trim().to_owned()),
+        (None, None) => None,
+    })
+}
+
+impl RemoteSecrets {
+    /// A channel to the config service at `url`, dialled on first use.
+    /// No request timeout: the watch streams it carries are long-lived.
+    pub fn dial(url: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        Ok(tonic::transport::Endpoint::from_shared(url.to_owned())?
+            .connect_timeout(Duration::from_secs(3))
+            .connect_lazy())
+    }
+
+    /// Follows the environments of `wanted` over `channel` until `token`
+    /// is cancelled, retrying an environment that cannot be opened yet.
+    pub async fn follow(
+        self: Arc<Self>,
+        channel: tonic::transport::Channel,
+        credential: Credential,
+        wanted: Vec<SecretRef>,
+        token: CancellationToken,
+    ) -> Result<(), std::convert::Infallible> {
+        let envs: BTreeSet<(String, String)> = wanted.into_iter().map(|at| (at.namespace, at.environment)).collect();
+        let each = envs.into_iter().map(|(namespace, environment)| {
+            let (this, channel, credential, token) = (self.clone(), channel.clone(), credential.clone(), token.clone());
+            async move {
+                let mut wait = RETRY.0;
+                loop {
+                    let credential = credential.clone();
+                    let started = ConfigClient::builder(channel.clone(), namespace.clone(), environment.clone())
+                        .reveal_secrets(true)
+                        .bearer_from(move || credential())
+                        .start()
+                        .await;
+                    match started {
+                        Ok((client, keep_current)) => {
+                            this.copies
+                                .write()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .insert((namespace.clone(), environment.clone()), client);
+                            tokio::select! {
+                                () = token.cancelled() => return,
+                                () = keep_current => return,
+                            }
+                        }
+                        Err(status) => {
+                            tracing::warn!(
+                                namespace = %namespace,
+                                environment = %environment,
+                                code = ?status.code(),
+                                error = status.message(),
+                                retry_in_ms = wait.as_millis() as u64,
+                                "cannot read secrets from the config service; retrying"
+                            );
+                            tokio::select! {
+                                () = token.cancelled() => return,
+                                () = tokio::time::sleep(wait) => {}
+                            }
+                            wait = (wait * 2).min(RETRY.1);
+                        }
+                    }
+                }
+            }
+        });
+        futures::future::join_all(each).await;
+        Ok(())
+    }
+}
+
+impl SecretSource for RemoteSecrets {
+    fn secret(&self, at: &SecretRef) -> Option<SecretString> {
+        let copies = self.copies.read().unwrap_or_else(PoisonError::into_inner);
+        let copy = copies.get(&(at.namespace.clone(), at.environment.clone()))?;
+        match copy.value(&at.key)?.kind? {
+            Kind::SecretValue(text) if !text.is_empty() => Some(SecretString::from(text)),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
