@@ -92,17 +92,15 @@ impl Plinth {
         let mut jwks: Option<Arc<dyn JwksSource>> = None;
         let mut api_keys: Option<Arc<dyn ApiKeySource>> = None;
         // Provider keys the ai component reads from config secrets; the
-        // config component (started before ai) serves them.
+        // config component (started before ai) serves them. A malformed
+        // address is the ai component's to refuse, naming its provider.
         let mut secrets: Option<Arc<dyn SecretSource>> = None;
-        let wanted_secrets = cfg
+        let wanted_secrets: Vec<SecretRef> = cfg
             .ai
             .providers
-            .iter()
-            .filter_map(|(name, p)| p.api_key_secret.as_ref().map(|a| (name, a)))
-            .map(|(name, address)| {
-                SecretRef::parse(address).map_err(|e| anyhow::anyhow!("ai.providers.{name}.api_key_secret: {e}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            .values()
+            .filter_map(|p| SecretRef::parse(p.api_key_secret.as_deref()?).ok())
+            .collect();
         let mut required = vec!["database"];
         if cfg.redis_url.is_some() {
             required.push("redis");
@@ -136,7 +134,7 @@ impl Plinth {
                         plinth_auth::LoginThrottle::new(state.clone(), plinth_auth::Limits::default()),
                         Revocations::new(state.clone()),
                         Some(relay.clone()),
-                        Some(auth_keyring(&cfg)?),
+                        keyring(&cfg, Component::Auth)?,
                     )
                     .await?;
                     builder = builder.add_service(
@@ -162,14 +160,7 @@ impl Plinth {
                     api_keys = Some(auth);
                 }
                 if component == Component::Config {
-                    let generated = cfg.data_dir.join("config-keys");
-                    let keyring = plinth_config::Keyring::load(KeySources {
-                        setting: "PLINTH_CONFIG__KEYS",
-                        keys: cfg.config.keys.as_ref(),
-                        keys_file: cfg.config.keys_file.as_deref(),
-                        generate_at: cfg.database_url.is_none().then_some(generated.as_path()),
-                        protects: "config secrets",
-                    })?;
+                    let keyring = keyring(&cfg, Component::Config)?;
                     if keyring.is_empty() {
                         tracing::warn!(
                             "no key encryption key configured: secret values are refused until PLINTH_CONFIG__KEYS or PLINTH_CONFIG__KEYS_FILE is set"
@@ -456,21 +447,37 @@ fn gateway(cfg: &Config, server: &BoundServer, state: SharedStateRef) -> anyhow:
     Ok(Gateway::new(plinth::FILE_DESCRIPTOR_SET, upstreams, options)?)
 }
 
-/// Each component's own tables (beside the runtime's outbox).
-/// The keyring that seals token signing keys: `PLINTH_AUTH__KEYS`/`_FILE`,
-/// or on an embedded deployment a key file generated under the data
-/// directory. Empty (keys in clear) with PostgreSQL and no keys given.
-fn auth_keyring(cfg: &Config) -> anyhow::Result<Keyring> {
-    let generated = cfg.data_dir.join("auth-keys");
+/// The keyring `component` seals its secrets at rest with (auth: token
+/// signing keys; config: secret values): `PLINTH_<COMPONENT>__KEYS`/`_FILE`,
+/// or on an embedded deployment `<data dir>/<component>-keys`, generated at
+/// first start. Empty with PostgreSQL and no keys given.
+fn keyring(cfg: &Config, component: Component) -> anyhow::Result<Keyring> {
+    let (setting, keys, keys_file, protects) = match component {
+        Component::Auth => (
+            "PLINTH_AUTH__KEYS",
+            cfg.auth.keys.as_ref(),
+            cfg.auth.keys_file.as_deref(),
+            "token signing keys",
+        ),
+        Component::Config => (
+            "PLINTH_CONFIG__KEYS",
+            cfg.config.keys.as_ref(),
+            cfg.config.keys_file.as_deref(),
+            "config secrets",
+        ),
+        other => anyhow::bail!("{other} keeps no secrets at rest"),
+    };
+    let generated = cfg.data_dir.join(format!("{component}-keys"));
     Ok(Keyring::load(KeySources {
-        setting: "PLINTH_AUTH__KEYS",
-        keys: cfg.auth.keys.as_ref(),
-        keys_file: cfg.auth.keys_file.as_deref(),
+        setting,
+        keys,
+        keys_file,
         generate_at: cfg.database_url.is_none().then_some(generated.as_path()),
-        protects: "token signing keys",
+        protects,
     })?)
 }
 
+/// Each component's own tables (beside the runtime's outbox).
 fn migrations(component: Component) -> Migrations {
     match component {
         Component::Auth => plinth_auth::MIGRATIONS,

@@ -910,6 +910,44 @@ async fn thinking_blocks_survive_a_tool_turn_through_the_openai_surface() {
     s.app.stop().await;
 }
 
+/// Fakes that always answer, and [`config`] with the primary's key read
+/// from the config secret at `address`.
+async fn keyed_by_secret(address: &str) -> (FakeUpstream, FakeUpstream, Config) {
+    let (primary, backup) = fakes().await;
+    primary.always(CHAT, Reply::ok(answer("from primary", 3, 2)));
+    backup.always(CHAT, Reply::ok(answer("from backup", 3, 2)));
+    let mut config = config(&primary, &backup);
+    let p = config.ai.providers.get_mut("primary").unwrap();
+    p.api_key = None;
+    p.api_key_secret = Some(address.to_owned());
+    (primary, backup, config)
+}
+
+/// Asks `chat` something new each time (equal requests would be answered
+/// from the response cache) until the primary is sent `key`.
+async fn until_primary_is_sent(
+    ai: &mut AiServiceClient<Channel>,
+    token: &str,
+    primary: &FakeUpstream,
+    key: &str,
+    asked: &mut u32,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        *asked += 1;
+        let r = ai
+            .generate(with_bearer(request(&format!("question {asked}")), token))
+            .await
+            .unwrap()
+            .into_inner();
+        if r.provider == "primary" && primary.last().unwrap().header("authorization") == format!("Bearer {key}") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{key} was never used: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A provider key kept as a config secret (`api_key_secret`): while it is
 /// not set, or set as a plain value, that provider is skipped without a
 /// request and the attempt names the secret; once set, the next call
@@ -917,48 +955,29 @@ async fn thinking_blocks_survive_a_tool_turn_through_the_openai_surface() {
 /// no restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_keys_follow_config_secrets_without_a_restart() {
-    let (primary, backup) = fakes().await;
-    primary.always(CHAT, Reply::ok(answer("from primary", 3, 2)));
-    backup.always(CHAT, Reply::ok(answer("from backup", 3, 2)));
     let namespace = fresh_name("ai-keys");
     let address = format!("{namespace}/prod/providers/openai");
-    let mut config = config(&primary, &backup);
-    let p = config.ai.providers.get_mut("primary").unwrap();
-    p.api_key = None;
-    p.api_key_secret = Some(address.clone());
+    let (primary, _backup, config) = keyed_by_secret(&address).await;
     let mut s = start(config).await;
     let mut keys = ConfigSession::with_token(&s.app, &s.token).await.unwrap();
     keys.create_env(&namespace).await.unwrap();
 
-    // Each call asks something new: equal requests would be answered from the response cache.
-    let mut asked = 0;
-    let mut ask = async |s: &mut Session| {
-        asked += 1;
-        s.generate(request(&format!("question {asked}"))).await.unwrap()
-    };
-    let r = ask(&mut s).await;
+    let r = s.generate(request("before the key is set")).await.unwrap();
     assert_eq!(r.provider, "backup");
     assert!(r.attempts[0].error.contains(&address), "{:?}", r.attempts);
     keys.set("providers/openai", text("sk-plain")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = ask(&mut s).await;
+    let r = s.generate(request("with a plain value")).await.unwrap();
     assert_eq!(r.provider, "backup", "a plain value is never sent as a key");
     assert!(
         primary.requests().is_empty(),
         "nothing reaches a provider without its key"
     );
 
+    let mut asked = 0;
     for key in ["sk-first", "sk-rotated"] {
         keys.set("providers/openai", secret(key)).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let r = ask(&mut s).await;
-            if r.provider == "primary" && primary.last().unwrap().header("authorization") == format!("Bearer {key}") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{key} was never used: {r:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_primary_is_sent(&mut s.ai, &s.token, &primary, key, &mut asked).await;
     }
 
     // Each value the ai component opened is in the audit log as a reveal by it.
@@ -979,6 +998,27 @@ async fn provider_keys_follow_config_secrets_without_a_restart() {
         let event = entry.event.as_ref().unwrap();
         assert_eq!(event.actor.as_ref().unwrap().id, "component:ai");
     }
+
+    // A deleted environment takes its keys with it.
+    keys.client
+        .delete_environment(keys.req(plinth::config::v1::DeleteEnvironmentRequest {
+            namespace: namespace.clone(),
+            environment: "prod".into(),
+            etag: String::new(),
+        }))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        asked += 1;
+        let r = s.generate(request(&format!("question {asked}"))).await.unwrap();
+        if r.provider == "backup" {
+            assert!(r.attempts[0].error.contains(&address), "{:?}", r.attempts);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the deleted key is still used");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     s.app.stop().await;
 }
 
@@ -988,9 +1028,6 @@ async fn provider_keys_follow_config_secrets_without_a_restart() {
 /// `config.secrets.read`, read from a file, and follows its rotation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_separate_ai_process_reads_provider_keys_from_the_config_service() {
-    let (primary, backup) = fakes().await;
-    primary.always(CHAT, Reply::ok(answer("from primary", 3, 2)));
-    backup.always(CHAT, Reply::ok(answer("from backup", 3, 2)));
     let mut keeper = with_admin(TestApp::config());
     keeper.only = "auth,config".parse().unwrap();
     let keeper = TestApp::spawn(keeper).await.unwrap();
@@ -1014,12 +1051,9 @@ async fn a_separate_ai_process_reads_provider_keys_from_the_config_service() {
         .into_inner()
         .secret;
 
-    let mut config = config(&primary, &backup);
+    let (primary, _backup, mut config) = keyed_by_secret(&format!("{namespace}/prod/openai")).await;
     config.only = "ai".parse().unwrap();
     config.auth.url = Some(format!("http://{}", keeper.grpc));
-    let p = config.ai.providers.get_mut("primary").unwrap();
-    p.api_key = None;
-    p.api_key_secret = Some(format!("{namespace}/prod/openai"));
     config.ai.secrets_url = Some(format!("http://{}", keeper.grpc));
     let key_file = config.data_dir.join("secrets-api-key");
     std::fs::create_dir_all(key_file.parent().unwrap()).unwrap();
@@ -1029,25 +1063,9 @@ async fn a_separate_ai_process_reads_provider_keys_from_the_config_service() {
     let mut ai = AiServiceClient::new(app.channel().await.unwrap());
 
     let mut asked = 0;
-    for key in ["sk-remote-1", "sk-remote-2"] {
-        if key == "sk-remote-2" {
-            keys.set("openai", secret(key)).await.unwrap();
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            asked += 1;
-            let r = ai
-                .generate(with_bearer(request(&format!("remote {asked}")), &admin))
-                .await
-                .unwrap()
-                .into_inner();
-            if r.provider == "primary" && primary.last().unwrap().header("authorization") == format!("Bearer {key}") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{key} was never used: {r:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    until_primary_is_sent(&mut ai, &admin, &primary, "sk-remote-1", &mut asked).await;
+    keys.set("openai", secret("sk-remote-2")).await.unwrap();
+    until_primary_is_sent(&mut ai, &admin, &primary, "sk-remote-2", &mut asked).await;
     app.stop().await;
     keeper.stop().await;
 }

@@ -164,8 +164,8 @@ pub struct Router {
 impl Router {
     /// Builds adapters, breakers and routes from the settings, refusing
     /// unknown provider kinds, targets naming unknown providers, and
-    /// models without targets.
-    /// Keys given as `api_key_secret` are read from `secrets`.
+    /// models without targets. Keys given as `api_key_secret` are read
+    /// from `secrets`.
     pub fn from_settings(
         settings: &AiSettings,
         client: reqwest::Client,

@@ -104,14 +104,14 @@ fn seal_context(kid: &str) -> String {
 }
 
 impl SigningKeys {
-    /// Loads the ring, creating the first key on a new deployment. With
-    /// `sealing` (a keyring that holds a key), seeds are written sealed and
-    /// seeds stored in clear before are sealed now.
-    pub async fn load(db: &Db, token_lifetime: i64, now: i64, sealing: Option<Keyring>) -> Result<Self, AuthError> {
+    /// Loads the ring, creating the first key on a new deployment. When
+    /// `sealing` holds a key, seeds are written sealed and seeds stored in
+    /// clear before are sealed now.
+    pub async fn load(db: &Db, token_lifetime: i64, now: i64, sealing: Keyring) -> Result<Self, AuthError> {
         let keys = Self {
             ring: RwLock::new(Arc::default()),
             token_lifetime,
-            sealing: sealing.filter(|k| !k.is_empty()),
+            sealing: (!sealing.is_empty()).then_some(sealing),
         };
         let rows = store::signing_key_rows(db).await?;
         if rows.is_empty() {
@@ -185,7 +185,7 @@ impl SigningKeys {
             .collect::<Result<Vec<_>, _>>()?;
         let ring = KeyRing::from_rows(rows, now, self.token_lifetime);
         if ring.keys.is_empty() {
-            return Err(AuthError::Hashing("no usable signing key".into()));
+            return Err(AuthError::SigningKey("no usable signing key".into()));
         }
         *self.ring.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(ring);
         Ok(())

@@ -176,14 +176,14 @@ fn secs(v: u64) -> i64 {
 
 impl Auth {
     /// Loads (or creates, on first start) the signing key and returns the
-    /// service. With `sealing`, signing keys are sealed at rest.
+    /// service. With a key in `sealing`, signing keys are sealed at rest.
     pub async fn new(
         db: Db,
         settings: AuthSettings,
         throttle: LoginThrottle,
         revocations: Revocations,
         relay: Option<Relay>,
-        sealing: Option<Keyring>,
+        sealing: Keyring,
     ) -> Result<Arc<Self>, AuthError> {
         let hasher = PasswordHasher::new(settings.hash_concurrency as usize)?;
         let keys = SigningKeys::load(&db, secs(settings.access_ttl_secs), unix_now(), sealing).await?;

@@ -6,21 +6,17 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use plinth_runtime::error::chain;
-use plinth_runtime::secrets::{SecretRef, SecretSource};
+use plinth_runtime::secrets::{OPEN_RETRY, SecretRef, SecretSource};
+use plinth_runtime::tasks::pause;
 use secrecy::SecretString;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use crate::feed::Update;
+use crate::feed::{Head, Update};
 use crate::model::{Entry, EnvId};
 use crate::service::{Caller, Configuration};
-
-/// Waits between attempts to open an environment that is missing or
-/// unreadable: the first, and the longest.
-const RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(10));
 
 /// One opened value and the stored entry it came from.
 struct Opened {
@@ -75,12 +71,12 @@ impl LiveSecrets {
     }
 
     async fn follow_env(&self, env: &EnvId, token: &CancellationToken) {
-        let mut wait = RETRY.0;
+        let mut attempt = 0u32;
         loop {
             match self.config.hub().feed(env).await {
                 Ok(feed) => {
-                    wait = RETRY.0;
-                    let (mut updates, entries) = feed.subscribe(|h| self.pick(env, |k| h.entries.get(k).cloned()));
+                    attempt = 0;
+                    let (mut updates, entries) = feed.subscribe(|h| self.pick(env, Some(h)));
                     self.refresh(env, entries).await;
                     loop {
                         let update = tokio::select! {
@@ -90,14 +86,18 @@ impl LiveSecrets {
                         match update {
                             Ok(u) if matches!(*u, Update::Gone) => break,
                             Ok(_) | Err(RecvError::Lagged(_)) => {
-                                let entries = feed.read(|h| self.pick(env, |k| h.entries.get(k).cloned()));
+                                let entries = feed.read(|h| self.pick(env, Some(h)));
                                 self.refresh(env, entries).await;
                             }
                             Err(RecvError::Closed) => break,
                         }
                     }
+                    // The environment was deleted: its values are no longer there to use.
+                    self.refresh(env, self.pick(env, None)).await;
                 }
                 Err(e) => {
+                    let wait = OPEN_RETRY.delay(attempt);
+                    attempt = attempt.saturating_add(1);
                     tracing::warn!(
                         environment = %env,
                         error = %chain(&e),
@@ -105,23 +105,21 @@ impl LiveSecrets {
                         reader = %self.reader.subject,
                         "cannot read the secrets another component needs; retrying"
                     );
-                    tokio::select! {
-                        () = token.cancelled() => return,
-                        () = tokio::time::sleep(wait) => {}
+                    if !pause(token, wait).await {
+                        return;
                     }
-                    wait = (wait * 2).min(RETRY.1);
                 }
             }
         }
     }
 
-    /// The wanted keys of `env` and their entries now.
-    fn pick(&self, env: &EnvId, get: impl Fn(&str) -> Option<Arc<Entry>>) -> Vec<(String, Option<Arc<Entry>>)> {
+    /// The wanted keys of `env` and their entries in `head` (none without one).
+    fn pick(&self, env: &EnvId, head: Option<&Head>) -> Vec<(String, Option<Arc<Entry>>)> {
         self.wanted
             .get(env)
             .into_iter()
             .flatten()
-            .map(|k| (k.clone(), get(k)))
+            .map(|k| (k.clone(), head.and_then(|h| h.entries.get(k).cloned())))
             .collect()
     }
 

@@ -421,7 +421,8 @@ pub struct AiProvider {
     pub api_key_file: Option<PathBuf>,
     /// A secret in the config service holding the API key, as
     /// `namespace/environment/key`; followed live, so `SetValue` rotates
-    /// it without a restart. Needs the config component in this process.
+    /// it without a restart. Read from the config component in this
+    /// process, else from `secrets_url`.
     #[serde(default)]
     pub api_key_secret: Option<String>,
     /// Azure's `api-version`.

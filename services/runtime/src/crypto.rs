@@ -14,9 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
-use secrecy::ExposeSecret;
-
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 /// Bytes of an AES-256 key.
 const KEY_LEN: usize = 32;

@@ -14,6 +14,9 @@ use plinth::config::v1::value::Kind;
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
+use crate::resilience::Backoff;
+use crate::tasks::pause;
+
 /// Where a secret lives: `namespace/environment/key` (the key may itself
 /// contain `/`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -62,15 +65,20 @@ pub trait SecretSource: Send + Sync {
 /// file is picked up.
 pub type Credential = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
-/// First and longest wait between attempts to open an environment.
-const RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
+/// Waits between attempts to open an environment that is missing or
+/// unreadable (a component starting before its secrets exist).
+pub const OPEN_RETRY: Backoff = Backoff {
+    initial: Duration::from_millis(200),
+    max: Duration::from_secs(5),
+};
 
 /// Secrets read from a config service in another process: one live copy
 /// (`Watch` with `reveal_secrets`) per environment, kept current by
 /// [`plinth::config::ConfigClient`] across disconnects.
 #[derive(Default)]
 pub struct RemoteSecrets {
-    copies: RwLock<HashMap<(String, String), ConfigClient>>,
+    /// By namespace, then environment.
+    copies: RwLock<HashMap<String, HashMap<String, ConfigClient>>>,
 }
 
 impl fmt::Debug for RemoteSecrets {
@@ -111,8 +119,7 @@ impl RemoteSecrets {
         let each = envs.into_iter().map(|(namespace, environment)| {
             let (this, channel, credential, token) = (self.clone(), channel.clone(), credential.clone(), token.clone());
             async move {
-                let mut wait = RETRY.0;
-                loop {
+                for attempt in 0u32.. {
                     let credential = credential.clone();
                     let started = ConfigClient::builder(channel.clone(), namespace.clone(), environment.clone())
                         .reveal_secrets(true)
@@ -124,13 +131,16 @@ impl RemoteSecrets {
                             this.copies
                                 .write()
                                 .unwrap_or_else(PoisonError::into_inner)
-                                .insert((namespace.clone(), environment.clone()), client);
+                                .entry(namespace.clone())
+                                .or_default()
+                                .insert(environment.clone(), client);
                             tokio::select! {
                                 () = token.cancelled() => return,
                                 () = keep_current => return,
                             }
                         }
                         Err(status) => {
+                            let wait = OPEN_RETRY.delay(attempt);
                             tracing::warn!(
                                 namespace = %namespace,
                                 environment = %environment,
@@ -139,11 +149,9 @@ impl RemoteSecrets {
                                 retry_in_ms = wait.as_millis() as u64,
                                 "cannot read secrets from the config service; retrying"
                             );
-                            tokio::select! {
-                                () = token.cancelled() => return,
-                                () = tokio::time::sleep(wait) => {}
+                            if !pause(&token, wait).await {
+                                return;
                             }
-                            wait = (wait * 2).min(RETRY.1);
                         }
                     }
                 }
@@ -156,10 +164,15 @@ impl RemoteSecrets {
 
 impl SecretSource for RemoteSecrets {
     fn secret(&self, at: &SecretRef) -> Option<SecretString> {
-        let copies = self.copies.read().unwrap_or_else(PoisonError::into_inner);
-        let copy = copies.get(&(at.namespace.clone(), at.environment.clone()))?;
-        match copy.value(&at.key)?.kind? {
-            Kind::SecretValue(text) if !text.is_empty() => Some(SecretString::from(text)),
+        let snapshot = self
+            .copies
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&at.namespace)?
+            .get(&at.environment)?
+            .snapshot();
+        match snapshot.values.get(&at.key)?.value.as_ref()?.kind.as_ref()? {
+            Kind::SecretValue(text) if !text.is_empty() => Some(SecretString::from(text.as_str())),
             _ => None,
         }
     }

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 
-use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
 use super::{Endpoint, EventStream, Provider, ProviderError, ProviderKind, Translator, sse::SseEvent};
@@ -42,10 +41,10 @@ impl Anthropic {
             .client
             .post(e.url("/v1/messages"))
             .header("anthropic-version", API_VERSION);
-        let builder = match e.key()? {
-            Some(k) => builder.header("x-api-key", k.expose_secret()),
+        let builder = e.with_key(|key| match key {
+            Some(k) => builder.header("x-api-key", k),
             None => builder,
-        };
+        })?;
         Ok(builder.json(body))
     }
 }

@@ -43,7 +43,6 @@
 
 use std::collections::HashMap;
 
-use secrecy::ExposeSecret;
 use serde_json::{Map, Value, json};
 
 use super::{Endpoint, EventStream, Provider, ProviderError, ProviderKind, Translator, sse::SseEvent};
@@ -95,9 +94,10 @@ impl Gemini {
         if stream {
             builder = builder.query(&[("alt", "sse")]);
         }
-        if let Some(k) = e.key()? {
-            builder = builder.header("x-goog-api-key", k.expose_secret());
-        }
+        let builder = e.with_key(|key| match key {
+            Some(k) => builder.header("x-goog-api-key", k),
+            None => builder,
+        })?;
         Ok(builder.json(body))
     }
 }

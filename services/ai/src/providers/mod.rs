@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use futures::{Stream, StreamExt};
 use plinth_runtime::error::chain;
 use plinth_runtime::secrets::{SecretRef, SecretSource};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::model::{ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, StreamEvent};
 use sse::{SseDecoder, SseEvent};
@@ -260,15 +260,18 @@ impl Endpoint {
         format!("{}{}", self.base_url.trim_end_matches('/'), path)
     }
 
-    /// The key to send now; `None` for endpoints that need none.
-    pub fn key(&self) -> Result<Option<SecretString>, ProviderError> {
+    /// `use_key` with the key to send now (`None` for endpoints that need
+    /// none); a key from the settings is lent, not copied.
+    pub fn with_key<T>(&self, use_key: impl FnOnce(Option<&str>) -> T) -> Result<T, ProviderError> {
         match &self.api_key {
-            ApiKey::None => Ok(None),
-            ApiKey::Fixed(k) => Ok(Some(k.clone())),
-            ApiKey::Secret { at, source } => source
-                .secret(at)
-                .map(Some)
-                .ok_or_else(|| ProviderError::MissingKey(at.to_string())),
+            ApiKey::None => Ok(use_key(None)),
+            ApiKey::Fixed(k) => Ok(use_key(Some(k.expose_secret()))),
+            ApiKey::Secret { at, source } => {
+                let key = source
+                    .secret(at)
+                    .ok_or_else(|| ProviderError::MissingKey(at.to_string()))?;
+                Ok(use_key(Some(key.expose_secret())))
+            }
         }
     }
 

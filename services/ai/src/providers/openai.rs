@@ -4,7 +4,6 @@
 //! Streams always ask for usage (`stream_options.include_usage`) so that
 //! every streamed call can be billed, whatever the caller asked.
 
-use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
 use super::{Endpoint, EventStream, Provider, ProviderError, ProviderKind, Translator, sse::SseEvent};
@@ -28,19 +27,19 @@ impl OpenAi {
 
     fn post(&self, model: &str, operation: &str, body: &Value) -> Result<reqwest::RequestBuilder, ProviderError> {
         let e = &self.endpoint;
-        let key = e.key()?;
         let builder = if self.azure {
             let version = e.api_version.as_deref().unwrap_or("2024-10-21");
-            e.client
+            let b = e
+                .client
                 .post(e.url(&format!("/openai/deployments/{model}/{operation}")))
-                .query(&[("api-version", version)])
-                .header("api-key", key.as_ref().map_or("", |k| k.expose_secret()))
+                .query(&[("api-version", version)]);
+            e.with_key(|key| b.header("api-key", key.unwrap_or("")))?
         } else {
             let b = e.client.post(e.url(&format!("/{operation}")));
-            match &key {
-                Some(k) => b.bearer_auth(k.expose_secret()),
+            e.with_key(|key| match key {
+                Some(k) => b.bearer_auth(k),
                 None => b,
-            }
+            })?
         };
         Ok(builder.json(body))
     }

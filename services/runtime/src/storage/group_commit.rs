@@ -123,8 +123,8 @@ where
     /// group may fill up before reaching its write, or another lead may have
     /// taken it; then it leads again or is answered), a copy of `commit` runs
     /// on its own task with the lane's key and the group, oldest first, and
-    /// must answer each in order; so a caller that goes away mid-commit never leaves the rest of
-    /// its group unanswered.
+    /// must answer each in order; so a caller that goes away mid-commit
+    /// never leaves the rest of its group unanswered.
     pub async fn submit<F, Fut>(&self, key: &K, request: R, weight: usize, commit: F) -> Result<T, E>
     where
         F: FnOnce(K, Vec<R>) -> Fut + Clone,
