@@ -238,7 +238,8 @@ async fn watch_round(target: &str, s: &ConfigSession, n: usize, pid: u32, per_co
                 }
             }
         }
-        lat
+        // Kept open, to measure what a stream holds once it has carried traffic.
+        (lat, stream)
     });
     let writer = async {
         let mut client = s.client.clone();
@@ -258,6 +259,10 @@ async fn watch_round(target: &str, s: &ConfigSession, n: usize, pid: u32, per_co
     .await?;
     written?;
     let server_cpu = cpu_seconds(pid) - cpu_before;
+    let (all, open): (Vec<_>, Vec<_>) = all.into_iter().unzip();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_after = rss_kib(pid);
+    drop(open);
     let mut latencies: Vec<Duration> = all.into_iter().flatten().collect();
     latencies.sort();
     let report = Report {
@@ -290,6 +295,12 @@ async fn watch_round(target: &str, s: &ConfigSession, n: usize, pid: u32, per_co
         rss_before / 1024,
         rss_idle / 1024,
         open_time.as_secs_f64()
+    ));
+    out(&format!(
+        "{:<44} {:.1} KiB per stream (server RSS {} MiB)",
+        format!("watch streams idle after {WRITES} changes, {n}"),
+        rss_after.saturating_sub(rss_before) as f64 / n as f64,
+        rss_after / 1024,
     ));
     Ok(())
 }

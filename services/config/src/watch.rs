@@ -209,7 +209,10 @@ impl Watcher {
             }
             if self.last < self.replay_to {
                 let upto = self.replay_to.min(self.last + REPLAY_CHUNK);
-                let batches = match self.config.batches(&self.spec.env, self.last, upto).await {
+                // Boxed: a history query's future is many KiB, and inline it
+                // would size every idle watch stream for the rare replay.
+                let replay = Box::pin(self.config.batches(&self.spec.env, self.last, upto));
+                let batches = match replay.await {
                     Ok(b) if !b.is_empty() => b,
                     // Compacted since this replica loaded the head: start
                     // over from a snapshot, as a watch from there would.
@@ -271,5 +274,48 @@ impl Watcher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use plinth_runtime::crypto::Keyring;
+    use plinth_runtime::testing::TestDatabase;
+
+    use super::*;
+    use crate::service::Caller;
+    use crate::store::Store;
+
+    /// Every open watch holds its stream's state for as long as it is open,
+    /// so ten thousand idle watchers cost ten thousand of these. A future
+    /// awaited inside the stream (a history query, say) that is not boxed
+    /// is sized into it whether or not it ever runs.
+    #[tokio::test]
+    async fn an_open_watch_stream_holds_little_state() {
+        let t = TestDatabase::sqlite("config", &crate::MIGRATIONS).await.unwrap();
+        let config = Configuration::new(
+            Store::new(t.db.clone()),
+            Keyring::from_keys(&[]).unwrap(),
+            Default::default(),
+            None,
+        );
+        let caller = Caller {
+            subject: "t".into(),
+            may_reveal: false,
+        };
+        let env = EnvId::new("app", "prod");
+        config.create_namespace("app", "", &caller).await.unwrap();
+        config.create_environment(&env, "", &caller).await.unwrap();
+        let spec = WatchSpec {
+            env,
+            prefix: String::new(),
+            from_revision: 0,
+            reveal: false,
+        };
+        let stream = open(config, spec).await.unwrap();
+        let size = std::mem::size_of_val(&stream);
+        assert!(size <= 2048, "a watch stream's state is {size} bytes");
+        drop(stream);
+        t.cleanup().await.unwrap();
     }
 }
