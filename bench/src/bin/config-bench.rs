@@ -252,6 +252,7 @@ async fn watch_round(target: &str, s: &ConfigSession, n: usize, pid: u32, per_co
         anyhow::Ok(())
     };
     let cpu_before = cpu_seconds(pid);
+    let client_cpu_before = cpu_seconds(std::process::id());
     let (all, written) = tokio::time::timeout(
         Duration::from_secs(120),
         futures::future::join(futures::future::join_all(readers), writer),
@@ -259,6 +260,7 @@ async fn watch_round(target: &str, s: &ConfigSession, n: usize, pid: u32, per_co
     .await?;
     written?;
     let server_cpu = cpu_seconds(pid) - cpu_before;
+    let client_cpu = cpu_seconds(std::process::id()) - client_cpu_before;
     let (all, open): (Vec<_>, Vec<_>) = all.into_iter().unzip();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_after = rss_kib(pid);
@@ -282,11 +284,12 @@ async fn watch_round(target: &str, s: &ConfigSession, n: usize, pid: u32, per_co
         report.errors
     ));
     out(&format!(
-        "{:<44} {:.1} µs of server CPU per delivery ({:.2} s for {} writes)",
+        "{:<44} {:.1} µs of server CPU per delivery ({:.2} s for {} writes); the watching client {:.1} µs",
         format!("fan-out cost, {n} watchers"),
         server_cpu * 1e6 / (n * WRITES) as f64,
         server_cpu,
-        WRITES
+        WRITES,
+        client_cpu * 1e6 / (n * WRITES) as f64,
     ));
     out(&format!(
         "{:<44} {:.1} KiB per stream (server RSS {} → {} MiB; opened in {:.1} s)",

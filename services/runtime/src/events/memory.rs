@@ -3,7 +3,7 @@
 //! cursors with ack deadlines, so durable consumers, redelivery and dedup
 //! behave as they do on NATS within one process.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -31,8 +31,12 @@ struct Inner {
     log: VecDeque<Event>,
     first_seq: u64,
     retained: usize,
-    /// Event id → time first seen, for the dedup window.
-    seen: HashMap<String, Instant>,
+    /// Event ids seen within the dedup window…
+    seen: HashSet<String>,
+    /// …and when, oldest first, so expiry looks only at the front: a scan
+    /// of every id on each publish made the bus the busiest code in the
+    /// process at a few thousand events a second.
+    seen_order: VecDeque<(Instant, String)>,
     dedup_window: Duration,
     consumers: HashMap<String, Consumer>,
 }
@@ -61,7 +65,8 @@ impl InProcessBus {
                 log: VecDeque::new(),
                 first_seq: 1,
                 retained: retained.max(1),
-                seen: HashMap::new(),
+                seen: HashSet::new(),
+                seen_order: VecDeque::new(),
                 dedup_window,
                 consumers: HashMap::new(),
             })),
@@ -156,14 +161,20 @@ impl EventBus for InProcessBus {
     async fn publish(&self, event: &Event) -> Result<(), BusError> {
         validate_subject(&event.subject)?;
         {
-            let mut inner = self.lock();
+            let mut guard = self.lock();
+            let inner = &mut *guard;
             let now = Instant::now();
-            let window = inner.dedup_window;
-            inner.seen.retain(|_, at| now.duration_since(*at) < window);
-            if inner.seen.contains_key(&event.id) {
+            while let Some((at, _)) = inner.seen_order.front()
+                && now.duration_since(*at) >= inner.dedup_window
+            {
+                if let Some((_, id)) = inner.seen_order.pop_front() {
+                    inner.seen.remove(&id);
+                }
+            }
+            if !inner.seen.insert(event.id.clone()) {
                 return Ok(());
             }
-            inner.seen.insert(event.id.clone(), now);
+            inner.seen_order.push_back((now, event.id.clone()));
             inner.log.push_back(event.clone());
             while inner.log.len() > inner.retained {
                 inner.log.pop_front();
@@ -257,5 +268,47 @@ impl EventBus for InProcessBus {
 
     fn kind(&self) -> &'static str {
         "in-process"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use futures::StreamExt;
+
+    use super::*;
+
+    fn event(id: &str) -> Event {
+        Event {
+            id: id.into(),
+            subject: "plinth.test.happened".into(),
+            payload: bytes::Bytes::new(),
+            headers: BTreeMap::new(),
+        }
+    }
+
+    /// A republish inside the window (an outbox relay retrying after a lost
+    /// ack) is stored once; once the window has passed the id is new again,
+    /// and what the bus remembered of it is gone.
+    #[tokio::test]
+    async fn an_id_is_stored_once_within_the_dedup_window() {
+        let bus = InProcessBus::new(Duration::from_millis(300));
+        let mut live = bus.listen("plinth.>").await.unwrap();
+        for id in ["a", "b", "a"] {
+            bus.publish(&event(id)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for id in ["c", "a"] {
+            bus.publish(&event(id)).await.unwrap();
+        }
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(live.next().await.unwrap().id);
+        }
+        assert_eq!(got, ["a", "b", "c", "a"]);
+        let inner = bus.lock();
+        assert_eq!(inner.log.len(), 4);
+        assert_eq!(inner.seen.len(), 2, "ids older than the window are forgotten");
     }
 }
