@@ -1,8 +1,9 @@
 //! Usage records: one per call, written with its `plinth.ai.usage.recorded`
 //! event through the outbox in the same transaction. Calls hand records to
-//! a [`Recorder`] and return at once; its writer commits them in batches,
-//! so recording adds no database round trip to a call's latency. Records
-//! still in the writer's buffer at shutdown are flushed before it stops.
+//! a [`Recorder`] and return at once; its writer commits them in batches
+//! (gathered for up to 50 ms), so recording adds no database round trip to
+//! a call's latency. Records still in the writer's buffer at shutdown are
+//! flushed before it stops.
 
 use std::time::Duration;
 
@@ -18,6 +19,8 @@ use crate::model::Usage;
 
 /// Most records written in one transaction.
 const BATCH: usize = 500;
+/// How long the writer keeps gathering records after the first arrives.
+const LINGER: Duration = Duration::from_millis(50);
 /// Records waiting for the writer before callers wait too.
 const BUFFER: usize = 10_000;
 
@@ -365,6 +368,18 @@ impl Writer {
             };
             if received == 0 && batch.is_empty() {
                 return Ok(());
+            }
+            // Gather what arrives shortly after, so a busy service commits a
+            // batch every LINGER instead of one per call or two: each commit
+            // is an fsync on SQLite, and each wakes the outbox relay.
+            let deadline = tokio::time::Instant::now() + LINGER;
+            while batch.len() < BATCH && !token.is_cancelled() {
+                let room = BATCH - batch.len();
+                tokio::select! {
+                    n = self.receiver.recv_many(&mut batch, room) => if n == 0 { break },
+                    () = tokio::time::sleep_until(deadline) => break,
+                    () = token.cancelled() => break,
+                }
             }
             loop {
                 match self.log.insert(&batch).await {
