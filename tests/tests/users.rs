@@ -381,8 +381,11 @@ async fn a_reset_token_arrives_as_an_event_and_works_once() {
 
 #[tokio::test]
 async fn signing_keys_rotate_on_demand_without_breaking_issued_tokens() {
+    // The lead must outlast a password check and a sign-in on a busy CI
+    // machine (one second did not, once); the test waits it out below.
+    const LEAD: Duration = Duration::from_secs(3);
     let mut config = with_admin(TestApp::config());
-    config.auth.key_publish_lead_secs = 1;
+    config.auth.key_publish_lead_secs = LEAD.as_secs();
     config.auth.jwks_refresh_secs = 1;
     let app = TestApp::spawn(config).await.unwrap();
     let mut client = app.auth().await.unwrap();
@@ -412,7 +415,7 @@ async fn signing_keys_rotate_on_demand_without_breaking_issued_tokens() {
         "a new key is published before it signs"
     );
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(LEAD + Duration::from_millis(100)).await;
     let after = access_token(&mut client, &email, PASSWORD).await.unwrap();
     assert_eq!(plinth_runtime::auth::jwt::peek_kid(&after).unwrap(), rotated.kid);
     for token in [&viewer, &during_lead, &after] {
