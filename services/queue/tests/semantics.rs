@@ -48,6 +48,7 @@ on_both_backends!(
     dedup_holds_under_concurrent_enqueues,
     concurrent_single_enqueues_each_get_their_own_message,
     concurrent_workers_share_out_the_work_without_overlap,
+    workers_acking_and_leasing_together_finish_every_job_once,
     expired_lease_redelivers_and_the_old_token_is_refused,
     backoff_follows_the_queue_settings_then_dead_letters,
     dead_letters_are_redriven_by_retry_failed,
@@ -345,6 +346,56 @@ async fn concurrent_workers_share_out_the_work_without_overlap(ctx: Ctx, db: Tes
         (0, 1),
         "the stale ack left its message leased"
     );
+    db
+}
+
+/// Workers that ack and lease again at once (on SQLite their claims are
+/// grouped into shared transactions, with two lease durations among them)
+/// deliver every job exactly once. On a missing queue a claim fails and an
+/// ack is answered "not found".
+async fn workers_acking_and_leasing_together_finish_every_job_once(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    let jobs: Vec<NewMessage> = (0..200).map(|i| job(&format!("job {i}"))).collect();
+    ctx.queues.enqueue("jobs", &jobs[..]).await.unwrap();
+    let workers = (0..6).map(|w| {
+        let q = ctx.queues.clone();
+        async move {
+            let lease_ms = (w % 2 == 0).then_some(120_000);
+            let mut mine = Vec::new();
+            loop {
+                let got = q.lease("jobs", 7, lease_ms, Duration::ZERO).await.unwrap();
+                if got.is_empty() {
+                    return mine;
+                }
+                assert!(got.len() <= 7, "a worker asking for 7 got {}", got.len());
+                let acks: Vec<(i64, i64)> = got.iter().map(|l| (l.message.id, l.token)).collect();
+                let outcomes = q.ack("jobs", &acks).await.unwrap();
+                assert_eq!(outcomes.len(), acks.len(), "one outcome per ack");
+                assert!(outcomes.iter().all(|o| *o == AckOutcome::Acked), "{outcomes:?}");
+                mine.extend(got.into_iter().map(|l| l.message.id));
+            }
+        }
+    });
+    let (q1, q2) = (ctx.queues.clone(), ctx.queues.clone());
+    let missing = async move {
+        tokio::join!(
+            q1.lease("no-such-queue", 5, None, Duration::ZERO),
+            q2.ack("no-such-queue", &[(1, 1)])
+        )
+    };
+    let (done, (claim, ack)) = tokio::join!(futures::future::join_all(workers), missing);
+    assert!(
+        matches!(claim, Err(QueueError::QueueNotFound(_))),
+        "a claim on a missing queue: {claim:?}"
+    );
+    assert_eq!(ack.unwrap(), [AckOutcome::NotFound]);
+    let mut ids = std::collections::HashSet::new();
+    for id in done.into_iter().flatten() {
+        assert!(ids.insert(id), "message {id} delivered twice");
+    }
+    assert_eq!(ids.len(), 200, "every job delivered once");
+    let counts = ctx.queues.queue("jobs").await.unwrap().counts;
+    assert_eq!((counts.ready, counts.leased), (0, 0), "nothing left behind");
     db
 }
 
