@@ -70,30 +70,47 @@ where
     let total = rate * duration.as_secs();
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let started = Instant::now();
-    let mut handles = Vec::with_capacity(total as usize);
     let tasks = plinth_runtime::Tasks::new();
-    for i in 0..total {
-        let due = started + interval.mul_f64(i as f64);
-        tokio::time::sleep_until(due.into()).await;
-        let (call, latencies, errors) = (call.clone(), latencies.clone(), errors.clone());
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        handles.push(done_rx);
-        tasks.spawn("bench-call", async move {
-            let r = call().await;
-            // Measured from when the request was due: lateness counts.
-            let took = due.elapsed();
-            match r {
-                Ok(()) => latencies.lock().await.push(took),
-                Err(e) => {
-                    if errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
-                        out(&format!("  first error: {e}"));
+    let (lat, errs) = (latencies.clone(), errors.clone());
+    // Paced by a thread sleeping to each start time: tokio's timers tick in
+    // whole milliseconds, so pacing on them started requests in bursts (two
+    // at once every millisecond at 2,000/s) rather than on schedule.
+    let paced = tokio::task::spawn_blocking(move || {
+        let mut handles = Vec::with_capacity(total as usize);
+        for i in 0..total {
+            let due = started + interval.mul_f64(i as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let (call, latencies, errors) = (call.clone(), lat.clone(), errs.clone());
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            handles.push(done_rx);
+            tasks.spawn("bench-call", async move {
+                let r = call().await;
+                // Measured from when the request was due: lateness counts.
+                let took = due.elapsed();
+                match r {
+                    Ok(()) => latencies.lock().await.push(took),
+                    Err(e) => {
+                        if errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                            out(&format!("  first error: {e}"));
+                        }
                     }
                 }
-            }
-            let _ = done_tx.send(());
-            Ok::<(), String>(())
-        });
-    }
+                let _ = done_tx.send(());
+                Ok::<(), String>(())
+            });
+        }
+        handles
+    })
+    .await;
+    let handles = match paced {
+        Ok(handles) => handles,
+        Err(e) => {
+            out(&format!("  the pacing thread failed: {e}"));
+            Vec::new()
+        }
+    };
     for h in handles {
         let _ = h.await;
     }
