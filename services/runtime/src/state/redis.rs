@@ -45,6 +45,10 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 if rate > 0 then redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 1000) end
 return {allowed, tostring(tokens), retry_ms}";
 
+/// How long one wait for the first connection lasts before the client's
+/// state is looked at again.
+const CONNECT_CHECK: Duration = Duration::from_millis(100);
+
 /// Shared state in Redis.
 pub struct RedisState {
     client: Client,
@@ -76,12 +80,22 @@ impl RedisState {
         .map_err(unavailable)?;
         // fred keeps the connection task running and reconnects on its own.
         let _connection = client.connect();
-        tokio::time::timeout(connect_timeout, client.wait_for_connect())
-            .await
-            .map_err(|_| {
-                StateError::Unavailable(format!("PLINTH_REDIS_URL: no connection within {connect_timeout:?}"))
-            })?
-            .map_err(unavailable)?;
+        // `wait_for_connect` checks the state, then subscribes to the next
+        // connection event (fred 10.1): a connection made in between is
+        // missed and it waits for one that never comes (seen once in CI as
+        // a 30 s start failure with Redis up). So it is asked in short turns,
+        // with the state checked between them.
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        while !client.is_connected() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StateError::Unavailable(format!(
+                    "PLINTH_REDIS_URL: no connection within {connect_timeout:?}"
+                )));
+            }
+            if let Ok(attempt) = tokio::time::timeout(CONNECT_CHECK, client.wait_for_connect()).await {
+                attempt.map_err(unavailable)?;
+            }
+        }
         Ok(Self {
             client,
             prefix: prefix.to_owned(),
