@@ -21,6 +21,10 @@ pub use migrate::{Migrations, RUNTIME_MIGRATIONS_BELOW};
 use crate::config::StorageConfig;
 use crate::resilience::Backoff;
 
+/// Rows sqlx's SQLite thread may hold ready for the caller: more than the
+/// most a service reads at once (a queue's grouped claims and acks, 1,000).
+const ROW_BUFFER: usize = 1024;
+
 /// Runs `$body` with `$pool` bound to whichever pool `$db` holds. The body
 /// is compiled once per backend, so one SQL text (with `$1` placeholders,
 /// which both SQLite and PostgreSQL accept) serves both.
@@ -246,7 +250,12 @@ impl Db {
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Full)
                     .busy_timeout(acquire)
-                    .foreign_keys(true);
+                    .foreign_keys(true)
+                    // sqlx hands rows from its SQLite thread to the caller
+                    // through a channel of this many; at its default of 50 a
+                    // group's claim of 800 rows stalls that thread at row 50
+                    // and wakes it again for every row the caller takes.
+                    .row_buffer_size(ROW_BUFFER);
                 let pool = SqlitePoolOptions::new()
                     .max_connections(cfg.max_connections)
                     .acquire_timeout(acquire)
