@@ -70,12 +70,21 @@ macro_rules! message_columns {
     };
 }
 
-/// `message_columns!` of the claim's `UPDATE messages m`.
-macro_rules! returned_message_columns {
+/// What a claim reads back of each message: the columns it did not just
+/// set itself (state, token and lease expiry are the claim's own, the queue
+/// is the one claimed from). Every column costs a copy per row on SQLite.
+macro_rules! claimed_columns {
     () => {
-        "m.id, m.queue, m.state, m.priority, m.slot, m.group_key, m.ready_at, m.next_at, m.expires_at, \
-         m.attempts, m.lease_token, m.payload, m.content_type, m.headers, m.dedup_key, m.last_error, \
-         m.origin_queue, m.enqueued_at"
+        "id, priority, slot, group_key, ready_at, expires_at, attempts, payload, content_type, headers, dedup_key, \
+         last_error, origin_queue, enqueued_at"
+    };
+}
+
+/// `claimed_columns!` of the claim's `UPDATE messages m`.
+macro_rules! returned_claimed_columns {
+    () => {
+        "m.id, m.priority, m.slot, m.group_key, m.ready_at, m.expires_at, m.attempts, m.payload, m.content_type, \
+         m.headers, m.dedup_key, m.last_error, m.origin_queue, m.enqueued_at"
     };
 }
 
@@ -207,19 +216,17 @@ impl From<QueueRow> for Queue {
     }
 }
 
+/// A stored message's columns, less those a claim sets itself (see
+/// [`claimed_columns!`]).
 #[derive(sqlx::FromRow)]
-struct MessageRow {
+struct MessageBody {
     id: i64,
-    queue: String,
-    state: i32,
     priority: i32,
     slot: i64,
     group_key: String,
     ready_at: i64,
-    next_at: i64,
     expires_at: Option<i64>,
     attempts: i32,
-    lease_token: Option<i64>,
     payload: Vec<u8>,
     content_type: String,
     headers: String,
@@ -229,12 +236,12 @@ struct MessageRow {
     enqueued_at: i64,
 }
 
-impl MessageRow {
-    fn into_message(self) -> Message {
+impl MessageBody {
+    fn into_message(self, queue: String, state: State, next_at: i64, lease_token: Option<i64>) -> Message {
         Message {
             id: self.id,
-            queue: self.queue,
-            state: State::from_i32(self.state).unwrap_or(State::Dead),
+            queue,
+            state,
             payload: self.payload,
             content_type: self.content_type,
             headers: if self.headers.is_empty() {
@@ -247,13 +254,41 @@ impl MessageRow {
             group_key: self.group_key,
             attempts: self.attempts,
             enqueued_at: self.enqueued_at,
-            next_at: self.next_at,
+            next_at,
             ready_at: self.ready_at,
             expires_at: self.expires_at,
             last_error: self.last_error,
             origin_queue: self.origin_queue,
-            lease_token: self.lease_token,
+            lease_token,
         }
+    }
+
+    /// The delivery this row became: leased from `queue` with `token` until `expires`.
+    fn into_leased(self, queue: &str, token: i64, expires: i64) -> Leased {
+        Leased {
+            message: self.into_message(queue.to_owned(), State::Leased, expires, Some(token)),
+            token,
+            expires_at: expires,
+        }
+    }
+}
+
+/// A whole stored message ([`message_columns!`]).
+#[derive(sqlx::FromRow)]
+struct MessageRow {
+    queue: String,
+    state: i32,
+    next_at: i64,
+    lease_token: Option<i64>,
+    #[sqlx(flatten)]
+    body: MessageBody,
+}
+
+impl MessageRow {
+    fn into_message(self) -> Message {
+        let state = State::from_i32(self.state).unwrap_or(State::Dead);
+        self.body
+            .into_message(self.queue, state, self.next_at, self.lease_token)
     }
 }
 
@@ -900,13 +935,13 @@ impl Store {
             // group's oldest live message. Under `SKIP LOCKED` a concurrent
             // claim still sees the head it skipped as live, so it cannot
             // take the one behind it.
-            let rows: Vec<MessageRow> = match (postgres, fifo) {
+            let rows: Vec<MessageBody> = match (postgres, fifo) {
                 (true, false) => sqlx::query_as(concat!(
                     "UPDATE messages m SET state = 3, attempts = m.attempts + 1, lease_token = $1, next_at = $2 \
                      WHERE m.id = ANY(ARRAY(SELECT id FROM messages WHERE queue = $3 AND state = 2 \
                      AND (expires_at IS NULL OR expires_at > $4) ORDER BY priority DESC, slot, id LIMIT $5 \
                      FOR UPDATE SKIP LOCKED)) RETURNING ",
-                    returned_message_columns!()
+                    returned_claimed_columns!()
                 )),
                 (true, true) => sqlx::query_as(concat!(
                     "UPDATE messages m SET state = 3, attempts = m.attempts + 1, lease_token = $1, next_at = $2 \
@@ -914,13 +949,13 @@ impl Store {
                      AND (c.expires_at IS NULL OR c.expires_at > $4) AND ",
                     group_head!(),
                     " ORDER BY c.priority DESC, c.slot, c.id LIMIT $5 FOR UPDATE SKIP LOCKED)) RETURNING ",
-                    returned_message_columns!()
+                    returned_claimed_columns!()
                 )),
                 (false, false) => sqlx::query_as(concat!(
                     "UPDATE messages SET state = 3, attempts = attempts + 1, lease_token = $1, next_at = $2 \
                      WHERE id IN (SELECT id FROM messages WHERE queue = $3 AND state = 2 \
                      AND (expires_at IS NULL OR expires_at > $4) ORDER BY priority DESC, slot, id LIMIT $5) RETURNING ",
-                    message_columns!()
+                    claimed_columns!()
                 )),
                 (false, true) => sqlx::query_as(concat!(
                     "UPDATE messages SET state = 3, attempts = attempts + 1, lease_token = $1, next_at = $2 \
@@ -928,7 +963,7 @@ impl Store {
                      AND (c.expires_at IS NULL OR c.expires_at > $4) AND ",
                     group_head!(),
                     " ORDER BY c.priority DESC, c.slot, c.id LIMIT $5) RETURNING ",
-                    message_columns!()
+                    claimed_columns!()
                 )),
             }
             .bind(token)
@@ -949,14 +984,7 @@ impl Store {
             tx.commit().await?;
             let mut rows = rows;
             rows.sort_unstable_by_key(|r| (std::cmp::Reverse(r.priority), r.slot, r.id));
-            Ok(rows
-                .into_iter()
-                .map(|r| Leased {
-                    message: r.into_message(),
-                    token,
-                    expires_at: expires,
-                })
-                .collect())
+            Ok(rows.into_iter().map(|r| r.into_leased(queue, token, expires)).collect())
         })
     }
 

@@ -61,6 +61,7 @@ on_both_backends!(
     fifo_groups_hold_under_concurrent_workers,
     waiting_lease_wakes_when_work_arrives,
     extended_lease_outlives_its_first_expiry,
+    a_leased_message_reads_as_stored,
     restart_loses_nothing_in_any_state,
     batch_enqueue_is_ordered_and_purge_counts,
     schedules_tick_exactly_once_across_two_replicas,
@@ -878,6 +879,48 @@ async fn extended_lease_outlives_its_first_expiry(ctx: Ctx, db: TestDatabase) ->
         ctx.queues.ack("jobs", &[(l.message.id, l.token)]).await.unwrap(),
         [AckOutcome::Acked]
     );
+    db
+}
+
+/// A claim reads back only the columns it did not set itself; what it
+/// hands out must still be the whole stored message.
+async fn a_leased_message_reads_as_stored(ctx: Ctx, db: TestDatabase) -> TestDatabase {
+    queue(&ctx, "jobs", Settings::default()).await;
+    let sent = NewMessage {
+        payload: b"full".to_vec(),
+        content_type: "application/json".into(),
+        headers: [("trace".to_owned(), "abc".to_owned())].into(),
+        priority: 3,
+        ttl_ms: Some(3_600_000),
+        dedup_key: "order-7".into(),
+        group_key: "tenant-a".into(),
+        ..NewMessage::default()
+    };
+    let id = ctx.queues.enqueue("jobs", &[sent.clone()]).await.unwrap()[0].id;
+    let leased = ctx
+        .queues
+        .lease("jobs", 10, Some(30_000), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    let l = &leased[0];
+    let stored = ctx.queues.message("jobs", id).await.unwrap();
+    assert_eq!(l.message, stored, "the leased message differs from the stored one");
+    assert_eq!(l.message.queue, "jobs");
+    assert_eq!(l.message.state, State::Leased);
+    assert_eq!(l.message.lease_token, Some(l.token));
+    assert_eq!(l.message.next_at, l.expires_at, "a lease's next time is its expiry");
+    assert_eq!(l.expires_at, ctx.clock.now_ms() + 30_000);
+    assert_eq!(l.message.attempts, 1);
+    assert_eq!(
+        (&l.message.payload, &l.message.content_type, &l.message.headers),
+        (&sent.payload, &sent.content_type, &sent.headers)
+    );
+    assert_eq!(
+        (l.message.priority, &l.message.dedup_key, &l.message.group_key),
+        (3, &sent.dedup_key, &sent.group_key)
+    );
+    assert_eq!(l.message.expires_at, Some(l.message.enqueued_at + 3_600_000));
     db
 }
 
