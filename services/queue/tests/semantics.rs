@@ -896,7 +896,7 @@ async fn a_leased_message_reads_as_stored(ctx: Ctx, db: TestDatabase) -> TestDat
         group_key: "tenant-a".into(),
         ..NewMessage::default()
     };
-    let id = ctx.queues.enqueue("jobs", &[sent.clone()]).await.unwrap()[0].id;
+    let id = ctx.queues.enqueue("jobs", std::slice::from_ref(&sent)).await.unwrap()[0].id;
     let leased = ctx
         .queues
         .lease("jobs", 10, Some(30_000), Duration::ZERO)
