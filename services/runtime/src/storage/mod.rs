@@ -21,8 +21,9 @@ pub use migrate::{Migrations, RUNTIME_MIGRATIONS_BELOW};
 use crate::config::StorageConfig;
 use crate::resilience::Backoff;
 
-/// Rows sqlx's SQLite thread may hold ready for the caller: more than the
-/// most a service reads at once (a queue's grouped claims and acks, 1,000).
+/// Rows sqlx's SQLite thread may hold ready for the caller: a queue's
+/// grouped claims and acks (up to 1,000 rows) fit whole. Bigger reads still
+/// work; past this the thread waits for the caller to take rows.
 const ROW_BUFFER: usize = 1024;
 
 /// Runs `$body` with `$pool` bound to whichever pool `$db` holds. The body
