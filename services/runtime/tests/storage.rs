@@ -242,6 +242,35 @@ async fn sqlite_files_are_created_in_wal_mode() {
     tdb.cleanup().await.unwrap();
 }
 
+/// A SQLite file of its own in a fresh directory, with a short busy timeout
+/// and a table `marks (seq, <column>)`; the caller removes the directory.
+async fn scratch_sqlite(name: &str, max_connections: u32, column: &str) -> (std::path::PathBuf, Db) {
+    let dir = std::env::temp_dir().join(format!("plinth-{name}-{}", std::process::id()));
+    let cfg = StorageConfig {
+        acquire_timeout_ms: 200,
+        max_connections,
+        ..StorageConfig::default()
+    };
+    let db = Db::connect(&DbTarget::Sqlite(dir.join(format!("{name}.db"))), &cfg)
+        .await
+        .unwrap();
+    let Db::Sqlite(pool) = &db else { unreachable!() };
+    let create = format!("CREATE TABLE marks (seq INTEGER PRIMARY KEY AUTOINCREMENT, {column} INTEGER NOT NULL)");
+    sqlx::query(sqlx::AssertSqlSafe(create)).execute(pool).await.unwrap();
+    (dir, db)
+}
+
+/// The writers' answers, after asserting that none failed.
+fn all_succeeded<T>(results: Vec<Result<T, sqlx::Error>>) -> Vec<T> {
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|e| e.to_string())
+        .collect();
+    assert!(failed.is_empty(), "writers failed: {failed:?}");
+    results.into_iter().flatten().collect()
+}
+
 /// Concurrent write transactions on one SQLite file take turns in the order
 /// they asked, instead of colliding on SQLite's lock, where each loser's busy
 /// handler sleeps and retries and whoever retries at the right moment wins
@@ -249,20 +278,8 @@ async fn sqlite_files_are_created_in_wal_mode() {
 #[tokio::test]
 async fn sqlite_writers_take_turns_in_arrival_order() {
     use plinth_runtime::storage::BeginWrite;
-    let dir = std::env::temp_dir().join(format!("plinth-write-turns-{}", std::process::id()));
-    let cfg = StorageConfig {
-        acquire_timeout_ms: 200,
-        max_connections: 16,
-        ..StorageConfig::default()
-    };
-    let db = Db::connect(&DbTarget::Sqlite(dir.join("turns.db")), &cfg)
-        .await
-        .unwrap();
+    let (dir, db) = scratch_sqlite("write-turns", 16, "writer").await;
     let Db::Sqlite(pool) = &db else { unreachable!() };
-    sqlx::query("CREATE TABLE marks (seq INTEGER PRIMARY KEY AUTOINCREMENT, writer INTEGER NOT NULL)")
-        .execute(pool)
-        .await
-        .unwrap();
     // Each holds the lock for 2 ms: eight of them fit well within the 200 ms
     // that the last one may wait for its turn.
     let writers = (0..8).map(|w| async move {
@@ -274,18 +291,53 @@ async fn sqlite_writers_take_turns_in_arrival_order() {
         tokio::time::sleep(Duration::from_millis(2)).await;
         tx.commit().await
     });
-    let results = futures::future::join_all(writers).await;
-    let failed: Vec<String> = results
-        .iter()
-        .filter_map(|r| r.as_ref().err())
-        .map(|e| e.to_string())
-        .collect();
-    assert!(failed.is_empty(), "writers failed: {failed:?}");
+    all_succeeded(futures::future::join_all(writers).await);
     let order: Vec<i64> = sqlx::query_scalar("SELECT writer FROM marks ORDER BY seq")
         .fetch_all(pool)
         .await
         .unwrap();
     assert_eq!(order, (0..8).collect::<Vec<i64>>(), "commits follow arrival");
     db.close().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An unflushed write transaction commits without waiting for the disk
+/// (`synchronous=NORMAL`) while every other write keeps FULL, and both kinds
+/// take the same turns at the file: mixed, none fails on SQLite's lock. A
+/// closed database takes no more unflushed writes.
+#[tokio::test]
+async fn sqlite_unflushed_writes_skip_only_their_own_flush() {
+    use plinth_runtime::storage::BeginWrite;
+    let (dir, db) = scratch_sqlite("unflushed", 4, "sync").await;
+    let Db::Sqlite(pool) = &db else { unreachable!() };
+    let writers = (0..16).map(|w| async move {
+        let mut tx = if w % 2 == 0 {
+            pool.begin_write_unflushed().await?
+        } else {
+            pool.begin_write().await?
+        };
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&mut *tx).await?;
+        sqlx::query("INSERT INTO marks (sync) VALUES (?)")
+            .bind(sync)
+            .execute(&mut *tx)
+            .await?;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        tx.commit().await.map(|()| (w, sync))
+    });
+    let results = all_succeeded(futures::future::join_all(writers).await);
+    for (w, sync) in results {
+        let expected = if w % 2 == 0 { 1 } else { 2 };
+        assert_eq!(sync, expected, "writer {w}: NORMAL only for unflushed writes");
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM marks")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 16);
+    db.close().await;
+    assert!(
+        matches!(pool.begin_write_unflushed().await, Err(sqlx::Error::PoolClosed)),
+        "a closed database is not reopened behind its owner's back"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -49,6 +49,19 @@ pub trait BeginWrite {
     type Database: sqlx::Database;
     /// Begins the transaction.
     fn begin_write(&self) -> futures::future::BoxFuture<'_, Result<WriteTx<Self::Database>, sqlx::Error>>;
+
+    /// Begins a write transaction whose commit does not wait for the disk
+    /// flush: it survives this process crashing, but a power loss before
+    /// the next flushed commit may undo it. Only for writes whose loss
+    /// repeats work rather than losing it (a queue's lease: undone, the
+    /// message is handed out again, which at-least-once delivery allows).
+    /// On SQLite the commit skips the WAL's fsync (`synchronous=NORMAL`);
+    /// the next commit of [`begin_write`](Self::begin_write) flushes the WAL
+    /// as a whole and so makes it durable too. On PostgreSQL it is
+    /// `begin_write`: the server's `synchronous_commit` decides.
+    fn begin_write_unflushed(&self) -> futures::future::BoxFuture<'_, Result<WriteTx<Self::Database>, sqlx::Error>> {
+        self.begin_write()
+    }
 }
 
 /// A write transaction from [`BeginWrite::begin_write`]: the connection
@@ -100,22 +113,59 @@ fn write_turns(file: &std::path::Path) -> Arc<tokio::sync::Mutex<()>> {
     turns.entry(file.to_path_buf()).or_default().clone()
 }
 
+/// The connections of a SQLite file that commit without waiting for the
+/// disk (`synchronous` is a connection's setting and cannot change inside
+/// a transaction, so they are a pool of their own beside the file's main
+/// pool). Made on first use; closed with the main pool.
+fn unflushed_pool(main: &SqlitePool) -> SqlitePool {
+    let options = main.connect_options();
+    let mut pools = unflushed_pools();
+    if main.is_closed() {
+        return main.clone();
+    }
+    if let Some(pool) = pools.get(options.get_filename()).filter(|p| !p.is_closed()) {
+        return pool.clone();
+    }
+    let pool = SqlitePoolOptions::new()
+        .max_connections(UNFLUSHED_CONNECTIONS)
+        .acquire_timeout(main.options().get_acquire_timeout())
+        .idle_timeout(Duration::from_secs(60))
+        .connect_lazy_with((*options).clone().synchronous(SqliteSynchronous::Normal));
+    pools.insert(options.get_filename().to_path_buf(), pool.clone());
+    pool
+}
+
+fn unflushed_pools() -> std::sync::MutexGuard<'static, HashMap<PathBuf, SqlitePool>> {
+    static POOLS: LazyLock<Mutex<HashMap<PathBuf, SqlitePool>>> = LazyLock::new(Default::default);
+    POOLS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Connections of a file's unflushed pool: writers take turns anyway.
+const UNFLUSHED_CONNECTIONS: u32 = 2;
+
+/// Takes this process's turn at `pool`'s file, then begins.
+async fn begin_sqlite_write(pool: &SqlitePool) -> Result<WriteTx<sqlx::Sqlite>, sqlx::Error> {
+    // Bounded like waiting for a connection: a writer stuck in a long
+    // transaction fails the others after the same time SQLite's busy
+    // timeout would have.
+    let turn = tokio::time::timeout(
+        pool.options().get_acquire_timeout(),
+        write_turns(pool.connect_options().get_filename()).lock_owned(),
+    )
+    .await
+    .map_err(|_| sqlx::Error::PoolTimedOut)?;
+    let tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    Ok(WriteTx { tx, _turn: Some(turn) })
+}
+
 impl BeginWrite for SqlitePool {
     type Database = sqlx::Sqlite;
     fn begin_write(&self) -> futures::future::BoxFuture<'_, Result<WriteTx<sqlx::Sqlite>, sqlx::Error>> {
-        Box::pin(async move {
-            // Bounded like waiting for a connection: a writer stuck in a
-            // long transaction fails the others after the same time SQLite's
-            // busy timeout would have.
-            let turn = tokio::time::timeout(
-                self.options().get_acquire_timeout(),
-                write_turns(self.connect_options().get_filename()).lock_owned(),
-            )
-            .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)?;
-            let tx = self.begin_with("BEGIN IMMEDIATE").await?;
-            Ok(WriteTx { tx, _turn: Some(turn) })
-        })
+        Box::pin(begin_sqlite_write(self))
+    }
+
+    fn begin_write_unflushed(&self) -> futures::future::BoxFuture<'_, Result<WriteTx<sqlx::Sqlite>, sqlx::Error>> {
+        Box::pin(async move { begin_sqlite_write(&unflushed_pool(self)).await })
     }
 }
 
@@ -362,7 +412,13 @@ impl Db {
     /// Closes the pool, waiting for connections to be returned.
     pub async fn close(&self) {
         match self {
-            Db::Sqlite(p) => p.close().await,
+            Db::Sqlite(p) => {
+                let unflushed = unflushed_pools().remove(p.connect_options().get_filename());
+                p.close().await;
+                if let Some(unflushed) = unflushed {
+                    unflushed.close().await;
+                }
+            }
             Db::Postgres(p) => p.close().await,
         }
     }
