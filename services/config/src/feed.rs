@@ -218,6 +218,20 @@ impl Hub {
         min_revision: i64,
         field: &'static str,
     ) -> Result<Arc<Feed>, ConfigError> {
+        if let Some(feed) = self.existing(env).filter(|f| f.revision() >= min_revision) {
+            return Ok(feed);
+        }
+        // Boxed: loading and catching up read storage, and unboxed their
+        // futures would be sized into every cached read's.
+        Box::pin(self.load_at_least(env, min_revision, field)).await
+    }
+
+    async fn load_at_least(
+        &self,
+        env: &EnvId,
+        min_revision: i64,
+        field: &'static str,
+    ) -> Result<Arc<Feed>, ConfigError> {
         let feed = self.feed(env).await?;
         if feed.revision() < min_revision {
             self.catch_up(&feed).await?;

@@ -296,8 +296,8 @@ impl ConfigService for ConfigGrpc {
         let is_secret = entry.value.is_secret();
         let shown = self.config.show(&env, entry, r.reveal_secrets).map_err(status)?;
         if r.reveal_secrets && is_secret {
-            self.config
-                .record_reveal(&env, vec![r.key.clone()], "GetValue", &who)
+            // Boxed: a write, sized out of every plain read's future.
+            Box::pin(self.config.record_reveal(&env, vec![r.key.clone()], "GetValue", &who))
                 .await
                 .map_err(status)?;
         }

@@ -380,14 +380,40 @@ impl Configuration {
 
     /// One key at `at`, and the revision read.
     pub async fn get(&self, env: &EnvId, key: &str, at: &ReadAt) -> Result<(Arc<Entry>, i64), ConfigError> {
-        let (found, revision) = match &self.concrete(env, at).await? {
-            ReadAt::Head { min_revision } => {
-                let feed = self
-                    .hub
-                    .feed_at_least(env, *min_revision, "read_at.min_revision")
-                    .await?;
-                feed.read(|h| (h.entries.get(key).cloned(), h.revision))
-            }
+        let (found, revision) = match at {
+            ReadAt::Head { min_revision } => self.head_entry(env, key, *min_revision).await?,
+            // Boxed: these read storage, and unboxed their futures would be
+            // sized into every cached read's (copied with it at each move).
+            other => Box::pin(self.stored_entry(env, key, other)).await?,
+        };
+        found
+            .map(|e| (e, revision))
+            .ok_or_else(|| ConfigError::KeyNotFound(key.to_owned()))
+    }
+
+    /// One key of the head (cached), and the head's revision.
+    async fn head_entry(
+        &self,
+        env: &EnvId,
+        key: &str,
+        min_revision: i64,
+    ) -> Result<(Option<Arc<Entry>>, i64), ConfigError> {
+        let feed = self
+            .hub
+            .feed_at_least(env, min_revision, "read_at.min_revision")
+            .await?;
+        Ok(feed.read(|h| (h.entries.get(key).cloned(), h.revision)))
+    }
+
+    /// One key at a past revision, a release or a client's release.
+    async fn stored_entry(
+        &self,
+        env: &EnvId,
+        key: &str,
+        at: &ReadAt,
+    ) -> Result<(Option<Arc<Entry>>, i64), ConfigError> {
+        Ok(match &self.concrete(env, at).await? {
+            ReadAt::Head { min_revision } => self.head_entry(env, key, *min_revision).await?,
             ReadAt::Revision(rev) => {
                 self.readable_revision(env, *rev, "read_at.revision").await?;
                 (self.store.get_at(env, key, *rev).await?.map(Arc::new), *rev)
@@ -398,10 +424,7 @@ impl Configuration {
                 (found.into_iter().find(|e| e.key == key).map(Arc::new), release.revision)
             }
             ReadAt::Client(_) => return Err(unresolved()),
-        };
-        found
-            .map(|e| (e, revision))
-            .ok_or_else(|| ConfigError::KeyNotFound(key.to_owned()))
+        })
     }
 
     // ---- writes -----------------------------------------------------------
