@@ -476,9 +476,7 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
 /// `Uuid::now_v7` asks the kernel for them, a `getrandom` system call per
 /// request (2 % of the server's CPU in a cached `GetValue`).
 fn new_request_id() -> String {
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let millis = u64::try_from(crate::auth::unix_now_ms()).unwrap_or(0);
     uuid::Builder::from_unix_timestamp_millis(millis, &rand::random())
         .into_uuid()
         .to_string()
@@ -566,5 +564,30 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Generated request ids are UUIDv7 (sortable by time, as operators
+    /// grepping logs expect), stamped with now, and do not repeat.
+    #[test]
+    fn generated_request_ids_are_fresh_uuid_v7() {
+        let before = u64::try_from(crate::auth::unix_now_ms()).unwrap_or(0);
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| request_id(&http::HeaderMap::new())).collect();
+        let after = u64::try_from(crate::auth::unix_now_ms()).unwrap_or(0);
+        assert_eq!(ids.len(), 1000, "request ids repeat");
+        for id in &ids {
+            let uuid = uuid::Uuid::parse_str(id).unwrap_or_else(|e| panic!("{id}: {e}"));
+            assert_eq!(uuid.get_version_num(), 7, "{id}");
+            let (secs, nanos) = uuid.get_timestamp().map(|t| t.to_unix()).unwrap_or_default();
+            let millis = secs * 1000 + u64::from(nanos) / 1_000_000;
+            assert!(
+                (before..=after).contains(&millis),
+                "{id} stamped {millis}, not in {before}..={after}"
+            );
+        }
     }
 }

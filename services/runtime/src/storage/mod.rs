@@ -120,6 +120,8 @@ fn write_turns(file: &std::path::Path) -> Arc<tokio::sync::Mutex<()>> {
 fn unflushed_pool(main: &SqlitePool) -> SqlitePool {
     let options = main.connect_options();
     let mut pools = unflushed_pools();
+    // Checked under the map's lock: `Db::close` marks the main pool closed
+    // before it takes its unflushed pool out, so none is made after that.
     if main.is_closed() {
         return main.clone();
     }
@@ -413,11 +415,13 @@ impl Db {
     pub async fn close(&self) {
         match self {
             Db::Sqlite(p) => {
+                // `close` marks the pool closed at once, before the removal.
+                let closing = p.close();
                 let unflushed = unflushed_pools().remove(p.connect_options().get_filename());
-                p.close().await;
                 if let Some(unflushed) = unflushed {
                     unflushed.close().await;
                 }
+                closing.await;
             }
             Db::Postgres(p) => p.close().await,
         }
