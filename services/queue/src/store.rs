@@ -88,6 +88,16 @@ macro_rules! returned_claimed_columns {
     };
 }
 
+/// The condition of `messages_by_state`, which leaves ready messages out
+/// (they have `messages_ready`; see the SQLite migration 3003). SQLite uses
+/// a partial index only for a query that states its condition word for word,
+/// so every lookup of scheduled, leased or dead messages by queue adds it.
+macro_rules! not_ready {
+    () => {
+        "state <> 2"
+    };
+}
+
 /// The claim condition of a FIFO-groups queue on candidate `c` (in queue
 /// `$3`): no group, or the oldest scheduled, ready or leased message of its
 /// group (`messages_group_head`).
@@ -448,6 +458,45 @@ pub struct Swept {
 /// Rows touched per sweep statement, so one sweep never holds locks long.
 const SWEEP_BATCH: i64 = 2000;
 
+/// Scheduled messages due at `$1`, at most `$2`, soonest first. SQLite takes
+/// a partial index only for a query that repeats its condition word for
+/// word, so `messages_due`'s `state IN (1, 3)` is spelled out beside
+/// `state = 1`; without it every sweep (each `sweep_ms`) read the whole
+/// table.
+macro_rules! due_scheduled {
+    () => {
+        "SELECT id FROM messages WHERE state = 1 AND state IN (1, 3) AND next_at <= $1 ORDER BY next_at LIMIT $2"
+    };
+}
+
+/// Messages of queue `$1` in state `$2` after id `$3`, at most `$4`, by id:
+/// ready messages through `messages_ready` (then sorted), the others
+/// through `messages_by_state`.
+const READY_BY_ID: &str = concat!(
+    "SELECT ",
+    message_columns!(),
+    " FROM messages WHERE queue = $1 AND state = $2 AND state = 2 AND id > $3 ORDER BY id LIMIT $4"
+);
+const NOT_READY_BY_ID: &str = concat!(
+    "SELECT ",
+    message_columns!(),
+    " FROM messages WHERE queue = $1 AND state = $2 AND ",
+    not_ready!(),
+    " AND id > $3 ORDER BY id LIMIT $4"
+);
+
+/// Messages per queue and state, each state counted through its index.
+const COUNTS_BY_STATE: &str = concat!(
+    "SELECT queue, state, COUNT(*) FROM messages WHERE ",
+    not_ready!(),
+    " GROUP BY queue, state UNION ALL SELECT queue, 2, COUNT(*) FROM messages WHERE state = 2 GROUP BY queue"
+);
+
+/// Leases expired at `$1`, at most `$2`, through `messages_due` as above.
+const EXPIRED_LEASES: &str = "SELECT m.id, m.queue, m.attempts, q.max_attempts, m.last_error FROM messages m \
+     JOIN queues q ON q.name = m.queue WHERE m.state = 3 AND m.state IN (1, 3) AND m.next_at <= $1 \
+     ORDER BY m.next_at LIMIT $2";
+
 /// Plans for the hot path that do not depend on statistics (PostgreSQL, for
 /// one transaction). A claim has one good plan — walk the ready index in
 /// order and stop after `max` rows — and an ack one — look each id up by
@@ -591,11 +640,13 @@ impl Store {
             if gone == 0 {
                 return Err(QueueError::QueueNotFound(name.to_owned()));
             }
-            let messages = sqlx::query("DELETE FROM messages WHERE queue = $1")
-                .bind(name)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+            let mut messages = 0;
+            for delete in [
+                "DELETE FROM messages WHERE queue = $1 AND state = 2",
+                concat!("DELETE FROM messages WHERE queue = $1 AND ", not_ready!()),
+            ] {
+                messages += sqlx::query(delete).bind(name).execute(&mut *tx).await?.rows_affected();
+            }
             sqlx::query("DELETE FROM dedup WHERE queue = $1")
                 .bind(name)
                 .execute(&mut *tx)
@@ -655,7 +706,13 @@ impl Store {
                 for n in chunk {
                     list.push_bind(*n);
                 }
-                q.push(") GROUP BY queue, state");
+                q.push(concat!(") AND ", not_ready!(), " GROUP BY queue, state UNION ALL "));
+                q.push("SELECT queue, 2, COUNT(*) FROM messages WHERE queue IN (");
+                let mut list = q.separated(", ");
+                for n in chunk {
+                    list.push_bind(*n);
+                }
+                q.push(") AND state = 2 GROUP BY queue");
                 q.build_query_as().fetch_all(pool).await?
             });
             for (queue, state, n) in rows {
@@ -681,9 +738,7 @@ impl Store {
     pub async fn depths(&self) -> Result<(HashMap<String, Counts>, HashMap<String, i64>), QueueError> {
         let (names, rows, oldest): DepthRows = on_db!(&self.db, |pool| {
             let names = sqlx::query_as("SELECT name FROM queues").fetch_all(pool).await?;
-            let rows = sqlx::query_as("SELECT queue, state, COUNT(*) FROM messages GROUP BY queue, state")
-                .fetch_all(pool)
-                .await?;
+            let rows = sqlx::query_as(COUNTS_BY_STATE).fetch_all(pool).await?;
             let oldest = sqlx::query_as("SELECT queue, MIN(ready_at) FROM messages WHERE state = 2 GROUP BY queue")
                 .fetch_all(pool)
                 .await?;
@@ -914,12 +969,14 @@ impl Store {
                 .fetch_one(&mut *tx)
                 .await?;
                 if concurrency > 0 {
-                    let (in_flight,): (i64,) =
-                        sqlx::query_as("SELECT COUNT(*) FROM messages WHERE queue = $1 AND state = 3 AND next_at > $2")
-                            .bind(queue)
-                            .bind(now)
-                            .fetch_one(&mut *tx)
-                            .await?;
+                    let (in_flight,): (i64,) = sqlx::query_as(concat!(
+                        "SELECT COUNT(*) FROM messages WHERE queue = $1 AND state = 3 AND next_at > $2 AND ",
+                        not_ready!()
+                    ))
+                    .bind(queue)
+                    .bind(now)
+                    .fetch_one(&mut *tx)
+                    .await?;
                     n = n.min(i64::from(concurrency) - in_flight);
                 }
                 if rate > 0.0 {
@@ -1208,11 +1265,11 @@ impl Store {
     ) -> Result<Vec<Message>, QueueError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows: Vec<MessageRow> = on_db!(&self.db, |pool| {
-            sqlx::query_as(concat!(
-                "SELECT ",
-                message_columns!(),
-                " FROM messages WHERE queue = $1 AND state = $2 AND id > $3 ORDER BY id LIMIT $4"
-            ))
+            sqlx::query_as(if state == State::Ready {
+                READY_BY_ID
+            } else {
+                NOT_READY_BY_ID
+            })
             .bind(queue)
             .bind(state as i32)
             .bind(after)
@@ -1239,14 +1296,30 @@ impl Store {
             if exists.is_none() {
                 return Err(QueueError::QueueNotFound(queue.to_owned()));
             }
-            let mut q = sqlx::QueryBuilder::new("DELETE FROM messages WHERE queue = ");
-            q.push_bind(queue.to_owned()).push(" AND state IN (");
-            let mut list = q.separated(", ");
-            for s in states {
-                list.push_bind(*s as i32);
+            let mut purged = 0u64;
+            if states.contains(&State::Ready) {
+                purged += sqlx::query("DELETE FROM messages WHERE queue = $1 AND state = 2")
+                    .bind(queue)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
             }
-            q.push(")");
-            let purged = i64::try_from(q.build().execute(&mut *tx).await?.rows_affected()).unwrap_or(i64::MAX);
+            let others: Vec<i32> = states
+                .iter()
+                .filter(|s| **s != State::Ready)
+                .map(|s| *s as i32)
+                .collect();
+            if !others.is_empty() {
+                let mut q = sqlx::QueryBuilder::new("DELETE FROM messages WHERE queue = ");
+                q.push_bind(queue.to_owned()).push(" AND state IN (");
+                let mut list = q.separated(", ");
+                for s in others {
+                    list.push_bind(s);
+                }
+                q.push(concat!(") AND ", not_ready!()));
+                purged += q.build().execute(&mut *tx).await?.rows_affected();
+            }
+            let purged = i64::try_from(purged).unwrap_or(i64::MAX);
             event(purged).write(&mut *tx).await?;
             tx.commit().await?;
             Ok(purged)
@@ -1276,10 +1349,17 @@ impl Store {
                 .await?;
             let (dlq,) = dlq.ok_or_else(|| QueueError::QueueNotFound(queue.to_owned()))?;
             let mut retried = 0i64;
+            const DEAD: &str = concat!("state = 4 AND ", not_ready!());
             let sources: Vec<(&str, &str)> = if dlq.is_empty() {
-                vec![(queue, "state = 4")]
+                vec![(queue, DEAD)]
             } else {
-                vec![(queue, "state = 4"), (dlq.as_str(), "state IN (2, 4)")]
+                vec![
+                    (queue, DEAD),
+                    (
+                        dlq.as_str(),
+                        concat!("(state = 2 OR (state = 4 AND ", not_ready!(), "))"),
+                    ),
+                ]
             };
             for (source, states) in sources {
                 if retried >= filter.limit {
@@ -1338,11 +1418,17 @@ impl Store {
             // guesses 10,000 rows for `LIMIT $n` and would hash-join the
             // whole table; the array forces the primary key lookup.
             let promoted: Vec<(String,)> = sqlx::query_as(if postgres {
-                "UPDATE messages SET state = 2 WHERE id = ANY(ARRAY(\
-                 SELECT id FROM messages WHERE state = 1 AND next_at <= $1 ORDER BY next_at LIMIT $2)) RETURNING queue"
+                concat!(
+                    "UPDATE messages SET state = 2 WHERE id = ANY(ARRAY(",
+                    due_scheduled!(),
+                    ")) RETURNING queue"
+                )
             } else {
-                "UPDATE messages SET state = 2 WHERE id IN \
-                 (SELECT id FROM messages WHERE state = 1 AND next_at <= $1 ORDER BY next_at LIMIT $2) RETURNING queue"
+                concat!(
+                    "UPDATE messages SET state = 2 WHERE id IN (",
+                    due_scheduled!(),
+                    ") RETURNING queue"
+                )
             })
             .bind(now)
             .bind(SWEEP_BATCH)
@@ -1351,14 +1437,11 @@ impl Store {
             swept.promoted = promoted.len() as u64;
             swept.woken.extend(promoted.into_iter().map(|(q,)| q));
 
-            let expired: Vec<(i64, String, i32, i32, String)> = sqlx::query_as(
-                "SELECT m.id, m.queue, m.attempts, q.max_attempts, m.last_error FROM messages m \
-                 JOIN queues q ON q.name = m.queue WHERE m.state = 3 AND m.next_at <= $1 ORDER BY m.next_at LIMIT $2",
-            )
-            .bind(now)
-            .bind(SWEEP_BATCH)
-            .fetch_all(&mut *tx)
-            .await?;
+            let expired: Vec<(i64, String, i32, i32, String)> = sqlx::query_as(EXPIRED_LEASES)
+                .bind(now)
+                .bind(SWEEP_BATCH)
+                .fetch_all(&mut *tx)
+                .await?;
             let mut again = Vec::new();
             let mut failures = Vec::new();
             for (id, queue, attempts, max_attempts, last_error) in expired {
@@ -1435,7 +1518,7 @@ impl Store {
                 q.push_bind(now)
                     .push(" WHERE queue = ")
                     .push_bind(queue.to_owned())
-                    .push(" AND state = 3 AND lease_token IN (");
+                    .push(concat!(" AND state = 3 AND ", not_ready!(), " AND lease_token IN ("));
                 let mut list = q.separated(", ");
                 for t in chunk {
                     list.push_bind(*t);
@@ -1530,11 +1613,13 @@ impl Store {
                     }
                 }
                 if drain_state == 1 {
-                    let (in_flight,): (i64,) =
-                        sqlx::query_as("SELECT COUNT(*) FROM messages WHERE queue = $1 AND state = 3")
-                            .bind(&name)
-                            .fetch_one(&mut *tx)
-                            .await?;
+                    let (in_flight,): (i64,) = sqlx::query_as(concat!(
+                        "SELECT COUNT(*) FROM messages WHERE queue = $1 AND state = 3 AND ",
+                        not_ready!()
+                    ))
+                    .bind(&name)
+                    .fetch_one(&mut *tx)
+                    .await?;
                     if in_flight == 0 {
                         let changed =
                             sqlx::query("UPDATE queues SET drain_state = 2 WHERE name = $1 AND drain_state = 1")
@@ -1561,5 +1646,50 @@ impl Store {
             }
         });
         Ok(wrote)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plinth_runtime::testing::TestDatabase;
+
+    /// The sweeper runs every `sweep_ms` and listings and counts run per
+    /// page and per metrics scrape; on SQLite none of them may read the
+    /// whole `messages` table (a partial index is used only when the query
+    /// states its condition, which is easy to lose in an edit).
+    #[tokio::test]
+    async fn sqlite_sweeps_listings_and_counts_use_indexes() {
+        let db = TestDatabase::sqlite("queue", &crate::MIGRATIONS).await.unwrap();
+        let Db::Sqlite(pool) = &db.db else {
+            panic!("TestDatabase::sqlite made a non-SQLite pool");
+        };
+        let ready_count = "SELECT COUNT(*) FROM messages WHERE queue = $1 AND state = 2";
+        for sql in [
+            due_scheduled!(),
+            EXPIRED_LEASES,
+            READY_BY_ID,
+            NOT_READY_BY_ID,
+            COUNTS_BY_STATE,
+            ready_count,
+        ] {
+            let plan: Vec<(i64, i64, i64, String)> =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+            let steps: Vec<&str> = plan.iter().map(|(_, _, _, step)| step.as_str()).collect();
+            assert!(
+                steps
+                    .iter()
+                    .all(|step| !step.starts_with("SCAN") || step.contains("USING")),
+                "{sql}\nreads the whole table: {steps:?}"
+            );
+            assert!(
+                steps.iter().any(|step| step.contains("USING")),
+                "{sql}\nuses no index: {steps:?}"
+            );
+        }
+        db.cleanup().await.unwrap();
     }
 }
