@@ -193,7 +193,7 @@ pub fn rss_kib(pid: u32) -> u64 {
 pub async fn channels(target: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        out.push(Endpoint::from_shared(target.to_owned())?.connect().await?);
+        out.push(plinth_runtime::coalesce::connect(&Endpoint::from_shared(target.to_owned())?).await?);
     }
     Ok(out)
 }

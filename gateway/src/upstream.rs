@@ -80,10 +80,8 @@ impl Upstreams {
             url: url.to_owned(),
             reason,
         };
-        let channel = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| err(e.to_string()))?
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| err(e.to_string()))?;
+        let channel = plinth_runtime::coalesce::connect_lazy(&endpoint);
         self.by_component.insert(
             component.to_owned(),
             BoxCloneSyncService::new(channel.map_err(|e| CallError(e.into()))),

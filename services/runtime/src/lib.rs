@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod client_address;
+pub mod coalesce;
 pub mod component;
 pub mod config;
 pub mod crypto;

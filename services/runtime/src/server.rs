@@ -27,6 +27,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::auth::AuthLayer;
+use crate::coalesce::CoalescedWrites;
 use crate::config::TlsConfig;
 use crate::health::Health;
 use crate::{metrics, telemetry};
@@ -330,15 +331,18 @@ fn load_tls(cfg: &TlsConfig) -> Result<ServerTlsConfig, ServerError> {
     Ok(tls)
 }
 
-/// Accepted connections of `listener` with Nagle's algorithm off. tonic sets
-/// `TCP_NODELAY` only on listeners it binds itself; without it small gRPC
-/// responses can wait ~40 ms for a delayed ACK.
-pub fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+/// Accepted connections of `listener` with Nagle's algorithm off, their
+/// writes coalesced (see [`CoalescedWrites`]). tonic sets `TCP_NODELAY` only
+/// on listeners it binds itself; without it small gRPC responses can wait
+/// ~40 ms for a delayed ACK.
+pub fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<CoalescedWrites<tokio::net::TcpStream>>> {
     use futures::StreamExt;
     TcpListenerStream::new(listener).map(|conn| {
         let conn = conn?;
         conn.set_nodelay(true)?;
-        Ok(conn)
+        Ok(CoalescedWrites::new(conn))
     })
 }
 
