@@ -31,10 +31,25 @@ const HOLD_LIMIT: usize = 64 * 1024;
 /// than this by an unusual burst is freed.
 const KEEP_CAPACITY: usize = HOLD_LIMIT;
 
+/// A stream that can take bytes without waiting, for what is still held when
+/// a connection is dropped (e.g. the TLS alert rustls writes just before a
+/// failed handshake ends the connection).
+pub trait WriteNow {
+    /// Writes what it can of `buf` at once, best effort.
+    fn write_now(&self, buf: &[u8]);
+}
+
+impl WriteNow for TcpStream {
+    fn write_now(&self, buf: &[u8]) {
+        // Best effort: the connection is going away either way.
+        let _ = self.try_write(buf);
+    }
+}
+
 /// An I/O stream whose writes are held until a flush, and whose flush yields
 /// once to the scheduler before it writes them out.
 #[derive(Debug)]
-pub struct CoalescedWrites<T> {
+pub struct CoalescedWrites<T: WriteNow> {
     inner: T,
     held: Vec<u8>,
     /// How much of `held` was already written.
@@ -43,7 +58,15 @@ pub struct CoalescedWrites<T> {
     yielded: bool,
 }
 
-impl<T> CoalescedWrites<T> {
+impl<T: WriteNow> Drop for CoalescedWrites<T> {
+    fn drop(&mut self) {
+        if self.sent < self.held.len() {
+            self.inner.write_now(&self.held[self.sent..]);
+        }
+    }
+}
+
+impl<T: WriteNow> CoalescedWrites<T> {
     /// Wraps `inner`.
     pub fn new(inner: T) -> Self {
         Self {
@@ -60,7 +83,7 @@ impl<T> CoalescedWrites<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> CoalescedWrites<T> {
+impl<T: AsyncWrite + WriteNow + Unpin> CoalescedWrites<T> {
     /// Writes out what is held; ready when nothing is left.
     fn poll_write_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.held.len() {
@@ -70,6 +93,7 @@ impl<T: AsyncWrite + Unpin> CoalescedWrites<T> {
             }
             self.sent += n;
         }
+        self.yielded = false;
         if self.held.capacity() > KEEP_CAPACITY {
             self.held = Vec::new();
         } else {
@@ -89,13 +113,13 @@ impl<T: AsyncWrite + Unpin> CoalescedWrites<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for CoalescedWrites<T> {
+impl<T: AsyncRead + WriteNow + Unpin> AsyncRead for CoalescedWrites<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<T> {
+impl<T: AsyncWrite + WriteNow + Unpin> AsyncWrite for CoalescedWrites<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_room(cx, buf.len()))?;
@@ -141,7 +165,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<T> {
             return Poll::Pending;
         }
         ready!(this.poll_write_held(cx))?;
-        this.yielded = false;
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
@@ -154,7 +177,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<T> {
 
 impl<T> tonic::transport::server::Connected for CoalescedWrites<T>
 where
-    T: tonic::transport::server::Connected,
+    T: tonic::transport::server::Connected + WriteNow,
 {
     type ConnectInfo = T::ConnectInfo;
 
@@ -192,7 +215,27 @@ async fn dial(uri: Uri) -> io::Result<TokioIo<CoalescedWrites<TcpStream>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    impl WriteNow for DuplexStream {
+        fn write_now(&self, _buf: &[u8]) {}
+    }
+
+    /// Bytes still held when a connection is dropped are written out then,
+    /// as far as the socket takes them at once.
+    #[tokio::test]
+    async fn held_bytes_go_out_when_the_connection_is_dropped() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut w = CoalescedWrites::new(client.unwrap());
+        w.write_all(b"last words").await.unwrap();
+        drop(w);
+        let (mut peer, _) = accepted.unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last words");
+    }
 
     /// Writes are held until a flush, and the flush delivers all of them,
     /// in order, in as few writes as it can.
