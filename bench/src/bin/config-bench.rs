@@ -81,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
     let pool = channels(&target, connections).await?;
     for callers in [16, 64] {
         let (s2, pool2) = (s.clone(), pool.clone());
+        let (server_cpu, client_cpu) = (cpu_seconds(pid), cpu_seconds(std::process::id()));
         let report = closed_loop(
             &format!("GetValue (cached), {callers} callers, {connections} conns"),
             callers,
@@ -99,6 +100,13 @@ async fn main() -> anyhow::Result<()> {
         )
         .await;
         out(&report.line());
+        let per_call = |cpu: f64| cpu * 1e6 / report.ok.max(1) as f64;
+        out(&format!(
+            "{:<44} {:.1} µs of server CPU per call; the calling client {:.1} µs",
+            format!("read cost, {callers} callers"),
+            per_call(cpu_seconds(pid) - server_cpu),
+            per_call(cpu_seconds(std::process::id()) - client_cpu),
+        ));
     }
 
     // 2. The in-memory head those reads come from, without the transport.

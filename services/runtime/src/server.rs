@@ -560,8 +560,11 @@ where
                     tracing::info!(code = %code_name, elapsed_ms = started.elapsed().as_millis() as u64, "rpc failed");
                 }
                 if let Ok(resp) = &mut result
-                    && let Ok(v) = HeaderValue::from_str(&request_id)
+                    && let Ok(mut v) = HeaderValue::from_str(&request_id)
                 {
+                    // Never indexed by HPACK: a value that never repeats
+                    // would only churn both ends' header tables.
+                    v.set_sensitive(true);
                     resp.headers_mut().insert(REQUEST_ID_HEADER, v);
                 }
                 result
