@@ -15,7 +15,6 @@ use plinth::ai::v1::ai_service_server::AiServiceServer;
 use plinth::audit::v1::audit_service_server::AuditServiceServer;
 use plinth::auth::v1::auth_service_server::AuthServiceServer;
 use plinth::auth::v1::authorization_service_server::AuthorizationServiceServer;
-use plinth::config::v1::config_service_server::ConfigServiceServer;
 use plinth::queue::v1::queue_service_server::QueueServiceServer;
 use plinth_gateway::{Gateway, GatewayOptions, Upstreams};
 use plinth_runtime::auth::{
@@ -174,7 +173,7 @@ impl Plinth {
                     )
                     .with_tasks(tasks.clone());
                     builder = builder.add_service(
-                        ConfigServiceServer::new(plinth_config::ConfigGrpc::new(config.clone())),
+                        plinth_config::ConfigServer::new(config.clone()),
                         plinth::FILE_DESCRIPTOR_SET,
                     );
                     health.register("plinth.config.v1.ConfigService", &required).await;

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ConfigError;
 use crate::model::{Batch, Entry, EnvId};
 use crate::store::Store;
+use crate::watch::Encodings;
 
 /// Revisions read from history per query when catching up.
 const CATCH_UP_CHUNK: i64 = 500;
@@ -28,8 +29,8 @@ const CATCH_UP_CHUNK: i64 = 500;
 /// What a feed broadcasts.
 #[derive(Debug)]
 pub enum Update {
-    /// The next revision.
-    Batch(Arc<Batch>),
+    /// The next revision, and the messages watchers send for it.
+    Batch(Arc<Batch>, Encodings),
     /// The feed fell behind compacted history and reloaded its whole state.
     Reset,
     /// The environment was deleted.
@@ -122,7 +123,9 @@ impl Feed {
             h.revision = batch.revision;
             // Sent under the lock: a subscriber that read the head before
             // this sees the batch, one that read it after does not.
-            let _ = self.tx.send(Arc::new(Update::Batch(batch.clone())));
+            let _ = self
+                .tx
+                .send(Arc::new(Update::Batch(batch.clone(), Encodings::default())));
             true
         })
     }

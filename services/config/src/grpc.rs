@@ -1,13 +1,20 @@
 //! The gRPC face of the config service: decode, validate into domain
 //! values, call [`Configuration`], encode. No rule of the domain lives here.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use futures::Stream;
+use tonic::body::Body;
+use tonic::server::{NamedService, ServerStreamingService};
 use tonic::{Request, Response, Status};
 
+use plinth::codec::EncodedCodec;
 use plinth::config::v1 as pb;
-use plinth::config::v1::config_service_server::ConfigService;
+use plinth::config::v1::config_service_server::{ConfigService, ConfigServiceServer};
 use plinth_runtime::auth::Principal;
 use plinth_runtime::error::to_status;
 
@@ -47,6 +54,39 @@ impl ConfigGrpc {
     /// Serves `config`.
     pub fn new(config: Configuration) -> Self {
         Self { config }
+    }
+
+    /// `Watch`, its messages encoded (see [`crate::watch`]).
+    async fn watch_encoded(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<impl Stream<Item = Result<Bytes, Status>> + Send + 'static, Status> {
+        let who = caller(&request);
+        let r = request.into_inner();
+        let env = env_id(&r.namespace, &r.environment).map_err(status)?;
+        let prefix = convert::prefix("prefix", &r.prefix).map_err(status)?;
+        if r.from_revision < 0 {
+            return Err(status(ConfigError::invalid("from_revision", "must not be negative")));
+        }
+        Configuration::check_reveal(r.reveal_secrets, &who).map_err(status)?;
+        if r.reveal_secrets {
+            self.config
+                .record_reveal(&env, vec![format!("{prefix}*")], "Watch", &who)
+                .await
+                .map_err(status)?;
+        }
+        let stream = watch::open(
+            self.config.clone(),
+            WatchSpec {
+                env,
+                prefix,
+                from_revision: r.from_revision,
+                reveal: r.reveal_secrets,
+            },
+        )
+        .await
+        .map_err(status)?;
+        Ok(stream)
     }
 }
 
@@ -610,33 +650,15 @@ impl ConfigService for ConfigGrpc {
 
     type WatchStream = WatchStream;
 
+    /// Served by [`ConfigServer`]'s own route, which sends the messages as
+    /// encoded; this (for a caller of the generated server alone) decodes them.
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let who = caller(&request);
-        let r = request.into_inner();
-        let env = env_id(&r.namespace, &r.environment).map_err(status)?;
-        let prefix = convert::prefix("prefix", &r.prefix).map_err(status)?;
-        if r.from_revision < 0 {
-            return Err(status(ConfigError::invalid("from_revision", "must not be negative")));
-        }
-        Configuration::check_reveal(r.reveal_secrets, &who).map_err(status)?;
-        if r.reveal_secrets {
-            self.config
-                .record_reveal(&env, vec![format!("{prefix}*")], "Watch", &who)
-                .await
-                .map_err(status)?;
-        }
-        let stream = watch::open(
-            self.config.clone(),
-            WatchSpec {
-                env,
-                prefix,
-                from_revision: r.from_revision,
-                reveal: r.reveal_secrets,
-            },
-        )
-        .await
-        .map_err(status)?;
-        Ok(Response::new(Box::pin(stream)))
+        use futures::StreamExt;
+        use prost::Message;
+        let stream = self.watch_encoded(request).await?;
+        Ok(Response::new(Box::pin(stream.map(|m| {
+            m.and_then(|b| pb::WatchResponse::decode(b).map_err(|e| Status::internal(e.to_string())))
+        }))))
     }
 
     async fn create_release(
@@ -1078,4 +1100,118 @@ fn decode_release_token(token: &str) -> Result<Option<(i64, String)>, ConfigErro
     let raw = token_text("page_token", token)?;
     let (at, name) = raw.split_once(':').ok_or_else(bad)?;
     Ok(Some((at.parse().map_err(|_| bad())?, name.to_owned())))
+}
+
+const WATCH_PATH: &str = "/plinth.config.v1.ConfigService/Watch";
+
+/// The config service's gRPC routes: the generated server for every RPC
+/// but `Watch`, which sends its messages as they were encoded, once per
+/// revision for all the watches that receive the same one (see
+/// [`crate::watch`]). The wire is the same either way.
+#[derive(Clone)]
+pub struct ConfigServer {
+    grpc: ConfigGrpc,
+    generated: ConfigServiceServer<ConfigGrpc>,
+}
+
+impl ConfigServer {
+    /// Serves `config`.
+    pub fn new(config: Configuration) -> Self {
+        let grpc = ConfigGrpc::new(config);
+        Self {
+            generated: ConfigServiceServer::new(grpc.clone()),
+            grpc,
+        }
+    }
+}
+
+impl NamedService for ConfigServer {
+    const NAME: &'static str = <ConfigServiceServer<ConfigGrpc> as NamedService>::NAME;
+}
+
+type RouteFuture = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send + 'static>>;
+
+impl tower::Service<http::Request<Body>> for ConfigServer {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = RouteFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> RouteFuture {
+        if req.uri().path() != WATCH_PATH {
+            return self.generated.call(req);
+        }
+        let route = WatchRoute(self.grpc.clone());
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(EncodedCodec::<pb::WatchRequest>::default());
+            Ok(grpc.server_streaming(route, req).await)
+        })
+    }
+}
+
+type EncodedStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send + 'static>>;
+
+/// `Watch` as [`ConfigServer`] serves it.
+struct WatchRoute(ConfigGrpc);
+
+impl ServerStreamingService<pb::WatchRequest> for WatchRoute {
+    type Response = Bytes;
+    type ResponseStream = EncodedStream;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<EncodedStream>, Status>> + Send + 'static>>;
+
+    fn call(&mut self, request: Request<pb::WatchRequest>) -> Self::Future {
+        let grpc = self.0.clone();
+        Box::pin(async move {
+            let stream: EncodedStream = Box::pin(grpc.watch_encoded(request).await?);
+            Ok(Response::new(stream))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use prost::Message;
+
+    use super::*;
+    use crate::model::{Mutation, NewValue, Plain};
+
+    /// The generated trait's `Watch` (for whoever serves the generated
+    /// server without [`ConfigServer`]) sends what the route sends, decoded.
+    #[tokio::test]
+    async fn the_trait_watch_sends_what_the_route_sends() {
+        let (t, config, env) = crate::watch::tests::configuration().await;
+        let caller = Caller {
+            subject: "t".into(),
+            may_reveal: false,
+        };
+        let set = Mutation {
+            key: "k".into(),
+            value: Some(NewValue::Plain(Plain::String("v".into()))),
+            precondition: Default::default(),
+        };
+        config.write(&env, vec![set], "", "changes", &caller).await.unwrap();
+        let grpc = ConfigGrpc::new(config);
+        let request = || {
+            Request::new(pb::WatchRequest {
+                namespace: "app".into(),
+                environment: "prod".into(),
+                prefix: String::new(),
+                from_revision: 0,
+                reveal_secrets: false,
+            })
+        };
+        let mut decoded = ConfigService::watch(&grpc, request()).await.unwrap().into_inner();
+        let mut encoded = Box::pin(grpc.watch_encoded(request()).await.unwrap());
+        let from_trait = decoded.next().await.unwrap().unwrap();
+        let from_route = pb::WatchResponse::decode(encoded.next().await.unwrap().unwrap()).unwrap();
+        assert_eq!(from_trait, from_route);
+        assert!(from_trait.snapshot && from_trait.snapshot_complete);
+        assert_eq!(from_trait.events.len(), 1);
+        drop((decoded, encoded));
+        t.cleanup().await.unwrap();
+    }
 }

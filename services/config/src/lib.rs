@@ -21,7 +21,7 @@ use plinth_runtime::storage::Migrations;
 use sqlx::migrate::Migrator;
 
 pub use error::ConfigError;
-pub use grpc::{ConfigGrpc, REVEAL_PERMISSION};
+pub use grpc::{ConfigGrpc, ConfigServer, REVEAL_PERMISSION};
 pub use live_secrets::LiveSecrets;
 pub use plinth_runtime::crypto::Keyring;
 pub use service::{Caller, Configuration};
