@@ -1106,8 +1106,10 @@ const WATCH_PATH: &str = "/plinth.config.v1.ConfigService/Watch";
 
 /// The config service's gRPC routes: the generated server for every RPC
 /// but `Watch`, which sends its messages as they were encoded, once per
-/// revision for all the watches that receive the same one (see
-/// [`crate::watch`]). The wire is the same either way.
+/// revision for all the watches that receive the same one (see the
+/// `watch` module). The wire is the same either way. Neither route
+/// compresses or changes tonic's message size limits; a setting added to
+/// one must be added to the other.
 #[derive(Clone)]
 pub struct ConfigServer {
     grpc: ConfigGrpc,
@@ -1174,15 +1176,24 @@ impl ServerStreamingService<pb::WatchRequest> for WatchRoute {
 #[cfg(test)]
 mod tests {
     use futures::StreamExt;
-    use prost::Message;
+    use plinth::config::v1::config_service_client::ConfigServiceClient;
 
     use super::*;
     use crate::model::{Mutation, NewValue, Plain};
 
-    /// The generated trait's `Watch` (for whoever serves the generated
-    /// server without [`ConfigServer`]) sends what the route sends, decoded.
+    #[test]
+    fn the_encoded_route_is_the_contract_s_watch() {
+        assert_eq!(
+            WATCH_PATH,
+            format!("/{}/Watch", <ConfigServiceServer<ConfigGrpc> as NamedService>::NAME)
+        );
+    }
+
+    /// `ConfigServer` over a real connection: `Watch` through its own route
+    /// sends what the generated trait's `watch` sends, and the other RPCs
+    /// reach the generated server.
     #[tokio::test]
-    async fn the_trait_watch_sends_what_the_route_sends() {
+    async fn config_server_serves_watch_and_the_other_rpcs() {
         let (t, config, env) = crate::watch::tests::configuration().await;
         let caller = Caller {
             subject: "t".into(),
@@ -1194,24 +1205,49 @@ mod tests {
             precondition: Default::default(),
         };
         config.write(&env, vec![set], "", "changes", &caller).await.unwrap();
-        let grpc = ConfigGrpc::new(config);
-        let request = || {
-            Request::new(pb::WatchRequest {
-                namespace: "app".into(),
-                environment: "prod".into(),
-                prefix: String::new(),
-                from_revision: 0,
-                reveal_secrets: false,
-            })
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            let accepted = l.accept().await.map(|(s, _)| s);
+            Some((accepted, l))
+        });
+        let serve = tonic::transport::Server::builder()
+            .add_service(ConfigServer::new(config.clone()))
+            .serve_with_incoming(incoming);
+        let request = || pb::WatchRequest {
+            namespace: "app".into(),
+            environment: "prod".into(),
+            prefix: String::new(),
+            from_revision: 0,
+            reveal_secrets: false,
         };
-        let mut decoded = ConfigService::watch(&grpc, request()).await.unwrap().into_inner();
-        let mut encoded = Box::pin(grpc.watch_encoded(request()).await.unwrap());
-        let from_trait = decoded.next().await.unwrap().unwrap();
-        let from_route = pb::WatchResponse::decode(encoded.next().await.unwrap().unwrap()).unwrap();
-        assert_eq!(from_trait, from_route);
-        assert!(from_trait.snapshot && from_trait.snapshot_complete);
-        assert_eq!(from_trait.events.len(), 1);
-        drop((decoded, encoded));
+        let calls = async {
+            let mut client = ConfigServiceClient::connect(format!("http://{addr}")).await.unwrap();
+            let got = client
+                .get_environment(pb::GetEnvironmentRequest {
+                    namespace: "app".into(),
+                    environment: "prod".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut watch = client.watch(request()).await.unwrap().into_inner();
+            let first = watch.next().await.unwrap().unwrap();
+            (got, first)
+        };
+        let (environment, over_the_wire) = tokio::select! {
+            r = serve => panic!("the server stopped: {r:?}"),
+            got = calls => got,
+        };
+        assert_eq!(environment.environment.map(|e| e.revision), Some(1));
+        let mut from_trait = ConfigService::watch(&ConfigGrpc::new(config), Request::new(request()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(Some(&over_the_wire), from_trait.next().await.unwrap().as_ref().ok());
+        assert!(over_the_wire.snapshot && over_the_wire.snapshot_complete);
+        assert_eq!(over_the_wire.events.len(), 1);
+        drop(from_trait);
         t.cleanup().await.unwrap();
     }
 }

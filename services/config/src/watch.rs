@@ -12,7 +12,7 @@
 //! CPU in a fan-out.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -49,35 +49,50 @@ pub struct WatchSpec {
     pub reveal: bool,
 }
 
-/// A live revision's encoded messages, by the watches they are for.
-#[derive(Debug, Default)]
+/// A live revision's encoded messages, by the watches they are for. It
+/// lives as long as the feed's buffer holds the revision.
+#[derive(Default)]
 pub struct Encodings {
-    /// By `reveal` (false, true), then prefix: the message, or `None` when
-    /// no key under the prefix changed.
-    by_watch: Mutex<[HashMap<String, Option<Bytes>>; 2]>,
+    /// By `reveal` (false, true), then prefix.
+    by_watch: Mutex<[HashMap<String, Arc<OnceLock<Bytes>>>; 2]>,
+}
+
+impl std::fmt::Debug for Encodings {
+    // The messages may hold secrets in clear.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Encodings")
+    }
 }
 
 impl Encodings {
-    /// The message for watches of `prefix`/`reveal`, encoded by `encode` the first time it is asked for.
+    /// The message for watches of `prefix`/`reveal`, encoded by `encode`
+    /// the first time it is asked for.
     fn get_or_encode(
         &self,
         prefix: &str,
         reveal: bool,
-        encode: impl FnOnce() -> Result<Option<Bytes>, ConfigError>,
-    ) -> Result<Option<Bytes>, ConfigError> {
-        let mut by_watch = match self.by_watch.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
+        encode: impl FnOnce() -> Result<Bytes, ConfigError>,
+    ) -> Result<Bytes, ConfigError> {
+        let cell = {
+            let mut by_watch = match self.by_watch.lock() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let by_prefix = &mut by_watch[usize::from(reveal)];
+            match by_prefix.get(prefix) {
+                Some(cell) => cell.clone(),
+                None => by_prefix.entry(prefix.to_owned()).or_default().clone(),
+            }
         };
-        let by_prefix = &mut by_watch[usize::from(reveal)];
-        if let Some(m) = by_prefix.get(prefix) {
+        if let Some(m) = cell.get() {
             return Ok(m.clone());
         }
-        // Encoded under the lock: the other watches of this prefix would
-        // otherwise encode it too while the first one works.
+        // Outside the lock (encoding may decrypt secrets): watches of other
+        // kinds go on; two of this kind may both encode, and the first
+        // one's bytes are kept.
         let m = encode()?;
-        by_prefix.insert(prefix.to_owned(), m.clone());
-        Ok(m)
+        let _ = cell.set(m.clone());
+        Ok(cell.get().cloned().unwrap_or(m))
     }
 }
 
@@ -202,19 +217,21 @@ impl Watcher {
     /// Queues the part of `batch` under the prefix (nothing when none is),
     /// encoded once per prefix when `shared` holds the live revision's encodings.
     fn push_batch(&mut self, batch: &Batch, shared: Option<&Encodings>) -> Result<(), ConfigError> {
-        let message = match shared {
-            Some(shared) => shared.get_or_encode(&self.spec.prefix, self.spec.reveal, || self.encode_batch(batch))?,
-            None => self.encode_batch(batch)?,
-        };
-        self.last = batch.revision;
-        if let Some(m) = message {
-            self.queue.push_back(m);
+        if batch.events.iter().any(|e| e.key.starts_with(&self.spec.prefix)) {
+            let message = match shared {
+                Some(shared) => {
+                    shared.get_or_encode(&self.spec.prefix, self.spec.reveal, || self.encode_batch(batch))?
+                }
+                None => self.encode_batch(batch)?,
+            };
+            self.queue.push_back(message);
         }
+        self.last = batch.revision;
         Ok(())
     }
 
-    /// The message this watch sends for `batch`, if any key under its prefix changed.
-    fn encode_batch(&self, batch: &Batch) -> Result<Option<Bytes>, ConfigError> {
+    /// The message this watch sends for `batch`: the changes under its prefix.
+    fn encode_batch(&self, batch: &Batch) -> Result<Bytes, ConfigError> {
         let mut events = Vec::new();
         for e in batch.events.iter().filter(|e| e.key.starts_with(&self.spec.prefix)) {
             events.push(match &e.entry {
@@ -232,16 +249,13 @@ impl Watcher {
                 },
             });
         }
-        if events.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(encoded(&pb::WatchResponse {
+        Ok(encoded(&pb::WatchResponse {
             revision: batch.revision,
             events,
             author: batch.author.clone(),
             message: batch.message.clone(),
             ..Default::default()
-        })))
+        }))
     }
 
     async fn next(&mut self) -> Option<Result<Bytes, Status>> {
@@ -417,6 +431,7 @@ pub(crate) mod tests {
             ("b/", false),
             ("", false),
             ("c/", false),
+            ("c/", false),
         ] {
             let spec = WatchSpec {
                 env: env.clone(),
@@ -450,6 +465,10 @@ pub(crate) mod tests {
             .write(&env, vec![set("c/z", text("3"))], "two", "changes", &caller)
             .await
             .unwrap();
+        let third = config
+            .write(&env, vec![set("a/x", text("4"))], "three", "changes", &caller)
+            .await
+            .unwrap();
 
         let mut got = Vec::new();
         for stream in &mut streams {
@@ -480,13 +499,24 @@ pub(crate) mod tests {
             vec![("b/y".to_owned(), Some(Kind::StringValue("2".into())), false)]
         );
         assert_eq!(got[4].1.events.len(), 3, "the whole environment's watch");
+        for c in &got[5..] {
+            assert_eq!(
+                (c.1.revision, keys_and_values(&c.1)),
+                (
+                    second.revision,
+                    vec![("c/z".to_owned(), Some(Kind::StringValue("3".into())), false)]
+                ),
+                "a watch none of whose keys changed skips the revision"
+            );
+        }
+        let (_, next) = next_change(&mut streams[0]).await;
         assert_eq!(
-            (got[5].1.revision, keys_and_values(&got[5].1)),
+            (next.revision, keys_and_values(&next)),
             (
-                second.revision,
-                vec![("c/z".to_owned(), Some(Kind::StringValue("3".into())), false)]
+                third.revision,
+                vec![("a/x".to_owned(), Some(Kind::StringValue("4".into())), false)]
             ),
-            "a watch none of whose keys changed skips the revision"
+            "the a/ watch skips c/'s revision"
         );
         drop(streams);
         t.cleanup().await.unwrap();
