@@ -3,15 +3,10 @@
 //! keeps its encode buffer for its whole life, so with the default every
 //! watch stream that has sent one message held 8 KiB more; larger messages
 //! still grow the buffer as needed.
-//!
-//! [`EncodedCodec`] is for a server stream whose messages were encoded
-//! before they reached it (config's `Watch`: one encoding per revision,
-//! shared by every watcher that receives the same message).
 
 use std::marker::PhantomData;
 
-use bytes::{BufMut, Bytes};
-use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 /// First capacity of a stream's encode buffer.
@@ -45,53 +40,5 @@ where
 
     fn decoder(&mut self) -> Self::Decoder {
         ProstCodec::<T, U>::raw_decoder(BufferSettings::default())
-    }
-}
-
-/// A server-streaming codec whose messages arrive already encoded: a stream
-/// that sends the same message to many callers encodes it once and hands
-/// each stream the same bytes. Requests decode as [`LeanCodec`] decodes them.
-#[derive(Debug, Clone)]
-pub struct EncodedCodec<U>(PhantomData<U>);
-
-impl<U> Default for EncodedCodec<U> {
-    fn default() -> Self {
-        Self(PhantomData)
-    }
-}
-
-impl<U> Codec for EncodedCodec<U>
-where
-    U: prost::Message + Default + Send + 'static,
-{
-    type Encode = Bytes;
-    type Decode = U;
-    type Encoder = EncodedEncoder;
-    type Decoder = ProstDecoder<U>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        EncodedEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<(), U>::raw_decoder(BufferSettings::default())
-    }
-}
-
-/// Writes bytes that are already an encoded message.
-#[derive(Debug, Clone, Copy)]
-pub struct EncodedEncoder;
-
-impl Encoder for EncodedEncoder {
-    type Item = Bytes;
-    type Error = tonic::Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
-        dst.put(item);
-        Ok(())
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(ENCODE_BUFFER, YIELD_THRESHOLD)
     }
 }

@@ -78,6 +78,9 @@ pub enum ConfigError {
     /// A failure shared by every write of a group commit.
     #[error(transparent)]
     Shared(#[from] SharedFailure),
+    /// A watch message too large to send.
+    #[error(transparent)]
+    MessageTooLarge(#[from] plinth_runtime::framed::FrameTooLarge),
     /// The database failed.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
@@ -139,6 +142,7 @@ impl ServiceError for ConfigError {
             Self::FutureRevision { .. } => ErrorCode::InvalidArgument,
             Self::RevealDenied => ErrorCode::PermissionDenied,
             Self::Decrypt { .. } => ErrorCode::Internal,
+            Self::MessageTooLarge(_) => ErrorCode::ResourceExhausted,
             Self::OutcomeUnknown => ErrorCode::Unavailable,
             Self::Shared(e) => e.code(),
             Self::Storage(e) if e.is_unavailable() => ErrorCode::Unavailable,
@@ -162,6 +166,7 @@ impl ServiceError for ConfigError {
             Self::NoEncryptionKey(_) => "NO_ENCRYPTION_KEY",
             Self::RevealDenied => "REVEAL_DENIED",
             Self::Decrypt { .. } => "SECRET_UNREADABLE",
+            Self::MessageTooLarge(_) => "MESSAGE_TOO_LARGE",
             Self::RolloutState(_) => "ROLLOUT_STATE",
             Self::OutcomeUnknown => "COMMIT_OUTCOME_UNKNOWN",
             Self::Shared(e) => e.reason(),

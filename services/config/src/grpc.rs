@@ -9,14 +9,15 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures::Stream;
 use tonic::body::Body;
-use tonic::server::{NamedService, ServerStreamingService};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
-use plinth::codec::EncodedCodec;
+use plinth::codec::LeanCodec;
 use plinth::config::v1 as pb;
 use plinth::config::v1::config_service_server::{ConfigService, ConfigServiceServer};
 use plinth_runtime::auth::Principal;
 use plinth_runtime::error::to_status;
+use plinth_runtime::framed::{self, FrameStream};
 
 use crate::convert::{self, env_id, page_size};
 use crate::error::ConfigError;
@@ -654,10 +655,9 @@ impl ConfigService for ConfigGrpc {
     /// encoded; this (for a caller of the generated server alone) decodes them.
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         use futures::StreamExt;
-        use prost::Message;
         let stream = self.watch_encoded(request).await?;
         Ok(Response::new(Box::pin(stream.map(|m| {
-            m.and_then(|b| pb::WatchResponse::decode(b).map_err(|e| Status::internal(e.to_string())))
+            m.and_then(|frame| framed::unframe::<pb::WatchResponse>(&frame))
         }))))
     }
 
@@ -1105,11 +1105,11 @@ fn decode_release_token(token: &str) -> Result<Option<(i64, String)>, ConfigErro
 const WATCH_PATH: &str = "/plinth.config.v1.ConfigService/Watch";
 
 /// The config service's gRPC routes: the generated server for every RPC
-/// but `Watch`, which sends its messages as they were encoded, once per
+/// but `Watch`, which sends its messages as they were framed, once per
 /// revision for all the watches that receive the same one (see the
-/// `watch` module). The wire is the same either way. Neither route
-/// compresses or changes tonic's message size limits; a setting added to
-/// one must be added to the other.
+/// `watch` module and `plinth_runtime::framed`). The wire is the same
+/// either way. Neither route compresses or changes tonic's message size
+/// limits; a setting added to one must be added to the other.
 #[derive(Clone)]
 pub struct ConfigServer {
     grpc: ConfigGrpc,
@@ -1146,31 +1146,16 @@ impl tower::Service<http::Request<Body>> for ConfigServer {
         if req.uri().path() != WATCH_PATH {
             return self.generated.call(req);
         }
-        let route = WatchRoute(self.grpc.clone());
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(EncodedCodec::<pb::WatchRequest>::default());
-            Ok(grpc.server_streaming(route, req).await)
-        })
+        let grpc = self.grpc.clone();
+        let codec = LeanCodec::<pb::WatchResponse, pb::WatchRequest>::default();
+        Box::pin(async move { Ok(framed::server_streaming(codec, move |r| watch_frames(grpc, r), req).await) })
     }
 }
 
-type EncodedStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send + 'static>>;
-
 /// `Watch` as [`ConfigServer`] serves it.
-struct WatchRoute(ConfigGrpc);
-
-impl ServerStreamingService<pb::WatchRequest> for WatchRoute {
-    type Response = Bytes;
-    type ResponseStream = EncodedStream;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<EncodedStream>, Status>> + Send + 'static>>;
-
-    fn call(&mut self, request: Request<pb::WatchRequest>) -> Self::Future {
-        let grpc = self.0.clone();
-        Box::pin(async move {
-            let stream: EncodedStream = Box::pin(grpc.watch_encoded(request).await?);
-            Ok(Response::new(stream))
-        })
-    }
+async fn watch_frames(grpc: ConfigGrpc, request: Request<pb::WatchRequest>) -> Result<Response<FrameStream>, Status> {
+    let frames: FrameStream = Box::pin(grpc.watch_encoded(request).await?);
+    Ok(Response::new(frames))
 }
 
 #[cfg(test)]
@@ -1190,8 +1175,9 @@ mod tests {
     }
 
     /// `ConfigServer` over a real connection: `Watch` through its own route
-    /// sends what the generated trait's `watch` sends, and the other RPCs
-    /// reach the generated server.
+    /// sends what the generated trait's `watch` sends, live changes as well
+    /// as the snapshot, refuses bad requests as every RPC does, and ends with
+    /// the status in the trailers; the other RPCs reach the generated server.
     #[tokio::test]
     async fn config_server_serves_watch_and_the_other_rpcs() {
         let (t, config, env) = crate::watch::tests::configuration().await;
@@ -1199,12 +1185,28 @@ mod tests {
             subject: "t".into(),
             may_reveal: false,
         };
-        let set = Mutation {
+        let set = |value: &str| Mutation {
             key: "k".into(),
-            value: Some(NewValue::Plain(Plain::String("v".into()))),
+            value: Some(NewValue::Plain(Plain::String(value.into()))),
             precondition: Default::default(),
         };
-        config.write(&env, vec![set], "", "changes", &caller).await.unwrap();
+        config
+            .write(&env, vec![set("v")], "", "changes", &caller)
+            .await
+            .unwrap();
+        let request = || pb::WatchRequest {
+            namespace: "app".into(),
+            environment: "prod".into(),
+            prefix: String::new(),
+            from_revision: 0,
+            reveal_secrets: false,
+        };
+        let mut from_trait = ConfigService::watch(&ConfigGrpc::new(config.clone()), Request::new(request()))
+            .await
+            .unwrap()
+            .into_inner();
+        let from_trait = from_trait.next().await.unwrap().unwrap();
+
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let incoming = futures::stream::unfold(listener, |l| async move {
@@ -1214,13 +1216,6 @@ mod tests {
         let serve = tonic::transport::Server::builder()
             .add_service(ConfigServer::new(config.clone()))
             .serve_with_incoming(incoming);
-        let request = || pb::WatchRequest {
-            namespace: "app".into(),
-            environment: "prod".into(),
-            prefix: String::new(),
-            from_revision: 0,
-            reveal_secrets: false,
-        };
         let calls = async {
             let mut client = ConfigServiceClient::connect(format!("http://{addr}")).await.unwrap();
             let got = client
@@ -1233,21 +1228,53 @@ mod tests {
                 .into_inner();
             let mut watch = client.watch(request()).await.unwrap().into_inner();
             let first = watch.next().await.unwrap().unwrap();
-            (got, first)
+            config
+                .write(&env, vec![set("w")], "live", "changes", &caller)
+                .await
+                .unwrap();
+            let live = watch.next().await.unwrap().unwrap();
+            let missing = pb::WatchRequest {
+                environment: "nowhere".into(),
+                ..request()
+            };
+            let missing = client.watch(missing).await.unwrap_err();
+            let negative = pb::WatchRequest {
+                from_revision: -1,
+                ..request()
+            };
+            let negative = client.watch(negative).await.unwrap_err();
+            config.delete_environment(&env, 0, &caller).await.unwrap();
+            let ended = loop {
+                match watch.next().await {
+                    Some(Ok(m)) => assert!(m.progress && m.events.is_empty(), "{m:?}"),
+                    Some(Err(status)) => break status,
+                    None => panic!("the watch ended without a status"),
+                }
+            };
+            (got, first, live, missing, negative, ended)
         };
-        let (environment, over_the_wire) = tokio::select! {
+        let (environment, over_the_wire, live, missing, negative, ended) = tokio::select! {
             r = serve => panic!("the server stopped: {r:?}"),
             got = calls => got,
         };
         assert_eq!(environment.environment.map(|e| e.revision), Some(1));
-        let mut from_trait = ConfigService::watch(&ConfigGrpc::new(config), Request::new(request()))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(Some(&over_the_wire), from_trait.next().await.unwrap().as_ref().ok());
+        assert_eq!(over_the_wire, from_trait);
         assert!(over_the_wire.snapshot && over_the_wire.snapshot_complete);
         assert_eq!(over_the_wire.events.len(), 1);
-        drop(from_trait);
+        assert_eq!(
+            (live.revision, live.message.as_str(), live.events.len()),
+            (2, "live", 1)
+        );
+        let value = live.events[0].value.as_ref().and_then(|v| v.value.as_ref());
+        assert_eq!(
+            value.and_then(|v| v.kind.clone()),
+            Some(pb::value::Kind::StringValue("w".into()))
+        );
+        assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+        assert!(missing.message().contains("nowhere"), "{missing:?}");
+        assert_eq!(negative.code(), tonic::Code::InvalidArgument, "{negative:?}");
+        assert!(negative.message().contains("from_revision"), "{negative:?}");
+        assert_eq!(ended.code(), tonic::Code::NotFound, "{ended:?}");
         t.cleanup().await.unwrap();
     }
 }

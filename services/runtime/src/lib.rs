@@ -13,6 +13,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod events;
+pub mod framed;
 pub mod health;
 pub mod metrics;
 pub mod resilience;
