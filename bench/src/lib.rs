@@ -158,6 +158,22 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Waits (at most `limit`) until process `pid` is idle: under 5 % of a core
+/// over half a second. Work a round left behind (events still being
+/// consumed after a burst of writes) would otherwise be measured as the
+/// next round's: its memory, its latency. How long it took, for the report.
+pub async fn settle(pid: u32, limit: std::time::Duration) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        let before = cpu_seconds(pid);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if cpu_seconds(pid) - before < 0.025 {
+            break;
+        }
+    }
+    started.elapsed()
+}
+
 /// CPU time the whole machine has spent busy (every process, the database
 /// included), in seconds, from `/proc/stat`.
 pub fn machine_cpu_seconds() -> f64 {

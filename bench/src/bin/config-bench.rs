@@ -20,7 +20,7 @@ use plinth::config::v1::value::Kind;
 use plinth::config::v1::{self as pb};
 use plinth_bench::{
     Report, ServerChild, admin_token, arg, channels, closed_loop, cpu_seconds, out, rss_kib, serve, server_config,
-    storage_name,
+    settle, storage_name,
 };
 use plinth_tests::config::{ConfigSession, number, text};
 use plinth_tests::with_bearer;
@@ -222,6 +222,7 @@ async fn in_memory_reads(
 
 async fn watch_round(target: &str, s: &ConfigSession, n: usize, pid: u32, per_connection: usize) -> anyhow::Result<()> {
     const WRITES: usize = 20;
+    let settled = settle(pid, Duration::from_secs(30)).await;
     let rss_before = rss_kib(pid);
     let pool = channels(target, n.div_ceil(per_connection)).await?;
     let mut client = s.client.clone();
@@ -335,12 +336,13 @@ async fn watch_round(target: &str, s: &ConfigSession, n: usize, pid: u32, per_co
         client_cpu * 1e6 / (n * WRITES) as f64,
     ));
     out(&format!(
-        "{:<44} {:.1} KiB per stream (server RSS {} → {} MiB; opened in {:.1} s)",
+        "{:<44} {:.1} KiB per stream (server RSS {} → {} MiB; opened in {:.1} s, after {:.1} s for the server to go idle)",
         format!("idle watch streams, {n}"),
         per_stream,
         rss_before / 1024,
         rss_idle / 1024,
-        open_time.as_secs_f64()
+        open_time.as_secs_f64(),
+        settled.as_secs_f64()
     ));
     out(&format!(
         "{:<44} {:.1} KiB per stream (server RSS {} MiB)",
