@@ -78,6 +78,39 @@ refused(
     "an invalid key",
 )
 
+# config Watch, a server stream: the snapshot, then a live change, then a
+# refusal for an environment that does not exist.
+def changes(stream):
+    """The next message that carries changes (progress messages skipped)."""
+    for m in stream:
+        if m.events:
+            return m
+    raise AssertionError("the watch ended")
+
+
+def pairs(m):
+    return [(e.value.key, e.value.value.number_value) for e in m.events]
+
+
+watch = config.Watch(config_pb2.WatchRequest(namespace=ns, environment="prod"), metadata=md, timeout=30)
+snapshot = changes(watch)
+assert snapshot.snapshot and snapshot.snapshot_complete and pairs(snapshot) == [("db/pool", 16)], snapshot
+config.SetValue(
+    config_pb2.SetValueRequest(
+        namespace=ns, environment="prod", key="db/timeout", value=config_pb2.Value(number_value=5), message="from python"
+    ),
+    metadata=md,
+)
+live = changes(watch)
+assert live.revision == snapshot.revision + 1 and live.message == "from python", live
+assert not live.snapshot and pairs(live) == [("db/timeout", 5)], live
+watch.cancel()
+refused(
+    grpc.StatusCode.NOT_FOUND,
+    lambda: next(config.Watch(config_pb2.WatchRequest(namespace=ns, environment="nowhere"), metadata=md, timeout=10)),
+    "a watch of a missing environment",
+)
+
 # queue: a queue, a job enqueued, leased and acked.
 queue = queue_pb2_grpc.QueueServiceStub(channel)
 qname = "py-" + uuid.uuid4().hex[:8]
@@ -123,4 +156,4 @@ request = ai_pb2.GenerateRequest(
 e = refused(grpc.StatusCode.NOT_FOUND, lambda: ai.Generate(request, metadata=md), "an unknown model")
 assert "nope" in e.details(), e
 
-print("python grpcio stubs: auth, config, queue, audit and ai answered as their contracts say")
+print("python grpcio stubs: auth, config (with a Watch stream), queue, audit and ai answered as their contracts say")
