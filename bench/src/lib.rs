@@ -43,12 +43,7 @@ impl Report {
 
     /// The `q` quantile (0..=1) of latency.
     pub fn quantile(&self, q: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let last = self.latencies.len() - 1;
-        let idx = ((last as f64) * q).round() as usize;
-        self.latencies[idx.min(last)]
+        quantile(&self.latencies, q)
     }
 
     /// Successful calls per second.
@@ -156,6 +151,15 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The `q` quantile (0..=1) of `sorted` latencies; zero when there are none.
+pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return Duration::ZERO;
+    };
+    let idx = ((last as f64) * q).round() as usize;
+    sorted[idx.min(last)]
 }
 
 /// Waits (at most `limit`) until process `pid` is idle: under 5 % of a core

@@ -19,8 +19,8 @@ use plinth::config::v1::config_service_client::ConfigServiceClient;
 use plinth::config::v1::value::Kind;
 use plinth::config::v1::{self as pb};
 use plinth_bench::{
-    Report, ServerChild, admin_token, arg, channels, closed_loop, cpu_seconds, out, rss_kib, serve, server_config,
-    settle, storage_name,
+    Report, ServerChild, admin_token, arg, channels, closed_loop, cpu_seconds, out, quantile, rss_kib, serve,
+    server_config, settle, storage_name,
 };
 use plinth_tests::config::{ConfigSession, number, text};
 use plinth_tests::with_bearer;
@@ -154,10 +154,9 @@ fn per_revision(tagged: &[(u64, Duration)]) -> (Vec<Duration>, Vec<Duration>) {
         by.entry(*sent).or_default().push(*latency);
     }
     by.into_values()
-        .filter(|v| !v.is_empty())
         .map(|mut v| {
             v.sort();
-            (v[v.len() / 2], v[v.len() - 1])
+            (quantile(&v, 0.5), quantile(&v, 1.0))
         })
         .unzip()
 }

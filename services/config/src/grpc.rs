@@ -57,8 +57,8 @@ impl ConfigGrpc {
         Self { config }
     }
 
-    /// `Watch`, its messages encoded (see [`crate::watch`]).
-    async fn watch_encoded(
+    /// `Watch`, its messages as gRPC frames (see [`crate::watch`]).
+    async fn watch_frames(
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<impl Stream<Item = Result<Bytes, Status>> + Send + 'static, Status> {
@@ -651,11 +651,11 @@ impl ConfigService for ConfigGrpc {
 
     type WatchStream = WatchStream;
 
-    /// Served by [`ConfigServer`]'s own route, which sends the messages as
-    /// encoded; this (for a caller of the generated server alone) decodes them.
+    /// Served by [`ConfigServer`]'s own route, which sends the frames as
+    /// they are; this (for a caller of the generated server alone) decodes them.
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         use futures::StreamExt;
-        let stream = self.watch_encoded(request).await?;
+        let stream = self.watch_frames(request).await?;
         Ok(Response::new(Box::pin(stream.map(|m| {
             m.and_then(|frame| framed::unframe::<pb::WatchResponse>(&frame))
         }))))
@@ -1148,13 +1148,13 @@ impl tower::Service<http::Request<Body>> for ConfigServer {
         }
         let grpc = self.grpc.clone();
         let codec = LeanCodec::<pb::WatchResponse, pb::WatchRequest>::default();
-        Box::pin(async move { Ok(framed::server_streaming(codec, move |r| watch_frames(grpc, r), req).await) })
+        Box::pin(async move { Ok(framed::server_streaming(codec, move |r| serve_watch(grpc, r), req).await) })
     }
 }
 
 /// `Watch` as [`ConfigServer`] serves it.
-async fn watch_frames(grpc: ConfigGrpc, request: Request<pb::WatchRequest>) -> Result<Response<FrameStream>, Status> {
-    let frames: FrameStream = Box::pin(grpc.watch_encoded(request).await?);
+async fn serve_watch(grpc: ConfigGrpc, request: Request<pb::WatchRequest>) -> Result<Response<FrameStream>, Status> {
+    let frames: FrameStream = Box::pin(grpc.watch_frames(request).await?);
     Ok(Response::new(frames))
 }
 

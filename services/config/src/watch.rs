@@ -48,7 +48,7 @@ pub struct WatchSpec {
     pub reveal: bool,
 }
 
-/// A live revision's encoded messages, by the watches they are for. It
+/// A live revision's messages as gRPC frames, by the watches they are for. It
 /// lives as long as the feed's buffer holds the revision.
 #[derive(Default)]
 pub struct Encodings {
@@ -64,7 +64,7 @@ impl std::fmt::Debug for Encodings {
 }
 
 impl Encodings {
-    /// The message for watches of `prefix`/`reveal`, encoded by `encode`
+    /// The frame for watches of `prefix`/`reveal`, made by `encode`
     /// the first time it is asked for.
     fn get_or_encode(
         &self,
@@ -95,7 +95,8 @@ impl Encodings {
     }
 }
 
-fn encoded(m: &pb::WatchResponse) -> Result<Bytes, ConfigError> {
+/// `m` as the gRPC frame a watch sends.
+fn frame(m: &pb::WatchResponse) -> Result<Bytes, ConfigError> {
     Ok(plinth_runtime::framed::frame(m)?)
 }
 
@@ -118,7 +119,7 @@ struct Watcher {
 }
 
 /// Opens a watch; NOT_FOUND and bad arguments fail here, before any
-/// message. Each item is an encoded `WatchResponse`.
+/// message. Each item is a `WatchResponse` as a gRPC frame.
 pub async fn open(
     config: Configuration,
     spec: WatchSpec,
@@ -148,7 +149,7 @@ pub async fn open(
     // Like etcd's `created`: the first message comes at once, so a client
     // (and an HTTP response's headers) need not wait for the first change.
     if w.queue.is_empty() && w.last >= w.replay_to {
-        w.queue.push_back(encoded(&pb::WatchResponse {
+        w.queue.push_back(frame(&pb::WatchResponse {
             revision: w.last,
             progress: true,
             ..Default::default()
@@ -204,7 +205,7 @@ impl Watcher {
         chunks.push(current);
         let n = chunks.len();
         for (i, events) in chunks.into_iter().enumerate() {
-            self.queue.push_back(encoded(&pb::WatchResponse {
+            self.queue.push_back(frame(&pb::WatchResponse {
                 revision,
                 events,
                 snapshot: true,
@@ -250,7 +251,7 @@ impl Watcher {
                 },
             });
         }
-        encoded(&pb::WatchResponse {
+        frame(&pb::WatchResponse {
             revision: batch.revision,
             events,
             author: batch.author.clone(),
@@ -317,7 +318,7 @@ impl Watcher {
                         continue;
                     }
                     self.idle.as_mut().reset(tokio::time::Instant::now() + self.progress);
-                    return encoded(&pb::WatchResponse {
+                    return frame(&pb::WatchResponse {
                         revision: self.last,
                         progress: true,
                         ..Default::default()
